@@ -1,0 +1,252 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The ``hvf`` command line, as bhyve's: options build one configuration tree."""
+
+from __future__ import annotations
+
+import getopt
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from hvf import exitcodes
+from hvf.config import DEFAULTS, Config
+from hvf.errors import ConfigError, HvfError, UsageError
+from hvf.memory import parse_size
+from hvf.pluginmanager import Plugins
+
+USAGE = """\
+Usage: hvf [-aCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+           [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|k|M|m|G|g|T|t]]
+           [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
+           [--kernel FILE [--initrd FILE[,FILE...]] [--append CMDLINE]] vmname
+       hvf -l help
+       hvf -s help
+
+       -c: number of CPUs and/or topology specification
+       -e: exit on unhandled I/O access (strict I/O)
+       -h: help
+       -k: configuration file (bhyve's key=value lines, or TOML if it ends in .toml)
+       -l: LPC device configuration
+       -m: memory size (a bare number is MiB)
+       -o: set a configuration variable
+       -s: <slot,driver,configinfo> PCI slot config
+       --kernel, --initrd, --append: boot a kernel directly (multiboot)
+"""
+
+SHORT_OPTS = "aehuwxACDHIPSWYk:o:p:G:c:s:m:l:K:U:"
+LONG_OPTS = ["kernel=", "initrd=", "append=", "help"]
+
+# Flag options and the config variable each sets (bhyve.8).
+FLAGS = {
+    "-a": ("x86.x2apic", "false"),
+    "-x": ("x86.x2apic", "true"),
+    "-A": ("acpi_tables", "true"),
+    "-C": ("memory.guest_in_core", "true"),
+    "-D": ("destroy_on_poweroff", "true"),
+    "-e": ("x86.strictio", "true"),
+    "-H": ("x86.vmexit_on_hlt", "true"),
+    "-P": ("x86.vmexit_on_pause", "true"),
+    "-S": ("memory.wired", "true"),
+    "-u": ("rtc.use_localtime", "false"),
+    "-w": ("x86.strictmsr", "false"),
+    "-W": ("virtio_msix", "false"),
+    "-Y": ("x86.mptable", "false"),
+}
+VALUE_OPTS = {
+    "-K": "keyboard.layout",
+    "-U": "uuid",
+    "--kernel": "boot.kernel",
+    "--initrd": "boot.initrd",
+    "--append": "boot.append",
+}
+
+_SLOT_RE = re.compile(r"^(\d+)(?::(\d+))?(?::(\d+))?$")
+TOPOLOGY_KEYS = ("cpus", "sockets", "cores", "threads")
+
+
+class HelpRequested(Exception):
+    """``-s help``, ``-l help`` or ``-h``: print and exit 0."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def parse_slot(arg: str) -> tuple[int, int, int, str, list[str]]:
+    """``[bus:]slot[:func],emulation[,conf]`` → (bus, slot, func, emulation, conf)."""
+    parts = arg.split(",")
+    if len(parts) < 2 or not parts[1]:
+        raise ConfigError(f'Invalid PCI slot info field "{arg}"')
+    m = _SLOT_RE.match(parts[0])
+    if not m:
+        raise ConfigError(f'Invalid PCI slot info field "{arg}"')
+    a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if c is not None:
+        bus, slot, func = a, b, c
+    elif b is not None:
+        bus, slot, func = 0, a, b
+    else:
+        bus, slot, func = 0, a, 0
+    assert slot is not None and func is not None and bus is not None
+    if not (0 <= bus <= 255 and 0 <= slot <= 31 and 0 <= func <= 7):
+        raise ConfigError(f'Invalid PCI slot info field "{arg}"')
+    return bus, slot, func, parts[1], parts[2:]
+
+
+def generic_options(conf: list[str]) -> dict[str, str]:
+    """bhyve's generic option list: ``name=value`` pairs, a bare ``name`` means true."""
+    values: dict[str, str] = {}
+    for item in conf:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        values[key] = value if sep else "true"
+    return values
+
+
+def parse_cpus(arg: str) -> dict[str, str]:
+    """``-c``: a bare count or ``cpus=,sockets=,cores=,threads=``."""
+    if arg == "":
+        return dict.fromkeys(TOPOLOGY_KEYS, "1")
+    if arg.isdigit():
+        return {"cpus": arg}
+    values = {}
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in TOPOLOGY_KEYS or not value.isdigit():
+            raise UsageError(f"invalid cpu topology '{arg}'")
+        values[key] = value
+    return values
+
+
+def _listing(registry_entries: list[tuple[str, str]]) -> str:
+    width = max((len(n) for n, _ in registry_entries), default=0)
+    return "".join(f"{n:<{width}}  {h}".rstrip() + "\n" for n, h in registry_entries)
+
+
+def parse_args(argv: Sequence[str], plugins: Plugins) -> Config:
+    """Build the configuration tree from ``argv`` (without the program name)."""
+    try:
+        opts, args = getopt.getopt(list(argv), SHORT_OPTS, LONG_OPTS)
+    except getopt.GetoptError as e:
+        raise UsageError(f"{e.msg}") from None
+    config = Config(DEFAULTS)
+    for opt, value in opts:
+        if opt in ("-h", "--help"):
+            raise HelpRequested(USAGE)
+        if opt in FLAGS:
+            config.set(*FLAGS[opt])
+        elif opt in VALUE_OPTS:
+            config.set(VALUE_OPTS[opt], value)
+        elif opt == "-s":
+            if value == "help":
+                raise HelpRequested(_listing([(e.name, e.help) for e in plugins.pci_devices]))
+            _apply_slot(config, value, plugins)
+        elif opt == "-l":
+            if value == "help":
+                raise HelpRequested(_listing([(e.name, e.help) for e in plugins.lpc_devices]))
+            _apply_lpc(config, value, plugins)
+        elif opt == "-m":
+            try:
+                parse_size(value)
+            except ConfigError:
+                raise UsageError(f"invalid memsize '{value}'") from None
+            config.set("memory.size", value)
+        elif opt == "-c":
+            for key, v in parse_cpus(value).items():
+                config.set(key, v)
+        elif opt == "-o":
+            key, sep, v = value.partition("=")
+            if not sep or not key or not v:
+                raise UsageError(f"invalid configuration option '{value}'")
+            try:
+                config.set(key, v)
+            except ConfigError:
+                raise UsageError(f"invalid configuration option '{value}'") from None
+        elif opt == "-k":
+            config.load_file(value)
+        elif opt == "-p":
+            _apply_pin(config, value)
+        elif opt == "-G":
+            config.set("gdb.wait", "true" if value.startswith("w") else "false")
+            config.set("gdb.port", value.lstrip("w").rpartition(":")[2])
+        # -I is accepted and ignored, as bhyve does (an I/O APIC is always present).
+    if len(args) > 1:
+        raise UsageError(f"unexpected arguments after the VM name: {' '.join(args[1:])}")
+    if args:
+        config.set("name", args[0])
+    return config
+
+
+def _apply_slot(config: Config, arg: str, plugins: Plugins) -> None:
+    bus, slot, func, emulation, conf = parse_slot(arg)
+    node = f"pci.{bus}.{slot}.{func}"
+    if config.get(f"{node}.device"):
+        raise ConfigError(f"pci slot {bus}:{slot}:{func} already occupied!")
+    entry = plugins.pci_devices.get(emulation)
+    if entry is None:
+        raise ConfigError(f'pci slot {bus}:{slot}:{func}: unknown device "{emulation}"')
+    config.set(f"{node}.device", entry.name)
+    values = entry.parse(conf) if entry.parse else generic_options(conf)
+    for key, value in values.items():
+        config.set(f"{node}.{key}", value)
+
+
+def _apply_lpc(config: Config, arg: str, plugins: Plugins) -> None:
+    name, *conf = arg.split(",")
+    entry = plugins.lpc_devices.get(name)
+    if entry is None:
+        raise UsageError(f"invalid lpc device configuration '{arg}'")
+    try:
+        values = entry.parse(conf) if entry.parse else {entry.name: "true", **generic_options(conf)}
+    except ConfigError as e:
+        raise UsageError(f"invalid lpc device configuration '{arg}': {e}") from None
+    for key, value in values.items():
+        config.set(f"lpc.{key}", value)
+
+
+def _apply_pin(config: Config, arg: str) -> None:
+    vcpu, sep, host = arg.partition(":")
+    if not sep or not vcpu.isdigit() or not host.isdigit():
+        raise UsageError(f"invalid vcpu pinning configuration '{arg}'")
+    key = f"vcpu.{int(vcpu)}.cpuset"
+    current = config.get(key)
+    config.set(key, f"{current},{host}" if current else host)
+
+
+def run_vm(config: Config, plugins: Plugins) -> int:
+    from hvf.vcpu import install_kick_handler
+    from hvf.vm import Machine
+
+    install_kick_handler()
+    vm = Machine(config, plugins)
+    vm.build()
+    return vm.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hvf`` console script; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="hvf: %(message)s", stream=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        plugins = Plugins()
+        config = parse_args(argv, plugins)
+        if config.get_bool("config.dump"):
+            sys.stdout.write(config.dump())
+            return 1
+        if not config.get("name"):
+            raise UsageError("no VM name given (the last argument)")
+        return run_vm(config, plugins)
+    except HelpRequested as h:
+        sys.stdout.write(h.text)
+        return 0
+    except UsageError as e:
+        sys.stderr.write(f"hvf: {e}\n{USAGE}")
+        return exitcodes.USAGE
+    except HvfError as e:
+        sys.stderr.write(f"hvf: {e}\n")
+        return e.exit_status
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Every hook hvf calls, documented where it is declared.
+
+Hooks are for registration, machine building, lifecycle, save and restore: things that
+happen a few times per VM. Per-access I/O never goes through a hook: a device registers
+``read``/``write`` handlers on the VM's port or MMIO bus when it attaches, and the vCPU
+loop calls those directly.
+
+All hooks are called with keyword arguments. A plugin implements a hook with a function
+of the same name decorated with ``@hvf.hookimpl``; it may accept any subset of the
+arguments. Plugins are found through the ``hvf`` entry-point group (the built-in ones
+are registered the same way).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from hvf.device import Device
+    from hvf.registry import CtlCommands, Registry
+    from hvf.snapshot_api import StateReader, StateWriter
+    from hvf.vm import Machine
+
+hookspec = pluggy.HookspecMarker("hvf")
+
+
+# ---- registration: called once per process, when the plugin manager is built ----
+
+
+@hookspec
+def hvf_register_pci_devices(registry: Registry) -> None:
+    """Register PCI emulations, the names accepted by ``-s slot,NAME``.
+
+    :param registry: call ``registry.add(name, factory, help=...)``; ``factory(vm=,
+        slot=, config=)`` returns a :class:`hvf.plugins.pci.device.PciDevice`.
+    """
+
+
+@hookspec
+def hvf_register_lpc_devices(registry: Registry) -> None:
+    """Register LPC (ISA) devices, the names accepted by ``-l NAME[,conf]``.
+
+    :param registry: call ``registry.add(name, factory, help=..., parse=...)``;
+        ``parse(conf: list[str]) -> dict[str, str]`` turns the ``-l`` options into config
+        values under ``lpc.NAME``, and ``factory(vm=, name=, config=)`` builds the device
+        when the LPC bridge attaches.
+    """
+
+
+@hookspec
+def hvf_register_console_backends(registry: Registry) -> None:
+    """Register console backends (``stdio``, ``pty``, ``tcp=...``) for serial ports.
+
+    :param registry: call ``registry.add(name, factory, help=...)``.
+    """
+
+
+@hookspec
+def hvf_register_snapshot_backends(registry: Registry) -> None:
+    """Register snapshot backends (where guest RAM and device state are written).
+
+    :param registry: call ``registry.add(name, factory, help=...)``.
+    """
+
+
+@hookspec
+def hvf_register_ctl_commands(commands: CtlCommands) -> None:
+    """Add ``hvf ctl`` commands and their control-socket handlers.
+
+    :param commands: call ``commands.add(name, handler, help=...)``; ``handler(vm=,
+        args=)`` runs in the VM process and returns a JSON-serialisable reply.
+    """
+
+
+# ---- building the machine ----
+
+
+@hookspec
+def hvf_machine_build(vm: Machine) -> None:
+    """Create this plugin's buses and devices from ``vm.config``.
+
+    Called once, after guest memory, the in-kernel interrupt controllers and the vCPUs
+    exist and before anything runs. A device attaches with ``vm.attach(device)``.
+
+    :param vm: the machine being built.
+    """
+
+
+@hookspec
+def hvf_device_attached(vm: Machine, device: Device) -> None:
+    """A device has attached to ``vm`` (its I/O ranges are registered).
+
+    :param vm: the machine.
+    :param device: the device that attached.
+    """
+
+
+@hookspec
+def hvf_machine_ready(vm: Machine) -> None:
+    """Every device has attached: last chance to finish wiring (e.g. IRQ routing).
+
+    :param vm: the machine.
+    """
+
+
+# ---- lifecycle ----
+
+
+@hookspec
+def hvf_vm_start(vm: Machine) -> None:
+    """The vCPUs are about to run for the first time (or after a restore).
+
+    :param vm: the machine.
+    """
+
+
+@hookspec
+def hvf_vm_pause(vm: Machine) -> None:
+    """Every vCPU has stopped outside ``KVM_RUN``; quiesce device activity.
+
+    :param vm: the machine.
+    """
+
+
+@hookspec
+def hvf_vm_resume(vm: Machine) -> None:
+    """The vCPUs are about to run again after a pause.
+
+    :param vm: the machine.
+    """
+
+
+@hookspec
+def hvf_vm_stop(vm: Machine, status: int) -> None:
+    """The VM has stopped for good; release host resources (terminals, sockets).
+
+    :param vm: the machine.
+    :param status: the exit status hvf will return (bhyve's: 0 reboot, 1 poweroff,
+        2 halt, 3 triple fault, 4 error).
+    """
+
+
+# ---- save and restore ----
+
+
+@hookspec
+def hvf_state_save(vm: Machine, state: StateWriter) -> None:
+    """Save the state of the devices this plugin owns while the VM is paused.
+
+    Add one chunk per device with ``state.add(name=, owner=, version=, fields=)``;
+    ``fields`` maps field names to plain values (ints, bools, bytes, str, lists, dicts).
+
+    :param vm: the paused machine.
+    :param state: where chunks are collected.
+    """
+
+
+@hookspec
+def hvf_state_restore(vm: Machine, state: StateReader) -> None:
+    """Restore the devices this plugin owns from their chunks.
+
+    Take each chunk with ``state.take(name)``, which marks it consumed; a chunk that no
+    plugin takes makes the restore fail, naming it. Older chunk versions are upgraded by
+    the device's own upgrade functions.
+
+    :param vm: the machine, rebuilt from the snapshot's configuration, not yet running.
+    :param state: the snapshot's chunks.
+    """
+
+
+@hookspec(firstresult=True)
+def hvf_unhandled_exit(vm: Machine, vcpu: Any, reason: int) -> int | None:
+    """A vCPU exit reason the core does not handle.
+
+    Stops at the first non-None result: an exit status that stops the VM, or ``-1``
+    when the plugin handled the exit and the vCPU may run on.
+
+    :param vm: the machine.
+    :param vcpu: the :class:`hvf.vcpu.Vcpu` that exited.
+    :param reason: the ``KVM_EXIT_*`` value.
+    """

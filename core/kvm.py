@@ -1,0 +1,292 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Typed wrappers for KVM's system, VM and vCPU file descriptors.
+
+Every ioctl goes through :func:`ioctl`, which raises :class:`~hvf.errors.KvmError`
+naming the ioctl and the errno. Struct layouts and ioctl numbers come from the C
+compiler (see ``_kvm_build.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+from hvf._kvm import ffi, lib
+from hvf.errors import CapabilityError, KvmError
+
+KVM_PATH = "/dev/kvm"
+
+#: Capabilities hvf cannot run without, with what each is for.
+REQUIRED_CAPS: dict[str, str] = {
+    "KVM_CAP_USER_MEMORY": "guest RAM mapped from host memory",
+    "KVM_CAP_IRQCHIP": "in-kernel PIC, IOAPIC and LAPIC",
+    "KVM_CAP_PIT2": "in-kernel PIT",
+    "KVM_CAP_SET_TSS_ADDR": "real-mode and protected-mode entry on Intel",
+    "KVM_CAP_IMMEDIATE_EXIT": "kicking vCPUs out of KVM_RUN to pause the VM",
+    "KVM_CAP_EXT_CPUID": "setting the guest's CPUID",
+    "KVM_CAP_MP_STATE": "INIT/SIPI start of secondary vCPUs",
+}
+
+_IOCTL_NAMES: dict[int, str] = {}
+
+
+def ioctl_name(request: int) -> str:
+    """The symbolic name of a KVM ioctl number (for messages)."""
+    if not _IOCTL_NAMES:
+        for name in dir(lib):
+            if name.startswith("KVM_") and not name.startswith(("KVM_CAP_", "KVM_EXIT_")):
+                _IOCTL_NAMES.setdefault(getattr(lib, name), name)
+    return _IOCTL_NAMES.get(request, hex(request))
+
+
+def ioctl(fd: int, request: int, arg: Any = ffi.NULL) -> int:
+    """Run a pointer-argument ioctl; raise KvmError on failure."""
+    r = lib.hvf_ioctl(fd, request, arg)
+    if r < 0:
+        raise KvmError(ioctl_name(request), -r)
+    return r
+
+
+def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
+    """Run an integer-argument ioctl; raise KvmError on failure."""
+    r = lib.hvf_ioctl_int(fd, request, arg)
+    if r < 0:
+        raise KvmError(ioctl_name(request), -r)
+    return r
+
+
+def is_pvm() -> bool:
+    """True when /dev/kvm is provided by kvm_pvm (KVM without hardware virtualization)."""
+    return Path("/sys/module/kvm_pvm").exists()
+
+
+def kvm_unavailable_reason(path: str = KVM_PATH) -> str | None:
+    """Why /dev/kvm cannot be used here, or None when it can."""
+    if not os.path.exists(path):
+        return f"{path} does not exist (no KVM on this host)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not readable and writable by this user"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"cannot open {path}: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+class Kvm:
+    """The system file descriptor, /dev/kvm."""
+
+    def __init__(self, path: str = KVM_PATH) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise CapabilityError(f"cannot open {path}: {e.strerror}") from e
+        version = ioctl_int(self.fd, lib.KVM_GET_API_VERSION)
+        if version != lib.KVM_API_VERSION:
+            raise CapabilityError(f"KVM API version {version}, hvf needs {lib.KVM_API_VERSION}")
+        self.vcpu_mmap_size = ioctl_int(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE)
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 when absent, else a capability-specific value."""
+        return ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+
+    def require_capabilities(self) -> None:
+        """Raise CapabilityError listing every required capability that is missing."""
+        missing = [
+            f"{name} ({why})"
+            for name, why in REQUIRED_CAPS.items()
+            if not self.check_extension(getattr(lib, name))
+        ]
+        if missing:
+            raise CapabilityError("the host's KVM lacks: " + "; ".join(missing))
+
+    def max_vcpus(self) -> int:
+        return self.check_extension(lib.KVM_CAP_MAX_VCPUS) or self.check_extension(
+            lib.KVM_CAP_NR_VCPUS
+        ) or 4
+
+    def supported_cpuid(self) -> Any:
+        """KVM_GET_SUPPORTED_CPUID, growing the buffer until it fits."""
+        n = 64
+        while True:
+            cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            r = lib.hvf_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, cpuid)
+            if r == -errno.E2BIG:
+                n *= 2
+                continue
+            if r < 0:
+                raise KvmError("KVM_GET_SUPPORTED_CPUID", -r)
+            return cpuid
+
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores (KVM_GET_MSR_INDEX_LIST)."""
+        probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 1})
+        r = lib.hvf_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, probe)
+        if r < 0 and r != -errno.E2BIG:
+            raise KvmError("KVM_GET_MSR_INDEX_LIST", -r)
+        n = probe.nmsrs
+        full = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
+        ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, full)
+        return [full.indices[i] for i in range(full.nmsrs)]
+
+    def create_vm(self) -> VmFd:
+        return VmFd(self, ioctl_int(self.fd, lib.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class VmFd:
+    """A VM file descriptor."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {
+                "slot": slot,
+                "flags": flags,
+                "guest_phys_addr": guest_phys_addr,
+                "memory_size": size,
+                "userspace_addr": host_addr,
+            },
+        )
+        ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("uint64_t *", addr))
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, lib.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self) -> None:
+        ioctl(self.fd, lib.KVM_CREATE_PIT2, ffi.new("struct kvm_pit_config *"))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl(self.fd, lib.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", (irq, level)))
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl(self.fd, lib.KVM_GET_IRQCHIP, chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, data: bytes) -> None:
+        chip = ffi.new("struct kvm_irqchip *")
+        ffi.buffer(chip)[:] = fit(data, ffi.sizeof(chip[0]))
+        ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip)
+
+    def set_level_triggered(self, irq: int, level: bool = True) -> None:
+        """Set ISA ``irq``'s ELCR bit in the in-kernel PIC (level- or edge-triggered)."""
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = lib.KVM_IRQCHIP_PIC_MASTER if irq < 8 else lib.KVM_IRQCHIP_PIC_SLAVE
+        ioctl(self.fd, lib.KVM_GET_IRQCHIP, chip)
+        pic = ffi.cast("struct kvm_pic_state *", ffi.cast("char *", chip) + lib.HVF_IRQCHIP_CHIP_OFFSET)
+        bit = 1 << (irq & 7)
+        pic.elcr = (pic.elcr | bit) if level else (pic.elcr & ~bit)
+        ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> bytes:
+        return _get_struct(self.fd, lib.KVM_GET_PIT2, "struct kvm_pit_state2")
+
+    def set_pit2(self, data: bytes) -> None:
+        _set_struct(self.fd, lib.KVM_SET_PIT2, "struct kvm_pit_state2", data)
+
+    def get_clock(self) -> bytes:
+        return _get_struct(self.fd, lib.KVM_GET_CLOCK, "struct kvm_clock_data")
+
+    def set_clock(self, data: bytes) -> None:
+        clock = ffi.new("struct kvm_clock_data *")
+        ffi.buffer(clock)[:] = fit(data, ffi.sizeof(clock[0]))
+        clock.flags = 0  # only the clock value is restored (as Firecracker does)
+        ioctl(self.fd, lib.KVM_SET_CLOCK, clock)
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        return VcpuFd(self, index, ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def fit(data: bytes, size: int) -> bytes:
+    """Pad with zeros or truncate saved struct bytes to the compiled struct size."""
+    return data[:size].ljust(size, b"\0")
+
+
+def _get_struct(fd: int, request: int, ctype: str) -> bytes:
+    buf = ffi.new(ctype + " *")
+    ioctl(fd, request, buf)
+    return bytes(ffi.buffer(buf))
+
+
+def _set_struct(fd: int, request: int, ctype: str, data: bytes) -> None:
+    buf = ffi.new(ctype + " *")
+    ffi.buffer(buf)[:] = fit(data, ffi.sizeof(ctype))
+    ioctl(fd, request, buf)
+
+
+class VcpuFd:
+    """A vCPU file descriptor and its shared ``kvm_run`` page."""
+
+    def __init__(self, vm: VmFd, index: int, fd: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.run_map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED)
+        self.run = ffi.from_buffer("struct kvm_run *", self.run_map)
+        exit_area = ffi.cast("char *", self.run) + lib.HVF_RUN_EXIT_OFFSET
+        self.exit_io = ffi.cast("hvf_exit_io *", exit_area)
+        self.exit_mmio = ffi.cast("hvf_exit_mmio *", exit_area)
+        self.exit_internal = ffi.cast("hvf_exit_internal *", exit_area)
+        self.exit_fail_entry = ffi.cast("hvf_exit_fail_entry *", exit_area)
+        self.exit_system_event = ffi.cast("hvf_exit_system_event *", exit_area)
+        self.exit_hw = ffi.cast("hvf_exit_hw *", exit_area)
+
+    def get_regs(self) -> Any:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, lib.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        ioctl(self.fd, lib.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> Any:
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, lib.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        ioctl(self.fd, lib.KVM_SET_SREGS, sregs)
+
+    def set_cpuid2(self, cpuid: Any) -> None:
+        ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, lib.KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", (mp_state,)))
+
+    def get_state(self, request: int, ctype: str) -> bytes:
+        """Read a fixed-size state struct as raw bytes (for snapshots)."""
+        return _get_struct(self.fd, request, ctype)
+
+    def set_state(self, request: int, ctype: str, data: bytes) -> None:
+        """Write a fixed-size state struct from raw bytes (padded or truncated)."""
+        _set_struct(self.fd, request, ctype, data)
+
+    def close(self) -> None:
+        os.close(self.fd)

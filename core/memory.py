@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Guest RAM: one memfd laid out as a PC, with bounds-checked guest-physical access.
+
+RAM below :data:`LOWMEM_LIMIT` starts at guest address 0; whatever does not fit below
+the PCI hole is mapped from 4 GiB up. Both pieces are windows onto one memfd, so a
+snapshot backend can write or map the whole of guest RAM as a single file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+
+import attrs
+
+from hvf._kvm import ffi
+from hvf.errors import ConfigError, GuestMemoryError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Top of low RAM: the 32-bit PCI window begins here (bhyve's lowmem limit).
+LOWMEM_LIMIT = 0xC000_0000
+#: Where RAM above the PCI hole begins.
+HIGHMEM_BASE = 4 * GiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
+_SUFFIX = {"": MiB, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """Parse a bhyve memory size: ``512M``, ``2G``, ``1024K``; a bare number is MiB."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"invalid memsize '{text}'")
+    size = int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if size < MiB:
+        raise ConfigError(f"invalid memsize '{text}': at least 1M of guest memory is needed")
+    return size
+
+
+@attrs.frozen
+class Region:
+    """A contiguous piece of guest RAM: guest-physical base, size, memfd offset."""
+
+    guest_base: int
+    size: int
+    file_offset: int
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_base + self.size
+
+
+def pc_layout(size: int) -> tuple[Region, ...]:
+    """Split ``size`` bytes of RAM around the PCI hole below 4 GiB."""
+    low = min(size, LOWMEM_LIMIT)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(HIGHMEM_BASE, size - low, low))
+    return tuple(regions)
+
+
+class GuestMemory:
+    """Guest RAM backed by a memfd and mapped shared into this process."""
+
+    def __init__(self, size: int, fd: int | None = None) -> None:
+        if size % mmap.PAGESIZE:
+            raise ConfigError(f"memory size {size} is not a multiple of the page size")
+        self.size = size
+        self.regions = pc_layout(size)
+        if fd is None:
+            fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+        self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
+
+    @property
+    def lowmem_size(self) -> int:
+        return self.regions[0].size
+
+    @property
+    def highmem_size(self) -> int:
+        return self.regions[1].size if len(self.regions) > 1 else 0
+
+    def _offset(self, gpa: int, length: int) -> int:
+        """The memfd offset of [gpa, gpa+length), which must lie inside one region."""
+        for r in self.regions:
+            if r.guest_base <= gpa and gpa + length <= r.guest_end:
+                return r.file_offset + gpa - r.guest_base
+        raise GuestMemoryError(
+            f"guest-physical range {gpa:#x}..{gpa + length:#x} is not inside guest RAM"
+        )
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return any(r.guest_base <= gpa and gpa + length <= r.guest_end for r in self.regions)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        off = self._offset(gpa, length)
+        return bytes(self.view[off : off + length])
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        off = self._offset(gpa, len(data))
+        self.view[off : off + len(data)] = data
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (no copy)."""
+        off = self._offset(gpa, length)
+        return self.view[off : off + length]
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(4, "little"))

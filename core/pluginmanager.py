@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Plugin discovery: the ``hvf`` entry-point group, built-ins included.
+
+``HVF_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name before they load.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from importlib.metadata import entry_points
+
+import pluggy
+
+from hvf import hookspecs
+from hvf.errors import PluginError
+from hvf.registry import CtlCommands, Registry
+
+ENTRY_POINT_GROUP = "hvf"
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    for name in filter(None, os.environ.get("HVF_DISABLE_PLUGINS", "").split(",")):
+        pm.set_blocked(name.strip())
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as e:  # a broken third-party plugin must name itself
+            dist = ep.dist.name if ep.dist else "?"
+            raise PluginError(
+                f"plugin '{ep.name}' (from {dist}) failed to load: {type(e).__name__}: {e}"
+            ) from e
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin '{ep.name}' is invalid: {e}") from e
+
+
+class Plugins:
+    """The plugin manager plus the registries its plugins fill (a typed facade)."""
+
+    def __init__(self, load_entry_points: bool = True, extra: tuple[object, ...] = ()) -> None:
+        self.pm = pluggy.PluginManager("hvf")
+        self.pm.add_hookspecs(hookspecs)
+        if load_entry_points:
+            _load_entry_points(self.pm)
+        for plugin in extra:
+            self.pm.register(plugin)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(str(e)) from e
+        self.hook = self.pm.hook
+
+    def _fill(self, registry: Registry, hook_name: str, arg: str) -> Registry:
+        hook = getattr(self.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):
+            registry.current_plugin = impl.plugin_name
+            impl.function(**{arg: registry})
+        registry.current_plugin = ""
+        return registry
+
+    @cached_property
+    def pci_devices(self) -> Registry:
+        return self._fill(Registry("PCI device"), "hvf_register_pci_devices", "registry")
+
+    @cached_property
+    def lpc_devices(self) -> Registry:
+        return self._fill(Registry("LPC device"), "hvf_register_lpc_devices", "registry")
+
+    @cached_property
+    def console_backends(self) -> Registry:
+        return self._fill(
+            Registry("console backend"), "hvf_register_console_backends", "registry"
+        )
+
+    @cached_property
+    def snapshot_backends(self) -> Registry:
+        return self._fill(
+            Registry("snapshot backend"), "hvf_register_snapshot_backends", "registry"
+        )
+
+    @cached_property
+    def ctl_commands(self) -> CtlCommands:
+        registry = self._fill(CtlCommands(), "hvf_register_ctl_commands", "commands")
+        assert isinstance(registry, CtlCommands)
+        return registry

@@ -1,0 +1,316 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""vCPUs: one thread each, ``KVM_RUN`` with the GIL released, exits dispatched inline.
+
+The loop in :meth:`Vcpu._run_loop` is the hot path: an I/O exit costs a table lookup
+and one call of the device's handler, nothing else. Everything rare (unhandled ports,
+string I/O, errors, kicks) lives in separate methods.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from hvf import exitcodes
+from hvf._kvm import ffi, lib
+from hvf.errors import HvfError, KvmError
+from hvf.kvm import VcpuFd
+
+if TYPE_CHECKING:
+    from hvf.vm import Machine
+
+log = logging.getLogger("hvf.vcpu")
+
+#: The signal that kicks a vCPU thread out of KVM_RUN.
+KICK_SIGNAL = signal.SIGUSR1
+_SIZE_SUFFIX = {1: "b", 2: "w", 4: "l"}
+
+
+def install_kick_handler() -> None:
+    """Install a no-op handler for the kick signal (main thread only)."""
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` lines per ``period`` seconds and counts the rest."""
+
+    def __init__(self, burst: int = 10, period: float = 1.0) -> None:
+        self.burst = burst
+        self.period = period
+        self.window_start = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            if self.suppressed:
+                log.warning("(%d similar messages suppressed)", self.suppressed)
+            self.window_start, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            log.warning("%s", message)
+        else:
+            self.suppressed += 1
+
+
+class Vcpu:
+    """One virtual CPU and the host thread that runs it."""
+
+    def __init__(self, vm: Machine, index: int) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd: VcpuFd = vm.vmfd.create_vcpu(index)
+        self.thread: threading.Thread | None = None
+        self.exits = 0
+        self._unhandled_log = vm.unhandled_log
+        view = memoryview(self.fd.run_map)
+        self._m8 = view
+        self._m16 = view.cast("H")
+        self._m32 = view.cast("I")
+        self._mmio_data = lib.HVF_RUN_EXIT_OFFSET + ffi.offsetof("hvf_exit_mmio", "data")
+
+    # ---- control from other threads ----
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu {self.index}")
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN soon (immediate_exit, plus a signal if inside)."""
+        self.fd.run.immediate_exit = 1
+        thread = self.thread
+        if thread is not None and thread.ident is not None and thread is not threading.current_thread():
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass  # the thread has already ended
+
+    # ---- the vCPU thread ----
+
+    def _thread_main(self) -> None:
+        try:
+            self._run_loop()
+        except HvfError as e:
+            self.vm.request_exit(exitcodes.ERROR, f"vcpu {self.index}: {e}")
+        except BaseException as e:  # a bug in a device model must not hang the VM
+            log.exception("vcpu %d: unexpected error", self.index)
+            self.vm.request_exit(exitcodes.ERROR, f"vcpu {self.index}: {type(e).__name__}: {e}")
+
+    def _run_loop(self) -> None:
+        vm = self.vm
+        fd = self.fd.fd
+        run = self.fd.run
+        io = self.fd.exit_io
+        ports = vm.pio.table
+        hvf_run = lib.hvf_run
+        m8, m16, m32 = self._m8, self._m16, self._m32
+        exit_io = lib.KVM_EXIT_IO
+        exit_mmio = lib.KVM_EXIT_MMIO
+        exits = 0
+        try:
+            while True:
+                rc = hvf_run(fd)
+                if rc:
+                    if self._interrupted(rc, run):
+                        return
+                    continue
+                exits += 1
+                reason = run.exit_reason
+                if reason == exit_io:
+                    port = io.port
+                    size = io.size
+                    off = io.data_offset
+                    r = ports[port]
+                    if io.count != 1:
+                        self._string_io(r, port, size, io.count, off, io.direction)
+                    elif io.direction:
+                        value = m8[off] if size == 1 else m16[off >> 1] if size == 2 else m32[off >> 2]
+                        if r is None:
+                            self._unhandled_port("out", port, size)
+                        else:
+                            r.write(port - r.base, size, value)
+                    else:
+                        if r is None:
+                            self._unhandled_port("in", port, size)
+                            value = 0xFFFFFFFF
+                        else:
+                            value = r.read(port - r.base, size)
+                        if size == 1:
+                            m8[off] = value & 0xFF
+                        elif size == 2:
+                            m16[off >> 1] = value & 0xFFFF
+                        else:
+                            m32[off >> 2] = value & 0xFFFFFFFF
+                elif reason == exit_mmio:
+                    self._mmio()
+                elif self._other_exit(reason):
+                    return
+        finally:
+            self.exits += exits
+
+    def _interrupted(self, rc: int, run: Any) -> bool:
+        """KVM_RUN failed: EINTR from a kick is normal; True when the loop must end."""
+        if rc != -errno.EINTR:
+            raise KvmError("KVM_RUN", -rc, f"vcpu {self.index}")
+        run.immediate_exit = 0
+        return self.vm.vcpu_checkpoint(self)
+
+    # ---- rare paths ----
+
+    def _unhandled_port(self, direction: str, port: int, size: int) -> None:
+        if self.vm.strict_io:
+            rip = self.fd.get_regs().rip
+            raise StrictIoViolation(
+                f"Unhandled {direction}{_SIZE_SUFFIX.get(size, '?')} {port:#06x} at {rip:#x}"
+            )
+        self._unhandled_log(
+            f"vcpu {self.index}: unhandled {direction}{_SIZE_SUFFIX.get(size, '?')} "
+            f"port {port:#06x}" + (" (reads as all ones)" if direction == "in" else " (dropped)")
+        )
+
+    def _string_io(self, r: Any, port: int, size: int, count: int, off: int, out: int) -> None:
+        """``rep ins``/``rep outs``: KVM hands over ``count`` elements in the data page."""
+        m8 = self._m8
+        if r is None:
+            self._unhandled_port("out" if out else "in", port, size)
+            if not out:
+                m8[off : off + size * count] = b"\xff" * (size * count)
+            return
+        offset = port - r.base
+        if out:
+            data = m8[off : off + size * count]
+            if size == 1:
+                for value in data:
+                    r.write(offset, 1, value)
+            else:
+                for i in range(0, size * count, size):
+                    r.write(offset, size, int.from_bytes(data[i : i + size], "little"))
+        else:
+            mask = (1 << (8 * size)) - 1
+            for i in range(off, off + size * count, size):
+                m8[i : i + size] = (r.read(offset, size) & mask).to_bytes(size, "little")
+
+    def _mmio(self) -> None:
+        mmio = self.fd.exit_mmio
+        addr = mmio.phys_addr
+        length = mmio.len
+        data = self._mmio_data
+        r = self.vm.mmio.lookup(addr)
+        if mmio.is_write:
+            value = int.from_bytes(self._m8[data : data + length], "little")
+            if r is None:
+                self._unhandled_log(f"vcpu {self.index}: unhandled MMIO write {addr:#x} (dropped)")
+            else:
+                r.write(addr - r.base, length, value)
+        else:
+            if r is None:
+                self._unhandled_log(
+                    f"vcpu {self.index}: unhandled MMIO read {addr:#x} (reads as all ones)"
+                )
+                value = (1 << (8 * length)) - 1
+            else:
+                value = r.read(addr - r.base, length) & ((1 << (8 * length)) - 1)
+            self._m8[data : data + length] = value.to_bytes(length, "little")
+
+    def _other_exit(self, reason: int) -> bool:
+        """Exits other than I/O and MMIO; True when the loop must end."""
+        vm = self.vm
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            vm.request_exit(exitcodes.TRIPLE_FAULT, f"vcpu {self.index}: triple fault")
+            return True
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            kind = self.fd.exit_system_event.type
+            status = {
+                lib.KVM_SYSTEM_EVENT_SHUTDOWN: exitcodes.POWEROFF,
+                lib.KVM_SYSTEM_EVENT_RESET: exitcodes.REBOOT,
+            }.get(kind, exitcodes.ERROR)
+            vm.request_exit(status, f"vcpu {self.index}: system event {kind}")
+            return True
+        if reason == lib.KVM_EXIT_HLT:
+            vm.request_exit(exitcodes.HALT, f"vcpu {self.index}: halted")
+            return True
+        if reason == lib.KVM_EXIT_INTR:
+            return vm.vcpu_checkpoint(self)
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            fail = self.fd.exit_fail_entry
+            vm.request_exit(
+                exitcodes.ERROR,
+                f"vcpu {self.index}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason "
+                f"{fail.hardware_entry_failure_reason:#x} on host cpu {fail.cpu}\n"
+                + self.register_dump(),
+            )
+            return True
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            vm.request_exit(exitcodes.ERROR, self._internal_error_report())
+            return True
+        status = vm.hook.hvf_unhandled_exit(vm=vm, vcpu=self, reason=reason)
+        if status == -1:
+            return False
+        vm.request_exit(
+            exitcodes.ERROR if status is None else status,
+            f"vcpu {self.index}: unexpected exit reason {reason}\n" + self.register_dump(),
+        )
+        return True
+
+    def _internal_error_report(self) -> str:
+        internal = self.fd.exit_internal
+        sub = internal.suberror
+        names = {
+            lib.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+            lib.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+            lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "exit during event delivery",
+            lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit reason",
+        }
+        lines = [
+            f"vcpu {self.index}: KVM_EXIT_INTERNAL_ERROR: {names.get(sub, 'suberror')} ({sub})"
+        ]
+        ndata = min(internal.ndata, 16)
+        data = [internal.data[i] for i in range(ndata)]
+        if sub == lib.KVM_INTERNAL_ERROR_EMULATION and ndata >= 3 and (
+            data[0] & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        ):
+            raw = b"".join(d.to_bytes(8, "little") for d in data[1:3])
+            insn = raw[1 : 1 + min(raw[0], 15)]
+            lines.append("instruction bytes: " + (insn.hex(" ") or "(none reported)"))
+        elif ndata:
+            lines.append("data: " + " ".join(f"{d:#x}" for d in data))
+        lines.append(self.register_dump())
+        if sub == lib.KVM_INTERNAL_ERROR_EMULATION:
+            lines.append(
+                "hint: KVM could not emulate this instruction for the guest"
+                + (
+                    " (this host's KVM is kvm_pvm, which emulates far more guest code "
+                    "than hardware virtualization does)"
+                    if self.vm.pvm
+                    else ""
+                )
+            )
+        return "\n".join(lines)
+
+    def register_dump(self) -> str:
+        """The vCPU's general and control registers, formatted for an error report."""
+        try:
+            r = self.fd.get_regs()
+            s = self.fd.get_sregs()
+        except KvmError as e:
+            return f"(registers unavailable: {e})"
+        gprs = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+        out = []
+        for i in range(0, len(gprs), 4):
+            out.append("  ".join(f"{n:>6}={getattr(r, n):016x}" for n in gprs[i : i + 4]))
+        out.append(
+            f"   cr0={s.cr0:016x}     cr2={s.cr2:016x}     cr3={s.cr3:016x}     cr4={s.cr4:016x}"
+        )
+        out.append(f"  efer={s.efer:016x}  cs={s.cs.selector:04x} base={s.cs.base:x} "
+                   f"l={s.cs.l} db={s.cs.db}  ss={s.ss.selector:04x}")
+        return "\n".join(out)
+
+
+class StrictIoViolation(HvfError):
+    """An access to an unemulated I/O port with ``-e`` (x86.strictio)."""

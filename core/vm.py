@@ -1,0 +1,228 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The machine: KVM VM, guest memory, buses, vCPUs and devices, and how it runs.
+
+Building order (bhyve's, §5.9 of the reference): KVM VM and in-kernel interrupt
+controllers, guest RAM, vCPUs, then the plugins' ``hvf_machine_build`` (buses and
+devices), ``hvf_machine_ready``, then the boot loader sets the first vCPU's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from hvf import exitcodes
+from hvf._kvm import ffi
+from hvf.config import Config
+from hvf.device import Device
+from hvf.errors import ConfigError, HvfError
+from hvf.iobus import MmioBus, PortBus
+from hvf.kvm import Kvm, is_pvm
+from hvf.memory import GuestMemory, parse_size
+from hvf.vcpu import RateLimitedLog, Vcpu
+
+if TYPE_CHECKING:
+    from hvf.pluginmanager import Plugins
+
+log = logging.getLogger("hvf")
+
+#: Where KVM may put the TSS and identity-map pages it needs (just below the BIOS).
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+
+
+class Machine:
+    """One virtual machine, built from a configuration tree by the plugins."""
+
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.hook = plugins.hook
+        self.name = config.get("name") or "vm"
+        self.pvm = is_pvm()
+        self.strict_io = config.get_bool("x86.strictio")
+        self.unhandled_log = RateLimitedLog()
+        self.devices: list[Device] = []
+        self.pio = PortBus()
+        self.mmio = MmioBus()
+        self.ncpus = config.get_int("cpus", 1)
+        memory_size = parse_size(config.get("memory.size") or "256M")
+
+        self.kvm = Kvm()
+        self.kvm.require_capabilities()
+        limit = self.kvm.max_vcpus()
+        if not 1 <= self.ncpus <= limit:
+            raise ConfigError(f"{self.ncpus} vCPUs requested but only {limit} available")
+        self.vmfd = self.kvm.create_vm()
+        self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vmfd.set_tss_addr(TSS_ADDR)
+        self.vmfd.create_irqchip()
+        self.vmfd.create_pit2()
+        self.memory = GuestMemory(memory_size)
+        for slot, region in enumerate(self.memory.regions):
+            self.vmfd.set_user_memory_region(
+                slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset
+            )
+        self._next_slot = len(self.memory.regions)
+
+        self._cond = threading.Condition()
+        self._exit: tuple[int, str] | None = None
+        self._exited = threading.Event()
+        self._pause_requested = False
+        self._parked = 0
+        self._running = 0
+
+        cpuid = self.kvm.supported_cpuid()
+        self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
+        for vcpu in self.vcpus:
+            vcpu.fd.set_cpuid2(self._cpuid_for(cpuid, vcpu.index))
+
+    # ---- building ----
+
+    def _cpuid_for(self, supported: Any, apic_id: int) -> Any:
+        """The supported CPUID with this vCPU's APIC ID and the CPU count filled in."""
+        n = supported.nent
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+        ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+        for i in range(n):
+            e = cpuid.entries[i]
+            if e.function == 1:
+                e.ebx = (e.ebx & 0x0000FFFF) | (apic_id << 24) | (min(self.ncpus, 255) << 16)
+                if self.ncpus > 1:
+                    e.edx |= 1 << 28  # HTT: more than one logical processor
+            elif e.function in (0xB, 0x1F):
+                e.edx = apic_id
+        return cpuid
+
+    def add_memory_slot(self, guest_base: int, size: int, host_addr: int, readonly: bool) -> int:
+        """Map host memory (a ROM, say) at ``guest_base``; returns the KVM slot number."""
+        slot = self._next_slot
+        self._next_slot += 1
+        flags = 2 if readonly else 0  # KVM_MEM_READONLY
+        self.vmfd.set_user_memory_region(slot, guest_base, size, host_addr, flags)
+        return slot
+
+    def attach(self, device: Device) -> None:
+        """Attach ``device``: it registers its I/O ranges, then plugins are told."""
+        if any(d.name == device.name for d in self.devices):
+            raise ConfigError(f"a device named '{device.name}' is already attached")
+        device.attach(self)
+        self.devices.append(device)
+        self.hook.hvf_device_attached(vm=self, device=device)
+
+    def device(self, name: str) -> Device | None:
+        return next((d for d in self.devices if d.name == name), None)
+
+    def build(self) -> None:
+        """Let the plugins build buses and devices, then load what the guest boots."""
+        self.hook.hvf_machine_build(vm=self)
+        self.hook.hvf_machine_ready(vm=self)
+        kernel = self.config.get("boot.kernel")
+        if kernel:
+            from hvf.loader import load_kernel
+
+            load_kernel(
+                self,
+                kernel,
+                initrd=self.config.get("boot.initrd"),
+                cmdline=self.config.get("boot.append") or "",
+            )
+        elif not self.config.get("lpc.bootrom"):
+            raise ConfigError("virtual machine cannot be booted: give --kernel or -l bootrom,ROM")
+
+    # ---- interrupts ----
+
+    def set_irq(self, gsi: int, level: bool) -> None:
+        """Raise or lower interrupt line ``gsi`` (ISA IRQs reach both PIC and IOAPIC)."""
+        self.vmfd.irq_line(gsi, 1 if level else 0)
+
+    def pulse_irq(self, gsi: int) -> None:
+        """An edge on ``gsi``: raise, then lower."""
+        self.vmfd.irq_line(gsi, 1)
+        self.vmfd.irq_line(gsi, 0)
+
+    # ---- running ----
+
+    def run(self) -> int:
+        """Run the vCPUs until the VM stops; returns bhyve's exit status."""
+        self.hook.hvf_vm_start(vm=self)
+        with self._cond:
+            self._running = len(self.vcpus)
+        for vcpu in self.vcpus:
+            vcpu.start()
+        while not self._exited.wait(0.25):
+            pass
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        for vcpu in self.vcpus:
+            assert vcpu.thread is not None
+            vcpu.thread.join()
+        status, message = self._exit or (exitcodes.ERROR, "stopped")
+        self.hook.hvf_vm_stop(vm=self, status=status)
+        self.close()
+        if message and status in (exitcodes.ERROR, exitcodes.TRIPLE_FAULT):
+            log.error("%s", message)
+        else:
+            log.info("%s", message)
+        return status
+
+    def request_exit(self, status: int, message: str = "") -> None:
+        """Stop the VM with ``status``; the first request wins. Callable from any thread."""
+        with self._cond:
+            if self._exit is None:
+                self._exit = (status, message)
+            self._cond.notify_all()
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        self._exited.set()
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self._exit is None else self._exit[0]
+
+    def vcpu_checkpoint(self, vcpu: Vcpu) -> bool:
+        """Called by a kicked vCPU: park while paused; True when it must stop."""
+        with self._cond:
+            while True:
+                if self._exit is not None:
+                    self._running -= 1
+                    self._cond.notify_all()
+                    return True
+                if not self._pause_requested:
+                    return False
+                self._parked += 1
+                self._cond.notify_all()
+                self._cond.wait()
+                self._parked -= 1
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU outside KVM_RUN, then tell the plugins (``hvf_vm_pause``)."""
+        with self._cond:
+            self._pause_requested = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._exit is not None or self._parked >= self._running, timeout
+            ):
+                raise HvfError(f"vCPUs did not stop within {timeout} s")
+        self.hook.hvf_vm_pause(vm=self)
+
+    def resume(self) -> None:
+        """Let the vCPUs run again after :meth:`pause`."""
+        self.hook.hvf_vm_resume(vm=self)
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_requested
+
+    def close(self) -> None:
+        for device in reversed(self.devices):
+            try:
+                device.close()
+            except Exception:
+                log.exception("closing %s", device.name)

@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The LPC plugin: bhyve's ``lpc`` bridge and the legacy devices behind it (``-l``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import hvf
+from hvf.errors import ConfigError
+from hvf.plugins.lpc import bridge, debugcon, pctestdev
+
+if TYPE_CHECKING:
+    from hvf.registry import Registry
+    from hvf.vm import Machine
+
+
+def _flag(name: str):  # type: ignore[no-untyped-def]
+    def parse(conf: list[str]) -> dict[str, str]:
+        if conf:
+            raise ConfigError(f"{name} takes no options")
+        return {name: "true"}
+
+    return parse
+
+
+@hvf.hookimpl
+def hvf_register_pci_devices(registry: Registry) -> None:
+    registry.add("lpc", bridge.create, help="LPC (PCI-to-ISA) bridge 8086:7000, bus 0 only")
+
+
+@hvf.hookimpl
+def hvf_register_lpc_devices(registry: Registry) -> None:
+    registry.add("pc-testdev", pctestdev.create, parse=_flag("pc-testdev"),
+                 help="test-kernel ports: debug exit 0xF4, scratch 0xE0, IRQ lines 0x2000+n")
+    registry.add("debugcon", debugcon.create, parse=debugcon.parse,
+                 help="debug console on port 0x402 (debugcon[,PATH|stdio])")
+
+
+@hvf.hookimpl
+def hvf_machine_ready(vm: Machine) -> None:
+    if not any(isinstance(d, bridge.LpcBridge) for d in vm.devices):
+        configured = sorted(vm.config.node("lpc"))
+        devices = [name for name in configured if name in vm.plugins.lpc_devices]
+        if devices:
+            raise ConfigError(
+                f"LPC device(s) {', '.join(devices)} configured, but there is no LPC bridge "
+                "(add -s 31,lpc)"
+            )

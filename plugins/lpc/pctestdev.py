@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""bhyve's ``pc-testdev``: debug exit, a scratch register, IRQ lines, scratch memory.
+
+- I/O 0xF4-0xF7: writing v ends hvf with status (v << 1) | 1; reads return 0.
+- I/O 0xE0-0xE3: a 32-bit scratch register (any width at any byte offset).
+- I/O 0x2000 + n: a non-zero byte raises interrupt line n, zero lowers it.
+- MMIO 0xFF000000, 64 KiB: scratch memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hvf.device import Device
+from hvf.iobus import read_zero
+
+if TYPE_CHECKING:
+    from hvf.vm import Machine
+
+DEBUG_EXIT_PORT = 0xF4
+SCRATCH_PORT = 0xE0
+IRQ_PORT_BASE = 0x2000
+IRQ_LINES = 24  # the in-kernel IOAPIC's pins
+SCRATCH_MMIO_BASE = 0xFF00_0000
+SCRATCH_MMIO_SIZE = 64 * 1024
+
+
+class PcTestdev(Device):
+    """Test-kernel helper ports (``-l pc-testdev``)."""
+
+    def __init__(self) -> None:
+        super().__init__("pc-testdev")
+        self.scratch = 0
+        self.irq_levels = bytearray(IRQ_LINES)
+        self.memory = bytearray(SCRATCH_MMIO_SIZE)
+
+    def attach(self, vm: Machine) -> None:
+        self.vm = vm
+        vm.pio.register(DEBUG_EXIT_PORT, 4, "pc-testdev debug exit", read_zero, self._debug_exit)
+        vm.pio.register(SCRATCH_PORT, 4, "pc-testdev scratch", self._scratch_read, self._scratch_write)
+        vm.pio.register(IRQ_PORT_BASE, IRQ_LINES, "pc-testdev irq lines",
+                        self._irq_read, self._irq_write)
+        vm.mmio.register(SCRATCH_MMIO_BASE, SCRATCH_MMIO_SIZE, "pc-testdev memory",
+                         self._mem_read, self._mem_write)
+
+    def _debug_exit(self, offset: int, size: int, value: int) -> None:
+        value <<= 8 * offset
+        self.vm.request_exit(((value << 1) | 1) & 0xFF, f"guest wrote {value:#x} to debug exit")
+
+    def _scratch_read(self, offset: int, size: int) -> int:
+        return (self.scratch >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def _scratch_write(self, offset: int, size: int, value: int) -> None:
+        size = min(size, 4 - offset)
+        mask = ((1 << (8 * size)) - 1) << (8 * offset)
+        self.scratch = (self.scratch & ~mask) | ((value << (8 * offset)) & mask)
+
+    def _irq_read(self, offset: int, size: int) -> int:
+        return self.irq_levels[offset]
+
+    def _irq_write(self, offset: int, size: int, value: int) -> None:
+        level = 1 if value & 0xFF else 0
+        if self.irq_levels[offset] != level:
+            self.irq_levels[offset] = level
+            self.vm.set_irq(offset, bool(level))
+
+    def _mem_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.memory[offset : offset + size], "little")
+
+    def _mem_write(self, offset: int, size: int, value: int) -> None:
+        size = min(size, SCRATCH_MMIO_SIZE - offset)
+        self.memory[offset : offset + size] = value.to_bytes(8, "little")[:size]
+
+    def save_state(self) -> dict[str, Any]:
+        return {"scratch": self.scratch, "irq_levels": bytes(self.irq_levels),
+                "memory": bytes(self.memory)}
+
+    def restore_state(self, fields: dict[str, Any], version: int) -> None:
+        self.scratch = int(fields["scratch"]) & 0xFFFFFFFF
+        self.irq_levels[:] = bytes(fields["irq_levels"])[:IRQ_LINES].ljust(IRQ_LINES, b"\0")
+        self.memory[:] = bytes(fields["memory"])[:SCRATCH_MMIO_SIZE].ljust(SCRATCH_MMIO_SIZE, b"\0")
+        for line, level in enumerate(self.irq_levels):
+            self.vm.set_irq(line, bool(level))
+
+
+def create(*, vm: Machine, config: Any) -> PcTestdev | None:
+    return PcTestdev() if config.get_bool("lpc.pc-testdev") else None

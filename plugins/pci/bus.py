@@ -1,0 +1,177 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The PCI root complex: configuration mechanism #1 (0xCF8/0xCFC), ECAM, BAR allocation.
+
+Config accesses go: guest port access → :class:`PciBus` handler → the addressed
+:class:`~hvf.plugins.pci.device.PciDevice`'s ``config_read``/``config_write``. BARs are
+allocated largest first from bhyve's windows once every device exists (less
+fragmentation), and decoding is turned on by hvf itself only when no firmware will do it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hvf.device import Device
+from hvf.errors import ConfigError
+from hvf.memory import HIGHMEM_BASE, GiB, MiB
+from hvf.plugins.pci.device import (
+    BAR_IO,
+    BAR_MEM64,
+    HEADER_TYPE,
+    INTERRUPT_LINE,
+    Bar,
+    PciDevice,
+)
+from hvf.plugins.pci.intx import IntxRouter
+
+if TYPE_CHECKING:
+    from hvf.vm import Machine
+
+CONFIG_ADDRESS = 0xCF8
+CONFIG_DATA = 0xCFC
+ECAM_BASE = 0xE000_0000
+ECAM_SIZE = 256 * MiB
+
+IO_WINDOW = (0x2000, 0x10000)
+MEM32_WINDOW = (0xC000_0000, 0xE000_0000)
+MEM64_WINDOW_ALIGN = 32 * GiB
+MEM64_WINDOW_SIZE = 32 * GiB
+#: 64-bit BARs up to this size go in the 32-bit window, as bhyve places them.
+MEM64_IN_MEM32_LIMIT = 128 * MiB
+
+Bdf = tuple[int, int, int]
+
+
+class PciBus(Device):
+    """All PCI root buses of the machine, their config mechanisms and windows."""
+
+    def __init__(self) -> None:
+        super().__init__("pci")
+        self.functions: dict[Bdf, PciDevice] = {}
+        self.config_address = 0
+        self.vm: Machine
+        self.intx: IntxRouter
+        self.windows: dict[str, tuple[int, int]] = {}
+
+    def attach(self, vm: Machine) -> None:
+        self.vm = vm
+        self.intx = IntxRouter(vm)
+        vm.pio.register(CONFIG_ADDRESS, 1, "pci config address",
+                        self._address_read, self._address_write)
+        vm.pio.register(CONFIG_DATA, 4, "pci config data", self._data_read, self._data_write)
+        vm.mmio.register(ECAM_BASE, ECAM_SIZE, "pci ecam", self._ecam_read, self._ecam_write)
+
+    def add(self, bdf: Bdf, device: PciDevice) -> None:
+        """Put ``device`` at bus:slot:function ``bdf`` and attach it to the machine."""
+        if bdf in self.functions:
+            raise ConfigError(f"pci slot {bdf[0]}:{bdf[1]}:{bdf[2]} already occupied!")
+        device.bus = self
+        device.address = bdf
+        self.functions[bdf] = device
+        self.vm.attach(device)
+
+    # ---- configuration mechanism #1 ----
+
+    def _address_read(self, offset: int, size: int) -> int:
+        return self.config_address if size == 4 else (1 << (8 * size)) - 1
+
+    def _address_write(self, offset: int, size: int, value: int) -> None:
+        if size == 4:
+            self.config_address = value & 0x80FF_FFFC
+
+    def _data_read(self, offset: int, size: int) -> int:
+        addr = self.config_address
+        if not addr & 0x8000_0000:
+            return (1 << (8 * size)) - 1
+        return self.config_read(
+            (addr >> 16) & 0xFF, (addr >> 11) & 0x1F, (addr >> 8) & 0x7, (addr & 0xFC) + offset, size
+        )
+
+    def _data_write(self, offset: int, size: int, value: int) -> None:
+        addr = self.config_address
+        if addr & 0x8000_0000:
+            self.config_write(
+                (addr >> 16) & 0xFF, (addr >> 11) & 0x1F, (addr >> 8) & 0x7,
+                (addr & 0xFC) + offset, size, value,
+            )
+
+    # ---- ECAM (memory-mapped configuration) ----
+
+    def _ecam_read(self, offset: int, size: int) -> int:
+        return self.config_read(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7,
+                                offset & 0xFFF, size)
+
+    def _ecam_write(self, offset: int, size: int, value: int) -> None:
+        self.config_write(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7,
+                          offset & 0xFFF, size, value)
+
+    # ---- common config access ----
+
+    def config_read(self, bus: int, slot: int, func: int, offset: int, size: int) -> int:
+        """Absent functions, bad widths and misaligned accesses read as all ones."""
+        all_ones = (1 << (8 * size)) - 1
+        device = self.functions.get((bus, slot, func))
+        if device is None or size not in (1, 2, 4) or offset % size:
+            return all_ones
+        if offset >= 256:
+            return 0 if offset < 260 else all_ones  # no extended capabilities
+        value = device.config_read(offset, size)
+        if offset <= HEADER_TYPE < offset + size and self._multifunction(bus, slot):
+            value |= 0x80 << (8 * (HEADER_TYPE - offset))
+        return value
+
+    def config_write(self, bus: int, slot: int, func: int, offset: int, size: int, value: int) -> None:
+        device = self.functions.get((bus, slot, func))
+        if device is None or size not in (1, 2, 4) or offset % size or offset >= 256:
+            return
+        device.config_write(offset, size, value)
+
+    def _multifunction(self, bus: int, slot: int) -> bool:
+        return sum(1 for (b, s, _f) in self.functions if b == bus and s == slot) > 1
+
+    # ---- BAR allocation and INTx routing, once every device exists ----
+
+    def assign_resources(self, *, enable_decoding: bool) -> None:
+        """Allocate every BAR (largest first) and route every INTx pin."""
+        top = HIGHMEM_BASE + self.vm.memory.highmem_size
+        mem64_base = -(-top // MEM64_WINDOW_ALIGN) * MEM64_WINDOW_ALIGN
+        cursors = {
+            "io": list(IO_WINDOW),
+            "mem32": list(MEM32_WINDOW),
+            "mem64": [mem64_base, mem64_base + MEM64_WINDOW_SIZE],
+        }
+        bars: list[tuple[PciDevice, Bar]] = [
+            (dev, bar) for dev in self.functions.values() for bar in dev.bars if bar is not None
+        ]
+        bars.sort(key=lambda db: (-db[1].size, db[0].address, db[1].index))
+        for device, bar in bars:
+            window = self._window_for(bar)
+            cursor = cursors[window]
+            base = -(-cursor[0] // bar.size) * bar.size
+            if base + bar.size > cursor[1]:
+                raise ConfigError(
+                    f"{device.name}: no room for BAR {bar.index} ({bar.size:#x} bytes) "
+                    f"in the PCI {window} window"
+                )
+            bar.address = base
+            cursor[0] = base + bar.size
+        self.windows = {
+            "io": (IO_WINDOW[0], cursors["io"][0]),
+            "mem32": (MEM32_WINDOW[0], cursors["mem32"][0]),
+            "mem64": (mem64_base, cursors["mem64"][0]),
+        }
+        for device in self.functions.values():
+            device.register_bars(self.vm)
+            if enable_decoding:
+                device.enable_decoding()
+            if device.interrupt_pin:
+                line = self.intx.connect(device)
+                device.cfg[INTERRUPT_LINE] = line
+
+    @staticmethod
+    def _window_for(bar: Bar) -> str:
+        if bar.kind == BAR_IO:
+            return "io"
+        if bar.kind == BAR_MEM64 and bar.size > MEM64_IN_MEM32_LIMIT:
+            return "mem64"
+        return "mem32"

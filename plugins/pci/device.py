@@ -1,0 +1,341 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""The PCI function base class that built-in and third-party PCI devices subclass.
+
+A subclass sets its identity in ``__init__`` (:meth:`PciDevice.set_identity`), declares
+BARs with :meth:`PciDevice.add_bar` (each with its own ``read``/``write`` handlers, called
+with the offset inside the BAR), capabilities with :meth:`PciDevice.add_capability` and
+an interrupt pin with :meth:`PciDevice.request_intx`. The bus assigns BAR addresses, and
+moves the BARs' handlers whenever the guest reprograms a BAR or toggles decoding.
+
+Config space follows real hardware rather than bhyve where they differ: identity
+registers, BAR low bits and the interrupt pin are read-only (bhyve stores raw writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from hvf.device import Device
+from hvf.errors import DeviceError, ResourceConflict
+from hvf.iobus import Range, ReadFn, WriteFn
+
+if TYPE_CHECKING:
+    from hvf.plugins.pci.bus import PciBus
+    from hvf.vm import Machine
+
+# Config space offsets.
+VENDOR_ID = 0x00
+DEVICE_ID = 0x02
+COMMAND = 0x04
+STATUS = 0x06
+REVISION_ID = 0x08
+CLASS_PROG = 0x09
+CACHE_LINE_SIZE = 0x0C
+LATENCY_TIMER = 0x0D
+HEADER_TYPE = 0x0E
+BAR0 = 0x10
+SUBSYSTEM_VENDOR_ID = 0x2C
+SUBSYSTEM_ID = 0x2E
+CAPABILITIES_POINTER = 0x34
+INTERRUPT_LINE = 0x3C
+INTERRUPT_PIN = 0x3D
+CONFIG_SPACE_SIZE = 256
+FIRST_CAPABILITY = 0x40
+
+COMMAND_IO = 1 << 0
+COMMAND_MEMORY = 1 << 1
+COMMAND_BUS_MASTER = 1 << 2
+COMMAND_INTX_DISABLE = 1 << 10
+#: Command bits a guest may set (bhyve's: 0-6, 8, 9, 10).
+COMMAND_WRITABLE = 0x077F
+STATUS_CAPABILITIES = 1 << 4
+STATUS_INTERRUPT = 1 << 3
+
+BAR_IO = "io"
+BAR_MEM32 = "mem32"
+BAR_MEM64 = "mem64"
+_MIN_BAR_SIZE = {BAR_IO: 4, BAR_MEM32: 16, BAR_MEM64: 16}
+
+
+@attrs.define(slots=True)
+class Bar:
+    """A base address register and the range it decodes."""
+
+    index: int
+    kind: str
+    size: int
+    read: ReadFn
+    write: WriteFn
+    prefetchable: bool = False
+    address: int = 0
+    range: Range | None = None
+
+    @property
+    def low_bits(self) -> int:
+        if self.kind == BAR_IO:
+            return 0x1
+        return (0x4 if self.kind == BAR_MEM64 else 0x0) | (0x8 if self.prefetchable else 0)
+
+    @property
+    def decode_bit(self) -> int:
+        return COMMAND_IO if self.kind == BAR_IO else COMMAND_MEMORY
+
+
+class PciDevice(Device):
+    """One PCI function with a 256-byte type-0 configuration space."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.cfg = bytearray(CONFIG_SPACE_SIZE)
+        self.wmask = bytearray(CONFIG_SPACE_SIZE)  # guest-writable bits, per byte
+        self.bars: list[Bar | None] = [None] * 6
+        self.bus: PciBus | None = None
+        self.address: tuple[int, int, int] = (0, 0, 0)
+        self.intx_level = False
+        self.intx_asserted = False  # what the interrupt router has been told
+        self._intx_route: Callable[[PciDevice, bool], None] | None = None
+        self._capabilities: dict[int, int] = {}  # offset -> length
+        for offset, mask in ((CACHE_LINE_SIZE, 0xFF), (LATENCY_TIMER, 0xFF), (INTERRUPT_LINE, 0xFF)):
+            self.wmask[offset] = mask
+        self.cfg[INTERRUPT_LINE] = 0xFF
+
+    # ---- declaring the device (before it attaches) ----
+
+    def set_identity(
+        self,
+        vendor: int,
+        device: int,
+        class_code: int,
+        *,
+        revision: int = 0,
+        subsystem_vendor: int = 0,
+        subsystem: int = 0,
+        header_type: int = 0,
+    ) -> None:
+        """Vendor/device IDs and the 24-bit class code (class, subclass, prog-if)."""
+        self.write_raw(VENDOR_ID, 2, vendor)
+        self.write_raw(DEVICE_ID, 2, device)
+        self.write_raw(REVISION_ID, 1, revision)
+        self.write_raw(CLASS_PROG, 3, class_code)
+        self.write_raw(HEADER_TYPE, 1, header_type)
+        self.write_raw(SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor)
+        self.write_raw(SUBSYSTEM_ID, 2, subsystem)
+
+    def add_bar(
+        self,
+        index: int,
+        kind: str,
+        size: int,
+        read: ReadFn,
+        write: WriteFn,
+        *,
+        prefetchable: bool = False,
+    ) -> Bar:
+        """Declare BAR ``index``; ``size`` is rounded up to a power of two."""
+        if kind not in _MIN_BAR_SIZE:
+            raise DeviceError(f"{self.name}: unknown BAR kind '{kind}'")
+        last = index + 1 if kind == BAR_MEM64 else index
+        if not 0 <= index <= last <= 5 or any(self.bars[i] for i in range(index, last + 1)):
+            raise DeviceError(f"{self.name}: BAR {index} is out of range or already used")
+        size = max(_MIN_BAR_SIZE[kind], 1 << (max(size, 1) - 1).bit_length())
+        bar = Bar(index, kind, size, read, write, prefetchable)
+        self.bars[index] = bar
+        self.write_raw(BAR0 + 4 * index, 4, bar.low_bits)
+        return bar
+
+    def add_capability(self, cap_id: int, body: bytes, *, writable: bytes = b"") -> int:
+        """Append a capability (ID, next pointer, then ``body``); returns its offset.
+
+        ``writable`` gives per-byte guest-writable masks for ``body``.
+        """
+        last = max(self._capabilities, default=0)
+        start = (last + self._capabilities[last] + 3) & ~3 if last else FIRST_CAPABILITY
+        end = start + 2 + len(body)
+        if end > CONFIG_SPACE_SIZE:
+            raise DeviceError(f"{self.name}: capability {cap_id:#x} does not fit in config space")
+        self.cfg[start] = cap_id
+        self.cfg[start + 1] = 0
+        self.cfg[start + 2 : end] = body
+        self.wmask[start + 2 : start + 2 + len(writable)] = writable
+        if last:
+            self.cfg[last + 1] = start
+        else:
+            self.cfg[CAPABILITIES_POINTER] = start
+            self.cfg[STATUS] |= STATUS_CAPABILITIES
+        self._capabilities[start] = 2 + len(body)
+        return start
+
+    def request_intx(self, pin: int = 1) -> None:
+        """Use legacy interrupt pin INTA (1) .. INTD (4)."""
+        if not 1 <= pin <= 4:
+            raise DeviceError(f"{self.name}: interrupt pin {pin} is not INTA..INTD")
+        self.cfg[INTERRUPT_PIN] = pin
+
+    # ---- raw config-space helpers ----
+
+    def read_raw(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.cfg[offset : offset + size], "little")
+
+    def write_raw(self, offset: int, size: int, value: int) -> None:
+        self.cfg[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    @property
+    def command(self) -> int:
+        return self.read_raw(COMMAND, 2)
+
+    @property
+    def interrupt_pin(self) -> int:
+        return self.cfg[INTERRUPT_PIN]
+
+    # ---- guest config accesses (the bus calls these) ----
+
+    def config_read(self, offset: int, size: int) -> int:
+        """A guest read of config space; subclasses may override for live registers."""
+        return self.read_raw(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """A guest write of config space: BARs, command, then the writable mask."""
+        if BAR0 <= offset < BAR0 + 24:
+            if size == 4 and offset % 4 == 0:
+                self._write_bar((offset - BAR0) // 4, value)
+            return
+        old_command = self.command
+        for i in range(size):
+            mask = self.wmask[offset + i]
+            if offset + i in (COMMAND, COMMAND + 1):
+                mask = (COMMAND_WRITABLE >> (8 * (offset + i - COMMAND))) & 0xFF
+            if mask:
+                byte = (value >> (8 * i)) & 0xFF
+                self.cfg[offset + i] = (self.cfg[offset + i] & ~mask) | (byte & mask)
+        if offset < COMMAND + 2 and offset + size > COMMAND:
+            self._command_changed(old_command, self.command)
+
+    # ---- BARs ----
+
+    def _write_bar(self, index: int, value: int) -> None:
+        bar = self.bars[index]
+        if bar is None:
+            upper = self.bars[index - 1] if index > 0 else None
+            if upper is not None and upper.kind == BAR_MEM64:
+                new = (upper.address & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+                new &= ~(upper.size - 1)
+                self.write_raw(BAR0 + 4 * index, 4, new >> 32)
+                self._set_bar_address(upper, new)
+            return
+        if bar.kind == BAR_IO:
+            new = value & ~(bar.size - 1) & 0xFFFF
+        else:
+            new = (bar.address & ~0xFFFFFFFF) | (value & 0xFFFFFFFF & ~(bar.size - 1))
+        self.write_raw(BAR0 + 4 * index, 4, (new & 0xFFFFFFFF) | bar.low_bits)
+        self._set_bar_address(bar, new)
+
+    def _set_bar_address(self, bar: Bar, address: int) -> None:
+        bar.address = address
+        r = bar.range
+        if r is None:
+            return
+        decoding = bool(self.command & bar.decode_bit)
+        r.unmap()
+        r.base = address
+        if decoding:
+            self._map_bar(bar)
+
+    def _map_bar(self, bar: Bar) -> None:
+        """Decode ``bar`` at its address; an address that clashes is left undecoded."""
+        assert bar.range is not None
+        bar.range.base = bar.address
+        try:
+            bar.range.map()
+        except ResourceConflict as e:
+            if self.bus is not None:
+                self.bus.vm.unhandled_log(f"{self.name}: BAR {bar.index} not decoded: {e}")
+
+    def _command_changed(self, old: int, new: int) -> None:
+        for bit in (COMMAND_IO, COMMAND_MEMORY):
+            if (old ^ new) & bit:
+                for bar in self.bars:
+                    if bar is not None and bar.decode_bit == bit and bar.range is not None:
+                        if new & bit:
+                            self._map_bar(bar)
+                        else:
+                            bar.range.unmap()
+        if (old ^ new) & COMMAND_INTX_DISABLE:
+            self._update_intx()
+
+    def register_bars(self, vm: Machine) -> None:
+        """Create (undecoded) ranges for every BAR; the bus maps them as decoding allows."""
+        for bar in self.bars:
+            if bar is None:
+                continue
+            bus = vm.pio if bar.kind == BAR_IO else vm.mmio
+            bar.range = bus.register(
+                bar.address, bar.size, f"{self.name} BAR{bar.index}", bar.read, bar.write,
+                mapped=False,
+            )
+            self.write_raw(BAR0 + 4 * bar.index, 4, (bar.address & 0xFFFFFFFF) | bar.low_bits)
+            if bar.kind == BAR_MEM64:
+                self.write_raw(BAR0 + 4 * bar.index + 4, 4, bar.address >> 32)
+            if self.command & bar.decode_bit:
+                self._map_bar(bar)
+
+    def enable_decoding(self) -> None:
+        """Turn on I/O and memory decoding and bus mastering (no firmware to do it)."""
+        bits = COMMAND_BUS_MASTER
+        for bar in self.bars:
+            if bar is not None:
+                bits |= bar.decode_bit
+        old = self.command
+        self.write_raw(COMMAND, 2, old | bits)
+        self._command_changed(old, self.command)
+
+    # ---- INTx ----
+
+    def connect_intx(self, route: Callable[[PciDevice, bool], None]) -> None:
+        self._intx_route = route
+
+    def set_intx(self, level: bool) -> None:
+        """Drive this function's INTx line (level-triggered)."""
+        self.intx_level = level
+        self._update_intx()
+
+    def _update_intx(self) -> None:
+        active = self.intx_level and not self.command & COMMAND_INTX_DISABLE
+        if self.intx_level:
+            self.cfg[STATUS] |= STATUS_INTERRUPT
+        else:
+            self.cfg[STATUS] &= ~STATUS_INTERRUPT
+        if active != self.intx_asserted and self._intx_route is not None:
+            self.intx_asserted = active
+            self._intx_route(self, active)
+
+    # ---- state ----
+
+    def save_state(self) -> dict[str, object]:
+        return {
+            "config": bytes(self.cfg),
+            "bar_addresses": [b.address if b else 0 for b in self.bars],
+            "intx_level": self.intx_level,
+        }
+
+    def restore_state(self, fields: dict[str, object], version: int) -> None:
+        config = fields["config"]
+        if not isinstance(config, bytes) or len(config) != CONFIG_SPACE_SIZE:
+            raise DeviceError(f"{self.name}: saved config space is not {CONFIG_SPACE_SIZE} bytes")
+        old_command = self.command
+        self.cfg[:] = config
+        addresses = fields["bar_addresses"]
+        assert isinstance(addresses, list)
+        for bar, address in zip(self.bars, addresses):
+            if bar is not None:
+                if bar.range is not None:
+                    bar.range.unmap()
+                bar.address = int(address)
+        new_command = self.command
+        self.write_raw(COMMAND, 2, 0)
+        self._command_changed(old_command, 0)
+        self.write_raw(COMMAND, 2, new_command)
+        self._command_changed(0, new_command)
+        self.set_intx(bool(fields["intx_level"]))

@@ -1,0 +1,130 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Build the hvf multiboot test guests.
+
+Each guest ``NAME`` is ``tests/guests/NAME.S``; it is assembled with
+``as --32``, linked together with the shared runtime ``common.S`` using
+``ld -m elf_i386 -T link.ld`` and written to ``out_dir/NAME.elf``.
+
+Usable as a library (``build_guest``) or as a script::
+
+    python3 tests/guests/build.py OUT_DIR [NAME ...]
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+GUEST_DIR = pathlib.Path(__file__).resolve().parent
+
+GUESTS: tuple[str, ...] = (
+    "hello",
+    "io",
+    "pciscan",
+    "barmove",
+    "smp",
+    "triplefault",
+    "strictio",
+    "outloop",
+    "halt",
+)
+
+# Files every guest depends on besides its own NAME.S.
+_COMMON_SOURCES: tuple[str, ...] = ("common.S", "guest.inc", "link.ld")
+
+AS = os.environ.get("HVF_GUEST_AS", "as")
+LD = os.environ.get("HVF_GUEST_LD", "ld")
+
+
+class GuestBuildError(RuntimeError):
+    """Raised when a guest cannot be assembled or linked."""
+
+
+def guest_sources(name: str) -> list[pathlib.Path]:
+    """All files ``NAME.elf`` depends on (sources, linker script, this file)."""
+    return (
+        [GUEST_DIR / f"{name}.S"]
+        + [GUEST_DIR / s for s in _COMMON_SOURCES]
+        + [pathlib.Path(__file__).resolve()]
+    )
+
+
+def _run(cmd: list[str]) -> None:
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise GuestBuildError(
+            f"guest toolchain not found: {cmd[0]!r} ({exc}); "
+            "install GNU binutils with i386 support"
+        ) from exc
+    except subprocess.CalledProcessError as exc:
+        output = "\n".join(s for s in (exc.stdout, exc.stderr) if s)
+        raise GuestBuildError(
+            f"command failed (exit {exc.returncode}): {' '.join(cmd)}\n{output}"
+        ) from exc
+
+
+def _up_to_date(elf: pathlib.Path, sources: list[pathlib.Path]) -> bool:
+    try:
+        elf_mtime = elf.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    return all(src.stat().st_mtime_ns < elf_mtime for src in sources)
+
+
+def build_guest(name: str, out_dir: pathlib.Path) -> pathlib.Path:
+    """Build guest ``name`` into ``out_dir`` and return the ``.elf`` path.
+
+    Nothing is rebuilt when the existing ``.elf`` is newer than all of its
+    sources.  Raises ``GuestBuildError`` (with the tool's stderr) on failure
+    and ``ValueError`` for an unknown guest.
+    """
+    if name not in GUESTS:
+        raise ValueError(f"unknown guest {name!r}; known: {', '.join(GUESTS)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    elf = out_dir / f"{name}.elf"
+    sources = guest_sources(name)
+    for src in sources:
+        if not src.is_file():
+            raise GuestBuildError(f"missing guest source {src}")
+    if _up_to_date(elf, sources):
+        return elf
+
+    # Build in a private directory and rename into place, so that
+    # concurrent builds into the same out_dir never see partial files.
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as tmp:
+        tmpdir = pathlib.Path(tmp)
+        objs = []
+        for src in (GUEST_DIR / f"{name}.S", GUEST_DIR / "common.S"):
+            obj = tmpdir / (src.stem + ".o")
+            _run([AS, "--32", "-I", str(GUEST_DIR), "-o", str(obj), str(src)])
+            objs.append(str(obj))
+        tmp_elf = tmpdir / elf.name
+        _run(
+            [LD, "-m", "elf_i386", "-T", str(GUEST_DIR / "link.ld"),
+             "-z", "noexecstack", "-o", str(tmp_elf), *objs]
+        )
+        os.replace(tmp_elf, elf)
+    return elf
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(f"usage: {sys.argv[0]} OUT_DIR [NAME ...]", file=sys.stderr)
+        return 2
+    out_dir = pathlib.Path(argv[0])
+    for name in argv[1:] or GUESTS:
+        try:
+            print(build_guest(name, out_dir))
+        except (GuestBuildError, ValueError) as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
