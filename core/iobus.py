@@ -110,6 +110,10 @@ class _Bus:
     def _insert(self, r: Range) -> None:
         raise NotImplementedError
 
+    def overlapping(self, base: int, length: int) -> Range | None:
+        """A mapped range overlapping ``[base, base+length)``, or None."""
+        raise NotImplementedError
+
     def _remove(self, r: Range) -> None:
         raise NotImplementedError
 
@@ -150,6 +154,12 @@ class PortBus(_Bus):
     def lookup(self, port: int) -> Range | None:
         return self.table[port]
 
+    def overlapping(self, base: int, length: int) -> Range | None:
+        for port in range(max(base, 0), min(base + length, PORT_SPACE)):
+            if self.table[port] is not None:
+                return self.table[port]
+        return None
+
     def ranges(self) -> list[Range]:
         seen: dict[int, Range] = {}
         for r in self.table:
@@ -184,6 +194,14 @@ class MmioBus(_Bus):
         del self.bases[i]
         del self.entries[i]
         r.mapped = False
+
+    def overlapping(self, base: int, length: int) -> Range | None:
+        i = bisect.bisect_right(self.bases, base)
+        if i > 0 and self.entries[i - 1].end > base:
+            return self.entries[i - 1]
+        if i < len(self.entries) and self.entries[i].base < base + length:
+            return self.entries[i]
+        return None
 
     def lookup(self, addr: int) -> Range | None:
         i = bisect.bisect_right(self.bases, addr) - 1

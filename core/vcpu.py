@@ -66,6 +66,8 @@ class Vcpu:
         self.index = index
         self.fd: VcpuFd = vm.vmfd.create_vcpu(index)
         self.thread: threading.Thread | None = None
+        self._kick_lock = threading.Lock()
+        self._signalable = False  # the thread runs and may be sent the kick signal
         self.exits = 0
         self._unhandled_log = vm.unhandled_log
         view = memoryview(self.fd.run_map)
@@ -84,15 +86,19 @@ class Vcpu:
         """Make the vCPU leave KVM_RUN soon (immediate_exit, plus a signal if inside)."""
         self.fd.run.immediate_exit = 1
         thread = self.thread
-        if thread is not None and thread.ident is not None and thread is not threading.current_thread():
-            try:
+        if thread is None or thread is threading.current_thread():
+            return
+        # Python threads are detached: signalling one that has ended is undefined, so
+        # the thread clears _signalable under this lock before it ends.
+        with self._kick_lock:
+            if self._signalable and thread.ident is not None:
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass  # the thread has already ended
 
     # ---- the vCPU thread ----
 
     def _thread_main(self) -> None:
+        with self._kick_lock:
+            self._signalable = True
         try:
             self._run_loop()
         except HvfError as e:
@@ -100,6 +106,9 @@ class Vcpu:
         except BaseException as e:  # a bug in a device model must not hang the VM
             log.exception("vcpu %d: unexpected error", self.index)
             self.vm.request_exit(exitcodes.ERROR, f"vcpu {self.index}: {type(e).__name__}: {e}")
+        finally:
+            with self._kick_lock:
+                self._signalable = False
 
     def _run_loop(self) -> None:
         vm = self.vm
@@ -154,7 +163,13 @@ class Vcpu:
             self.exits += exits
 
     def _interrupted(self, rc: int, run: Any) -> bool:
-        """KVM_RUN failed: EINTR from a kick is normal; True when the loop must end."""
+        """KVM_RUN returned early; True when the loop must end.
+
+        EINTR: a kick (or a signal). EAGAIN: a vCPU waiting for INIT/SIPI woke up and
+        wants to be run again.
+        """
+        if rc == -errno.EAGAIN:
+            return False
         if rc != -errno.EINTR:
             raise KvmError("KVM_RUN", -rc, f"vcpu {self.index}")
         run.immediate_exit = 0

@@ -161,7 +161,7 @@ class Machine:
         status, message = self._exit or (exitcodes.ERROR, "stopped")
         self.hook.hvf_vm_stop(vm=self, status=status)
         self.close()
-        if message and status in (exitcodes.ERROR, exitcodes.TRIPLE_FAULT):
+        if status == exitcodes.ERROR:
             log.error("%s", message)
         else:
             log.info("%s", message)

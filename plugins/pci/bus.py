@@ -147,7 +147,10 @@ class PciBus(Device):
         for device, bar in bars:
             window = self._window_for(bar)
             cursor = cursors[window]
+            space = self.vm.pio if bar.kind == BAR_IO else self.vm.mmio
             base = -(-cursor[0] // bar.size) * bar.size
+            while (taken := space.overlapping(base, bar.size)) is not None:
+                base = -(-taken.end // bar.size) * bar.size  # skip fixed legacy ranges
             if base + bar.size > cursor[1]:
                 raise ConfigError(
                     f"{device.name}: no room for BAR {bar.index} ({bar.size:#x} bytes) "
