@@ -13,7 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
-from hvf._kvm import ffi
+from hvf._kvm import ffi, lib
 from hvf.config import Config
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from hvf.pluginmanager import Plugins
 
 log = logging.getLogger("hvf")
+
+#: How often the main thread checks for a guest that has halted for good.
+HALT_POLL_INTERVAL = 0.5
+#: x86 RFLAGS.IF
+RFLAGS_IF = 1 << 9
 
 #: Where KVM may put the TSS and identity-map pages it needs (just below the BIOS).
 TSS_ADDR = 0xFFFB_D000
@@ -72,6 +77,7 @@ class Machine:
         self._pause_requested = False
         self._parked = 0
         self._running = 0
+        self._halt_probe: dict[int, str | None] | None = None
 
         cpuid = self.kvm.supported_cpuid()
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
@@ -151,8 +157,9 @@ class Machine:
             self._running = len(self.vcpus)
         for vcpu in self.vcpus:
             vcpu.start()
-        while not self._exited.wait(0.25):
-            pass
+        while not self._exited.wait(HALT_POLL_INTERVAL):
+            if not self._pause_requested and self._halted_for_good():
+                self.request_exit(exitcodes.HALT, "every vCPU halted with interrupts disabled")
         for vcpu in self.vcpus:
             vcpu.kick()
         for vcpu in self.vcpus:
@@ -181,8 +188,43 @@ class Machine:
     def exit_status(self) -> int | None:
         return None if self._exit is None else self._exit[0]
 
+    def _halted_for_good(self) -> bool:
+        """True when every started vCPU sits in HLT with interrupts disabled.
+
+        The in-kernel LAPIC handles HLT without an exit, so the vCPUs are kicked and each
+        reports its MP state and RFLAGS.IF (bhyve's VM_SUSPEND_HALT condition).
+        """
+        with self._cond:
+            self._halt_probe = {v.index: None for v in self.vcpus}
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        with self._cond:
+            probe = self._halt_probe
+            answered = self._cond.wait_for(
+                lambda: self._exit is not None or None not in probe.values(), 1.0
+            )
+            self._halt_probe = None
+        states = set(probe.values())
+        return bool(answered) and "halted" in states and states <= {"halted", "waiting"}
+
+    def _answer_halt_probe(self, vcpu: Vcpu) -> None:
+        mp_state = vcpu.fd.get_mp_state()
+        if mp_state == lib.KVM_MP_STATE_UNINITIALIZED:
+            answer = "waiting"  # an AP that was never started
+        elif mp_state == lib.KVM_MP_STATE_HALTED and not vcpu.fd.get_regs().rflags & RFLAGS_IF:
+            answer = "halted"
+        else:
+            answer = "running"
+        with self._cond:
+            if self._halt_probe is not None:
+                self._halt_probe[vcpu.index] = answer
+                self._cond.notify_all()
+
     def vcpu_checkpoint(self, vcpu: Vcpu) -> bool:
         """Called by a kicked vCPU: park while paused; True when it must stop."""
+        probe = self._halt_probe
+        if probe is not None and probe.get(vcpu.index, "") is None:
+            self._answer_halt_probe(vcpu)
         with self._cond:
             while True:
                 if self._exit is not None:

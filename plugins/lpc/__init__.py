@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import hvf
 from hvf.errors import ConfigError
-from hvf.plugins.lpc import bridge, debugcon, pctestdev
+from hvf.plugins.lpc import bridge, debugcon, fwcfg, pctestdev
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -32,6 +32,8 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 def hvf_register_lpc_devices(registry: Registry) -> None:
     registry.add("pc-testdev", pctestdev.create, parse=_flag("pc-testdev"),
                  help="test-kernel ports: debug exit 0xF4, scratch 0xE0, IRQ lines 0x2000+n")
+    registry.add("fwcfg", fwcfg.create, parse=fwcfg.parse,
+                 help="QEMU's fw_cfg interface at 0x510-0x511, DMA at 0x514 (fwcfg[,qemu])")
     registry.add("debugcon", debugcon.create, parse=debugcon.parse,
                  help="debug console on port 0x402 (debugcon[,PATH|stdio])")
 

@@ -32,12 +32,13 @@ the finished machine (the e820 map, ACPI tables) is computed only when asked for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from hvf.device import Device
 from hvf.errors import ConfigError, DeviceError, GuestMemoryError, SnapshotError
@@ -203,8 +204,7 @@ class FwCfg(Device):
             not (key & KEY_ARCH_LOCAL) and (key & KEY_INDEX_MASK) >= KEY_FILE_FIRST
         ):
             raise DeviceError(
-                f"{self.name}: fw_cfg key {key:#06x} belongs to the file directory; "
-                "use add_file()"
+                f"{self.name}: fw_cfg key {key:#06x} belongs to the file directory; use add_file()"
             )
         if key in self._items and not replace:
             raise DeviceError(f"{self.name}: fw_cfg key {key:#06x} already holds an item")
@@ -314,10 +314,9 @@ class FwCfg(Device):
                 status = DMA_CTL_ERROR
             else:
                 status = self._dma_run(memory, control, length, address)
-            try:
+            # A descriptor outside RAM leaves nowhere to report the error.
+            with contextlib.suppress(GuestMemoryError):
                 memory.write(desc, _DMA_STATUS.pack(status))
-            except GuestMemoryError:
-                pass  # nowhere to report it: the descriptor is not in RAM
 
     def _dma_run(self, memory: Any, control: int, length: int, address: int) -> int:
         """Carry out one descriptor; returns the control word to store back."""
@@ -385,14 +384,15 @@ class FwCfg(Device):
             self._dma_high = values["dma_high"]
 
 
-def _check_data(owner: str, what: str, data: Any) -> ItemData:
+def _check_data(owner: str, what: str, data: object) -> ItemData:
     if isinstance(data, (bytes, bytearray, memoryview)):
-        data = bytes(data)
-        if len(data) > _U32_MAX:
+        fixed = bytes(data)
+        if len(fixed) > _U32_MAX:
             raise DeviceError(f"{owner}: fw_cfg {what} is larger than 4 GiB")
-        return data
+        return fixed
     if callable(data):
-        return data  # type: ignore[no-any-return]
+        # What the callable returns is checked each time it is called.
+        return cast("Callable[[], bytes]", data)
     raise DeviceError(
         f"{owner}: fw_cfg {what} must be bytes or a callable returning bytes, "
         f"not {type(data).__name__}"

@@ -226,7 +226,7 @@ class PciDevice(Device):
                 self._set_bar_address(upper, new)
             return
         if bar.kind == BAR_IO:
-            new = value & ~(bar.size - 1) & 0xFFFF
+            new = value & ~(bar.size - 1) & 0xFFFFFFFF  # above 0xffff: not decoded
         else:
             new = (bar.address & ~0xFFFFFFFF) | (value & 0xFFFFFFFF & ~(bar.size - 1))
         self.write_raw(BAR0 + 4 * index, 4, (new & 0xFFFFFFFF) | bar.low_bits)
