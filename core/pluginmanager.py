@@ -47,7 +47,7 @@ class Plugins:
         if load_entry_points:
             _load_entry_points(self.pm)
         for plugin in extra:
-            self.pm.register(plugin)
+            self.pm.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
@@ -56,7 +56,7 @@ class Plugins:
 
     def _fill(self, registry: Registry, hook_name: str, arg: str) -> Registry:
         hook = getattr(self.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # in registration order: built-ins first
             registry.current_plugin = impl.plugin_name
             impl.function(**{arg: registry})
         registry.current_plugin = ""

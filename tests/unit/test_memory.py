@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Guest memory sizes, the PC layout and bounds-checked access."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvf.errors import ConfigError, GuestMemoryError
+from hvf.memory import HIGHMEM_BASE, LOWMEM_LIMIT, GiB, GuestMemory, MiB, Region, pc_layout, parse_size
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("512M", 512 * MiB), ("2G", 2 * GiB), ("2g", 2 * GiB), ("1024", 1024 * MiB),
+    ("65536K", 64 * MiB), ("1T", 1024 * GiB), ("256MB", 256 * MiB),
+])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "12Q", "-1G", "1.5G", "G", "512K"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid memsize"):
+        parse_size(text)
+
+
+def test_layout_splits_around_pci_hole() -> None:
+    assert pc_layout(512 * MiB) == (Region(0, 512 * MiB, 0),)
+    assert pc_layout(4 * GiB) == (
+        Region(0, LOWMEM_LIMIT, 0), Region(HIGHMEM_BASE, 4 * GiB - LOWMEM_LIMIT, LOWMEM_LIMIT),
+    )
+
+
+def test_bounds_checked_access() -> None:
+    mem = GuestMemory(16 * MiB)
+    mem.write(0x1000, b"abc")
+    assert mem.read(0x1000, 3) == b"abc"
+    mem.write_u32(16 * MiB - 4, 0xDEADBEEF)
+    assert mem.read_u32(16 * MiB - 4) == 0xDEADBEEF
+    with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
+        mem.read(16 * MiB - 2, 4)
+    with pytest.raises(GuestMemoryError):
+        mem.write(HIGHMEM_BASE, b"x")
+
+
+def test_memory_is_one_memfd_seen_by_both_regions() -> None:
+    mem = GuestMemory(LOWMEM_LIMIT + 2 * MiB)
+    mem.write(HIGHMEM_BASE, b"high")
+    assert mem.map[LOWMEM_LIMIT : LOWMEM_LIMIT + 4] == b"high"
+    with pytest.raises(GuestMemoryError):
+        mem.read(LOWMEM_LIMIT - 2, 4)  # RAM does not continue into the hole
