@@ -6,6 +6,7 @@ from __future__ import annotations
 import getopt
 import logging
 import re
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -220,7 +221,14 @@ def run_vm(config: Config, plugins: Plugins) -> int:
 
     install_kick_handler()
     vm = Machine(config, plugins)
-    vm.build()
+    try:
+        vm.build()
+    except BaseException:
+        vm.close()
+        raise
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda s, _f: vm.request_exit(
+            128 + s, f"terminated by {signal.Signals(s).name}"))
     return vm.run()
 
 

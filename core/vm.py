@@ -17,7 +17,9 @@ from hvf._kvm import ffi, lib
 from hvf.config import Config
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
+from hvf.eventloop import EventLoop
 from hvf.iobus import MmioBus, PortBus
+from hvf.irq import SharedLine
 from hvf.kvm import Kvm, is_pvm
 from hvf.memory import GuestMemory, parse_size
 from hvf.vcpu import RateLimitedLog, Vcpu
@@ -51,6 +53,8 @@ class Machine:
         self.devices: list[Device] = []
         self.pio = PortBus()
         self.mmio = MmioBus()
+        self.loop = EventLoop()
+        self._lines: dict[int, SharedLine] = {}
         self.ncpus = config.get_int("cpus", 1)
         memory_size = parse_size(config.get("memory.size") or "256M")
 
@@ -143,6 +147,12 @@ class Machine:
         """Raise or lower interrupt line ``gsi`` (ISA IRQs reach both PIC and IOAPIC)."""
         self.vmfd.irq_line(gsi, 1 if level else 0)
 
+    def shared_line(self, gsi: int) -> SharedLine:
+        """The wired-OR line for ``gsi``, for devices that share an interrupt."""
+        if gsi not in self._lines:
+            self._lines[gsi] = SharedLine(gsi, self.set_irq)
+        return self._lines[gsi]
+
     def pulse_irq(self, gsi: int) -> None:
         """An edge on ``gsi``: raise, then lower."""
         self.vmfd.irq_line(gsi, 1)
@@ -153,6 +163,7 @@ class Machine:
     def run(self) -> int:
         """Run the vCPUs until the VM stops; returns bhyve's exit status."""
         self.hook.hvf_vm_start(vm=self)
+        self.loop.start()
         with self._cond:
             self._running = len(self.vcpus)
         for vcpu in self.vcpus:
@@ -167,6 +178,7 @@ class Machine:
             vcpu.thread.join()
         status, message = self._exit or (exitcodes.ERROR, "stopped")
         self.hook.hvf_vm_stop(vm=self, status=status)
+        self.loop.stop()
         self.close()
         if status == exitcodes.ERROR:
             log.error("%s", message)
@@ -263,8 +275,11 @@ class Machine:
         return self._pause_requested
 
     def close(self) -> None:
+        """Release every device's host resources (backends flush what they can)."""
         for device in reversed(self.devices):
             try:
                 device.close()
             except Exception:
                 log.exception("closing %s", device.name)
+        self.devices.clear()
+        self.loop.close()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import hvf
 from hvf.errors import ConfigError
-from hvf.plugins.lpc import bridge, debugcon, fwcfg, pctestdev
+from hvf.plugins.lpc import bridge, com, debugcon, fwcfg, pctestdev
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -30,6 +30,9 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 
 @hvf.hookimpl
 def hvf_register_lpc_devices(registry: Registry) -> None:
+    for name, (base, irq) in com.COM_PORTS.items():
+        registry.add(name, com.factory(name), parse=com.parser(name),
+                     help=f"16550A at {base:#x}, IRQ {irq} ({name},BACKEND)")
     registry.add("pc-testdev", pctestdev.create, parse=_flag("pc-testdev"),
                  help="test-kernel ports: debug exit 0xF4, scratch 0xE0, IRQ lines 0x2000+n")
     registry.add("fwcfg", fwcfg.create, parse=fwcfg.parse,

@@ -1,0 +1,222 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Console backends: the host side of a serial port.
+
+A backend takes guest output with :meth:`ConsoleBackend.write` (called on a vCPU thread,
+never blocks: bytes are buffered up to :data:`OUTPUT_LIMIT` and flushed by the I/O
+thread; beyond that they are dropped and counted) and feeds host input to a
+:class:`Receiver` on the I/O thread, reading only as many bytes as the receiver has room
+for, so no byte read from the host is ever lost. The registry of backends is filled by
+plugins through ``hvf_register_console_backends``; ``-l com1,SPEC`` picks one by SPEC:
+``stdio``, ``pty``, ``tcp=HOST:PORT``, ``unix=PATH``, ``file=PATH`` or a tty's path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from hvf.eventloop import EventLoop
+
+log = logging.getLogger("hvf.console")
+
+#: Guest output held for a stalled host reader before bytes are dropped.
+OUTPUT_LIMIT = 256 * 1024
+
+
+class Receiver(Protocol):
+    """What a backend feeds host input into (a serial port)."""
+
+    def room(self) -> int:
+        """How many bytes can be accepted now."""
+
+    def push(self, data: bytes) -> int:
+        """Accept up to ``room()`` bytes; returns how many were taken."""
+
+    def idle(self) -> None:
+        """No more host input is immediately pending."""
+
+
+def backend_name(spec: str) -> str:
+    """The registry name a console SPEC selects: ``tcp=...`` → tcp, ``/dev/x`` → tty."""
+    if spec.startswith("/"):
+        return "tty"
+    return spec.partition("=")[0]
+
+
+class ConsoleBackend:
+    """A console backend over host file descriptors, driven by the machine's I/O thread.
+
+    Subclasses open descriptors in :meth:`open` and call :meth:`connect` with them (a
+    listening socket backend connects when a client arrives, and calls
+    :meth:`disconnect` when it leaves).
+    """
+
+    #: Whether a read of 0 bytes means the peer went away (sockets) rather than
+    #: "nothing more for now" (a terminal).
+    eof_disconnects = False
+
+    def __init__(self, spec: str, owner: str) -> None:
+        self.spec = spec
+        self.owner = owner
+        self.loop: EventLoop | None = None
+        self.receiver: Receiver | None = None
+        self.rfd: int | None = None
+        self.wfd: int | None = None
+        self.dropped = 0
+        self.written = 0
+        self._out = bytearray()
+        self._lock = threading.Lock()
+        self._flush_queued = False
+        self._writer_armed = False
+        self._reading = False
+        self._held = b""  # host bytes read but not yet taken by the receiver
+
+    # ---- life cycle ----
+
+    def open(self, loop: EventLoop, receiver: Receiver) -> None:
+        """Open host resources; called once when the device attaches."""
+        self.loop = loop
+        self.receiver = receiver
+
+    def connect(self, rfd: int | None, wfd: int | None) -> None:
+        """Start using these descriptors (loop thread, or before the loop starts)."""
+        self.rfd, self.wfd = rfd, wfd
+        if wfd is not None:
+            os.set_blocking(wfd, False)
+        if rfd is not None:
+            os.set_blocking(rfd, False)
+            self._start_reading()
+        if self._out:
+            self._flush()
+
+    def disconnect(self) -> None:
+        """Stop using the current descriptors (the peer left); output is dropped until
+        the next connection, as bhyve does."""
+        assert self.loop is not None
+        if self.rfd is not None:
+            self.loop.remove_reader(self.rfd)
+        if self.wfd is not None:
+            self.loop.remove_writer(self.wfd)
+        self._reading = self._writer_armed = False
+        self.rfd = self.wfd = None
+        with self._lock:
+            self._out.clear()
+
+    def close(self) -> None:
+        """Flush what can be flushed without blocking and release host resources."""
+        if self.wfd is not None and self._out:
+            try:
+                os.write(self.wfd, self._out)
+            except OSError:
+                pass
+        if self.dropped:
+            log.warning("%s: %d bytes of guest output were dropped because the host side "
+                        "(%s) did not read them", self.owner, self.dropped, self.spec)
+
+    # ---- guest output (vCPU threads) ----
+
+    def write(self, data: bytes) -> None:
+        """Queue guest output; never blocks. Drops (and counts) beyond OUTPUT_LIMIT."""
+        with self._lock:
+            if self.wfd is None and self.eof_disconnects:
+                return  # no client connected: output is discarded, as bhyve does
+            room = OUTPUT_LIMIT - len(self._out)
+            if len(data) > room:
+                self.dropped += len(data) - room
+                data = data[:room]
+            self._out += data
+            queue = not self._flush_queued and not self._writer_armed
+            self._flush_queued = True
+        if queue and self.loop is not None:
+            self.loop.call_soon(self._flush)
+
+    # ---- I/O thread ----
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_queued = False
+            if self.wfd is None or not self._out:
+                return
+            try:
+                n = os.write(self.wfd, self._out)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                self._write_failed(e)
+                return
+            del self._out[:n]
+            self.written += n
+            pending = bool(self._out)
+        assert self.loop is not None
+        if pending and not self._writer_armed:
+            self._writer_armed = True
+            self.loop.add_writer(self.wfd, self._writable)
+        elif not pending and self._writer_armed:
+            self._writer_armed = False
+            self.loop.remove_writer(self.wfd)
+
+    def _writable(self) -> None:
+        self._flush()
+
+    def _write_failed(self, e: OSError) -> None:
+        if self.eof_disconnects:
+            self.loop.call_soon(self.disconnect)  # type: ignore[union-attr]
+        elif e.errno != errno.EIO:  # EIO: a pty with no reader; keep buffering
+            log.warning("%s: writing to %s failed: %s", self.owner, self.spec, e.strerror)
+
+    def _start_reading(self) -> None:
+        if not self._reading and self.rfd is not None and self.loop is not None:
+            self._reading = True
+            self.loop.add_reader(self.rfd, self._readable)
+
+    def _stop_reading(self) -> None:
+        if self._reading and self.rfd is not None and self.loop is not None:
+            self._reading = False
+            self.loop.remove_reader(self.rfd)
+
+    def _readable(self) -> None:
+        receiver = self.receiver
+        assert receiver is not None and self.rfd is not None
+        room = receiver.room()
+        if self._held:
+            taken = receiver.push(self._held[:room])
+            self._held = self._held[taken:]
+            room -= taken
+        if room <= 0 or self._held:
+            self._stop_reading()  # resumed by input_wanted() when the guest reads
+            return
+        try:
+            data = os.read(self.rfd, room)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == errno.EIO:  # a pty whose other side is closed
+                return
+            raise
+        if not data:
+            if self.eof_disconnects:
+                self.disconnect()
+            else:
+                self._stop_reading()
+            return
+        taken = receiver.push(data)
+        self._held = data[taken:]
+        if len(data) < room:
+            receiver.idle()
+        elif receiver.room() == 0:
+            self._stop_reading()
+
+    def input_wanted(self) -> None:
+        """The receiver has room again (any thread): resume reading host input."""
+        if not self._reading and self.loop is not None:
+            self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.rfd is not None and self.receiver is not None and self.receiver.room() > 0:
+            if self._held:
+                self._readable()
+            self._start_reading()

@@ -1,0 +1,132 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""A serial port: the 16550A model, its console backend and the lock between them.
+
+Bus wiring (LPC's COM ports, the PCI UART) registers :meth:`SerialPort.read` and
+:meth:`SerialPort.write` as I/O handlers and gives an ``irq(level)`` callable; this class
+knows neither addresses nor interrupt numbers. vCPU accesses and host input (on the I/O
+thread) are serialised by one lock, as in bhyve.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from hvf.console import ConsoleBackend
+from hvf.plugins.uart.model import IIR_FCR, MCR, RBR_THR, Uart16550, UartState
+
+#: Offsets after which host input may be wanted again (RBR read, FCR or MCR write).
+_INPUT_GATES = frozenset({RBR_THR, IIR_FCR, MCR})
+
+
+class SerialPort:
+    """A 16550A with a host backend, for any bus."""
+
+    state_version = 1
+
+    def __init__(
+        self,
+        name: str,
+        backend: ConsoleBackend | None,
+        irq: Callable[[bool], None],
+        *,
+        gate_with_out2: bool = False,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.lock = threading.Lock()
+        self._irq = irq
+        self._gate = gate_with_out2
+        self._line = False
+        self._tx_buffer = bytearray()
+        self.model = Uart16550(self._intr_changed, self._tx_buffer.append)
+
+    # ---- bus side (vCPU threads) ----
+
+    def read(self, offset: int, size: int) -> int:
+        """Byte registers; a wider access reads consecutive registers, low byte first."""
+        with self.lock:
+            value = 0
+            for i in range(size):
+                if offset + i < 8:
+                    value |= self.model.read(offset + i) << (8 * i)
+                else:
+                    value |= 0xFF << (8 * i)
+            self._after_access(offset)
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self.lock:
+            for i in range(size):
+                if offset + i < 8:
+                    self.model.write(offset + i, (value >> (8 * i)) & 0xFF)
+            if self._tx_buffer:
+                if self.backend is not None:
+                    self.backend.write(bytes(self._tx_buffer))
+                self._tx_buffer.clear()
+            self._after_access(offset)
+
+    def _after_access(self, offset: int) -> None:
+        if offset in _INPUT_GATES:
+            if self._gate:
+                self._update_line()
+            if self.backend is not None and self.model.rx_room():
+                self.backend.input_wanted()
+
+    def _intr_changed(self, level: bool) -> None:
+        self._update_line()
+
+    def _update_line(self) -> None:
+        level = self.model.irq_pending and (self.model.out2 or not self._gate)
+        if level != self._line:
+            self._line = level
+            self._irq(level)
+
+    # ---- host side (I/O thread): the console Receiver protocol ----
+
+    def room(self) -> int:
+        with self.lock:
+            return self.model.rx_room()
+
+    def push(self, data: bytes) -> int:
+        with self.lock:
+            return self.model.receive(data)
+
+    def idle(self) -> None:
+        with self.lock:
+            self.model.rx_idle()
+
+    # ---- state ----
+
+    def save_state(self) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.model.state.to_fields())
+
+    def restore_state(self, fields: dict[str, Any], version: int) -> None:
+        with self.lock:
+            self.model = Uart16550(
+                self._intr_changed, self._tx_buffer.append, UartState.from_fields(fields)
+            )
+            self._update_line()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+
+def open_backend(vm: Any, spec: str | None, owner: str, port: SerialPort) -> None:
+    """Create, open and attach the console backend ``spec`` (None: no backend)."""
+    if not spec:
+        return
+    from hvf.console import backend_name
+    from hvf.errors import ConfigError
+
+    entry = vm.plugins.console_backends.get(backend_name(spec))
+    if entry is None:
+        known = ", ".join(vm.plugins.console_backends.names())
+        raise ConfigError(f"Unable to initialize backend '{spec}' for {owner}: "
+                          f"unknown backend (known: {known})")
+    backend: ConsoleBackend = entry.factory(spec, owner)
+    backend.open(vm.loop, port)
+    port.backend = backend
