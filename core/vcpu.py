@@ -68,7 +68,6 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._kick_lock = threading.Lock()
         self._signalable = False  # the thread runs and may be sent the kick signal
-        self.exits = 0
         self._unhandled_log = vm.unhandled_log
         view = memoryview(self.fd.run_map)
         self._m8 = view
@@ -114,53 +113,43 @@ class Vcpu:
         vm = self.vm
         fd = self.fd.fd
         run = self.fd.run
-        io = self.fd.exit_io
         ports = vm.pio.table
-        hvf_run = lib.hvf_run
+        run_fast = lib.hvf_run_fast
+        fast_io = lib.HVF_FAST_IO
+        fast_out = lib.HVF_FAST_IO_OUT
+        data = lib.HVF_PIO_DATA_OFFSET
         m8, m16, m32 = self._m8, self._m16, self._m32
         exit_io = lib.KVM_EXIT_IO
         exit_mmio = lib.KVM_EXIT_MMIO
-        exits = 0
-        try:
-            while True:
-                rc = hvf_run(fd)
-                if rc:
-                    if self._interrupted(rc, run):
-                        return
-                    continue
-                exits += 1
-                reason = run.exit_reason
-                if reason == exit_io:
-                    port = io.port
-                    size = io.size
-                    off = io.data_offset
-                    r = ports[port]
-                    if io.count != 1:
-                        self._string_io(r, port, size, io.count, off, io.direction)
-                    elif io.direction:
-                        value = m8[off] if size == 1 else m16[off >> 1] if size == 2 else m32[off >> 2]
-                        if r is None:
-                            self._unhandled_port("out", port, size)
-                        else:
-                            r.write(port - r.base, size, value)
+        while True:
+            r = run_fast(fd, run)
+            if r >= fast_io:  # one port access, decoded in C
+                port = (r >> 32) & 0xFFFF
+                rng = ports[port]
+                if rng is None:
+                    self._unhandled_single(r, port)
+                elif r & fast_out:
+                    rng.write(port - rng.base, (r >> 48) & 0xF, r & 0xFFFFFFFF)
+                else:
+                    size = (r >> 48) & 0xF
+                    value = rng.read(port - rng.base, size)
+                    if size == 1:
+                        m8[data] = value & 0xFF
+                    elif size == 2:
+                        m16[data >> 1] = value & 0xFFFF
                     else:
-                        if r is None:
-                            self._unhandled_port("in", port, size)
-                            value = 0xFFFFFFFF
-                        else:
-                            value = r.read(port - r.base, size)
-                        if size == 1:
-                            m8[off] = value & 0xFF
-                        elif size == 2:
-                            m16[off >> 1] = value & 0xFFFF
-                        else:
-                            m32[off >> 2] = value & 0xFFFFFFFF
-                elif reason == exit_mmio:
-                    self._mmio()
-                elif self._other_exit(reason):
+                        m32[data >> 2] = value & 0xFFFFFFFF
+            elif r < 0:
+                if self._interrupted(r, run):
                     return
-        finally:
-            self.exits += exits
+            elif r == exit_io:
+                io = self.fd.exit_io
+                self._string_io(ports[io.port], io.port, io.size, io.count, io.data_offset,
+                                io.direction)
+            elif r == exit_mmio:
+                self._mmio()
+            elif self._other_exit(r):
+                return
 
     def _interrupted(self, rc: int, run: Any) -> bool:
         """KVM_RUN returned early; True when the loop must end.
@@ -176,6 +165,14 @@ class Vcpu:
         return self.vm.vcpu_checkpoint(self)
 
     # ---- rare paths ----
+
+    def _unhandled_single(self, packed: int, port: int) -> None:
+        size = (packed >> 48) & 0xF
+        if packed & lib.HVF_FAST_IO_OUT:
+            self._unhandled_port("out", port, size)
+        else:
+            self._unhandled_port("in", port, size)
+            self._m32[lib.HVF_PIO_DATA_OFFSET >> 2] = 0xFFFFFFFF
 
     def _unhandled_port(self, direction: str, port: int, size: int) -> None:
         if self.vm.strict_io:
