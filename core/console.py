@@ -170,8 +170,13 @@ class ConsoleBackend:
 
     def _start_reading(self) -> None:
         if not self._reading and self.rfd is not None and self.loop is not None:
+            try:
+                self.loop.add_reader(self.rfd, self._readable)
+            except PermissionError:  # a regular file or /dev/null: there is no input
+                self.loop.remove_reader(self.rfd)
+                self.rfd = None
+                return
             self._reading = True
-            self.loop.add_reader(self.rfd, self._readable)
 
     def _stop_reading(self) -> None:
         if self._reading and self.rfd is not None and self.loop is not None:
