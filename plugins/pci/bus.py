@@ -116,8 +116,9 @@ class PciBus(Device):
         if offset >= 256:
             return 0 if offset < 260 else all_ones  # no extended capabilities
         value = device.config_read(offset, size)
-        if offset <= HEADER_TYPE < offset + size and self._multifunction(bus, slot):
-            value |= 0x80 << (8 * (HEADER_TYPE - offset))
+        if offset <= HEADER_TYPE < offset + size:
+            bit = 0x80 << (8 * (HEADER_TYPE - offset))
+            value = (value | bit) if self._multifunction(bus, slot) else (value & ~bit)
         return value
 
     def config_write(self, bus: int, slot: int, func: int, offset: int, size: int, value: int) -> None:
@@ -125,9 +126,25 @@ class PciBus(Device):
         if device is None or size not in (1, 2, 4) or offset % size or offset >= 256:
             return
         device.config_write(offset, size, value)
+        if offset < 0x28 and offset + size > 0x04:  # command or BARs: ranges may have moved
+            for other in self.functions.values():
+                other.decode_pending_bars()
 
     def _multifunction(self, bus: int, slot: int) -> bool:
         return sum(1 for (b, s, _f) in self.functions if b == bus and s == slot) > 1
+
+    # ---- state ----
+
+    def save_state(self) -> dict[str, object]:
+        return {"config_address": self.config_address, "pirq": bytes(self.intx.pirq)}
+
+    def restore_state(self, fields: dict[str, object], version: int) -> None:
+        self.config_address = int(fields["config_address"]) & 0x80FF_FFFC  # type: ignore[call-overload]
+        pirq = fields["pirq"]
+        if not isinstance(pirq, bytes) or len(pirq) != len(self.intx.pirq):
+            raise ConfigError("saved PCI state: PIRQ routing registers are malformed")
+        for index, value in enumerate(pirq):
+            self.intx.write(index, value)
 
     # ---- BAR allocation and INTx routing, once every device exists ----
 

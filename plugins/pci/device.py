@@ -138,13 +138,20 @@ class PciDevice(Device):
         if kind not in _MIN_BAR_SIZE:
             raise DeviceError(f"{self.name}: unknown BAR kind '{kind}'")
         last = index + 1 if kind == BAR_MEM64 else index
-        if not 0 <= index <= last <= 5 or any(self.bars[i] for i in range(index, last + 1)):
+        if not 0 <= index <= last <= 5 or any(
+            self.bars[i] or self._is_upper_half(i) for i in range(index, last + 1)
+        ):
             raise DeviceError(f"{self.name}: BAR {index} is out of range or already used")
         size = max(_MIN_BAR_SIZE[kind], 1 << (max(size, 1) - 1).bit_length())
         bar = Bar(index, kind, size, read, write, prefetchable)
         self.bars[index] = bar
         self.write_raw(BAR0 + 4 * index, 4, bar.low_bits)
         return bar
+
+    def _is_upper_half(self, index: int) -> bool:
+        """Whether BAR register ``index`` holds the upper half of a 64-bit BAR."""
+        lower = self.bars[index - 1] if index > 0 else None
+        return lower is not None and lower.kind == BAR_MEM64
 
     def add_capability(self, cap_id: int, body: bytes, *, writable: bytes = b"") -> int:
         """Append a capability (ID, next pointer, then ``body``); returns its offset.
@@ -218,12 +225,13 @@ class PciDevice(Device):
     def _write_bar(self, index: int, value: int) -> None:
         bar = self.bars[index]
         if bar is None:
-            upper = self.bars[index - 1] if index > 0 else None
-            if upper is not None and upper.kind == BAR_MEM64:
-                new = (upper.address & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
-                new &= ~(upper.size - 1)
+            if self._is_upper_half(index):
+                lower = self.bars[index - 1]
+                assert lower is not None
+                new = (lower.address & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+                new &= ~(lower.size - 1)
                 self.write_raw(BAR0 + 4 * index, 4, new >> 32)
-                self._set_bar_address(upper, new)
+                self._set_bar_address(lower, new)
             return
         if bar.kind == BAR_IO:
             new = value & ~(bar.size - 1) & 0xFFFFFFFF  # above 0xffff: not decoded
@@ -243,15 +251,24 @@ class PciDevice(Device):
         if decoding:
             self._map_bar(bar)
 
-    def _map_bar(self, bar: Bar) -> None:
-        """Decode ``bar`` at its address; an address that clashes is left undecoded."""
+    def _map_bar(self, bar: Bar, *, quiet: bool = False) -> None:
+        """Decode ``bar`` at its address; an address that clashes is left undecoded
+        (and retried by :meth:`decode_pending_bars` when ranges move)."""
         assert bar.range is not None
         bar.range.base = bar.address
         try:
             bar.range.map()
         except ResourceConflict as e:
-            if self.bus is not None:
+            if self.bus is not None and not quiet:
                 self.bus.vm.unhandled_log(f"{self.name}: BAR {bar.index} not decoded: {e}")
+
+    def decode_pending_bars(self) -> None:
+        """Map BARs whose decoding is on but whose address clashed when last tried."""
+        command = self.command
+        for bar in self.bars:
+            if bar is not None and bar.range is not None and not bar.range.mapped:
+                if command & bar.decode_bit:
+                    self._map_bar(bar, quiet=True)
 
     def _command_changed(self, old: int, new: int) -> None:
         for bit in (COMMAND_IO, COMMAND_MEMORY):

@@ -1,0 +1,87 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""What plugins see of a snapshot: named, owned, versioned chunks of plain fields.
+
+Saving, each plugin adds a :class:`Chunk` per device it owns to a :class:`StateWriter`;
+restoring, each takes its chunks back from a :class:`StateReader`, which knows which
+chunks nobody took (a snapshot holding state for a device no installed plugin has must
+not restore silently without it). How chunks reach the disk is the snapshot backends'
+business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from hvf.errors import SnapshotError
+
+#: A chunk's fields: names to plain values (int, bool, str, bytes, None, lists, dicts).
+Fields = dict[str, Any]
+#: Upgrades a chunk's fields from version v to v + 1.
+Upgrade = Callable[[Fields], Fields]
+
+
+@attrs.frozen
+class Chunk:
+    """One piece of saved state: ``name`` (unique), the ``owner`` plugin, a version."""
+
+    name: str
+    owner: str
+    version: int = attrs.field(validator=attrs.validators.ge(1))
+    fields: Fields = attrs.field(factory=dict)
+
+
+class StateWriter:
+    """Collects chunks while the VM is paused."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, Chunk] = {}
+
+    def add(self, *, name: str, owner: str, version: int, fields: Mapping[str, Any]) -> None:
+        if name in self.chunks:
+            raise SnapshotError(f"two chunks named '{name}' (owners {self.chunks[name].owner} "
+                                f"and {owner})")
+        self.chunks[name] = Chunk(name, owner, version, dict(fields))
+
+
+class StateReader:
+    """Hands chunks out once each and reports the ones nobody took."""
+
+    def __init__(self, chunks: Iterable[Chunk]) -> None:
+        self._chunks = {c.name: c for c in chunks}
+        self._taken: set[str] = set()
+
+    def names(self) -> list[str]:
+        return sorted(self._chunks)
+
+    def has(self, name: str) -> bool:
+        return name in self._chunks
+
+    def take(self, name: str) -> Chunk:
+        """The chunk ``name``; it is an error if the snapshot lacks it."""
+        chunk = self._chunks.get(name)
+        if chunk is None:
+            raise SnapshotError(f"the snapshot has no state for '{name}'")
+        self._taken.add(name)
+        return chunk
+
+    def untaken(self) -> list[Chunk]:
+        return [c for n, c in sorted(self._chunks.items()) if n not in self._taken]
+
+
+def upgrade(chunk: Chunk, current: int, upgrades: Mapping[int, Upgrade]) -> Fields:
+    """Bring ``chunk``'s fields to version ``current`` with ``upgrades[v]`` (v → v+1)."""
+    if chunk.version > current:
+        raise SnapshotError(
+            f"'{chunk.name}' was saved by a newer hvf (state version {chunk.version}; this "
+            f"hvf reads up to {current})"
+        )
+    fields = dict(chunk.fields)
+    for v in range(chunk.version, current):
+        step = upgrades.get(v)
+        if step is None:
+            raise SnapshotError(f"'{chunk.name}': no upgrade from state version {v} to {v + 1}")
+        fields = step(fields)
+    return fields
