@@ -58,6 +58,7 @@ IOCTLS = (
     "KVM_SET_SIGNAL_MASK",
     "KVM_SET_GSI_ROUTING",
     "KVM_KVMCLOCK_CTRL",
+    "KVM_GET_XSAVE2",
 )
 
 # Ioctls whose third argument points to a struct: (ioctl, struct). A test checks that
@@ -123,6 +124,7 @@ CONSTANTS = (
     "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED",
     "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC",
     "KVM_PIT_SPEAKER_DUMMY",
+    "KVM_CAP_XSAVE2",
 )
 
 CDEF = """

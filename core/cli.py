@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hvf import exitcodes
 from hvf.config import DEFAULTS, Config
@@ -16,11 +17,18 @@ from hvf.errors import ConfigError, HvfError, UsageError
 from hvf.memory import parse_size
 from hvf.pluginmanager import Plugins
 
+if TYPE_CHECKING:
+    from hvf.vm import Machine
+
 USAGE = """\
 Usage: hvf [-aCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
            [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|k|M|m|G|g|T|t]]
            [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
            [--kernel FILE [--initrd FILE[,FILE...]] [--append CMDLINE]] vmname
+       hvf -r SNAPSHOT [-l comN,BACKEND ...] [vmname]
+       hvf ctl [--vm NAME] [--json] suspend [--exit] [PATH] | checkpoint [PATH] |
+               pause | resume | status | poweroff | list
+       hvf snapshot info SNAPSHOT
        hvf -l help
        hvf -s help
 
@@ -31,11 +39,12 @@ Usage: hvf [-aCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=
        -l: LPC device configuration
        -m: memory size (a bare number is MiB)
        -o: set a configuration variable
+       -r: restore from a snapshot (options given may only redirect consoles)
        -s: <slot,driver,configinfo> PCI slot config
        --kernel, --initrd, --append: boot a kernel directly (multiboot)
 """
 
-SHORT_OPTS = "aehuwxACDHIPSWYk:o:p:G:c:s:m:l:K:U:"
+SHORT_OPTS = "aehuwxACDHIPSWYk:o:p:G:c:s:m:l:K:U:r:"
 LONG_OPTS = ["kernel=", "initrd=", "append=", "help"]
 
 # Flag options and the config variable each sets (bhyve.8).
@@ -125,13 +134,20 @@ def _listing(registry_entries: list[tuple[str, str]]) -> str:
     return "".join(f"{n:<{width}}  {h}".rstrip() + "\n" for n, h in registry_entries)
 
 
-def parse_args(argv: Sequence[str], plugins: Plugins) -> Config:
-    """Build the configuration tree from ``argv`` (without the program name)."""
+def split_options(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
     try:
-        opts, args = getopt.getopt(list(argv), SHORT_OPTS, LONG_OPTS)
+        return getopt.getopt(list(argv), SHORT_OPTS, LONG_OPTS)
     except getopt.GetoptError as e:
         raise UsageError(f"{e.msg}") from None
-    config = Config(DEFAULTS)
+
+
+def parse_args(argv: Sequence[str], plugins: Plugins, *, defaults: bool = True) -> Config:
+    """Build the configuration tree from ``argv`` (without the program name).
+
+    ``defaults=False`` gives only what the command line itself sets (for ``-r``).
+    """
+    opts, args = split_options(argv)
+    config = Config(DEFAULTS if defaults else None)
     for opt, value in opts:
         if opt in ("-h", "--help"):
             raise HelpRequested(USAGE)
@@ -171,7 +187,8 @@ def parse_args(argv: Sequence[str], plugins: Plugins) -> Config:
         elif opt == "-G":
             config.set("gdb.wait", "true" if value.startswith("w") else "false")
             config.set("gdb.port", value.lstrip("w").rpartition(":")[2])
-        # -I is accepted and ignored, as bhyve does (an I/O APIC is always present).
+        # -I is accepted and ignored, as bhyve does (an I/O APIC is always present);
+        # -r is handled by main().
     if len(args) > 1:
         raise UsageError(f"unexpected arguments after the VM name: {' '.join(args[1:])}")
     if args:
@@ -215,36 +232,77 @@ def _apply_pin(config: Config, arg: str) -> None:
     config.set(key, f"{current},{host}" if current else host)
 
 
-def run_vm(config: Config, plugins: Plugins) -> int:
+def run_vm(config: Config, plugins: Plugins, restore_from: str | None = None) -> int:
     from hvf.vcpu import install_kick_handler
     from hvf.vm import Machine
 
     install_kick_handler()
-    vm = Machine(config, plugins)
-    try:
-        vm.build()
-    except BaseException:
-        vm.close()
-        raise
+    if restore_from is None:
+        vm = Machine(config, plugins)
+        try:
+            vm.build()
+        except BaseException:
+            vm.close()
+            raise
+    else:
+        vm = _restored_machine(restore_from, config, plugins)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: vm.request_exit(
             128 + s, f"terminated by {signal.Signals(s).name}"))
     return vm.run()
 
 
+def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
+    """A machine rebuilt from the snapshot at ``path``, its state loaded, not running."""
+    from pathlib import Path
+
+    from hvf import snapshot
+    from hvf.plugins.snapshot.ramfile import map_ram
+    from hvf.plugins.snapshot.store import SnapshotStore
+    from hvf.snapshot_api import StateReader
+    from hvf.vm import Machine
+
+    state, ram_path = SnapshotStore(Path(path)).load()
+    saved = Config(state.machine.get("config", {}))
+    differences = snapshot.config_differences(saved, given)
+    if differences:
+        raise ConfigError(f"-r {path}: these options contradict the snapshot (only console "
+                          "backends and the name may change): " + "; ".join(differences))
+    for key, value in given.items():
+        saved.set(key, value)
+    ram = map_ram(ram_path, int(state.machine["memory"]))
+    vm = Machine(saved, plugins, ram=ram)
+    try:
+        vm.build(restoring=True)
+        snapshot.restore(vm, StateReader(state.chunks))
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hvf`` console script; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="hvf: %(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ctl"]:
+        from hvf.ctl import ctl_main
+
+        return ctl_main(argv[1:])
+    if argv[:1] == ["snapshot"]:
+        from hvf.ctl import snapshot_main
+
+        return snapshot_main(argv[1:])
     try:
         plugins = Plugins()
-        config = parse_args(argv, plugins)
+        restore_from = dict(split_options(argv)[0]).get("-r")
+        config = parse_args(argv, plugins, defaults=restore_from is None)
         if config.get_bool("config.dump"):
             sys.stdout.write(config.dump())
             return 1
-        if not config.get("name"):
+        if not config.get("name") and restore_from is None:
             raise UsageError("no VM name given (the last argument)")
-        return run_vm(config, plugins)
+        return run_vm(config, plugins, restore_from)
     except HelpRequested as h:
         sys.stdout.write(h.text)
         return 0

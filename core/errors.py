@@ -81,3 +81,5 @@ class SnapshotError(HvfError):
 
 class CtlError(HvfError):
     """A control-socket request failed."""
+
+    exit_status = 1

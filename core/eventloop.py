@@ -64,6 +64,28 @@ class EventLoop:
         self._thread.join(5)
         self._thread = None
 
+    def suspend(self, timeout: float = 10.0) -> None:
+        """Hold the loop thread still (no backend runs) until :meth:`unsuspend`."""
+        if self._thread is None:
+            return
+        parked = threading.Event()
+        self._release = threading.Event()
+        release = self._release
+
+        def hold() -> None:
+            parked.set()
+            release.wait()
+
+        self.call_soon(hold)
+        if not parked.wait(timeout):
+            raise RuntimeError("the I/O thread did not stop")
+
+    def unsuspend(self) -> None:
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release.set()
+            self._release = None
+
     # ---- loop thread (or before start) ----
 
     def add_reader(self, fd: int, callback: Callback) -> None:

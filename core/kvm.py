@@ -147,6 +147,10 @@ class VmFd:
         self.kvm = kvm
         self.fd = fd
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM (some answers depend on the VM)."""
+        return ioctl_int(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+
     def set_user_memory_region(
         self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0
     ) -> None:

@@ -64,18 +64,22 @@ def pc_layout(size: int) -> tuple[Region, ...]:
 
 
 class GuestMemory:
-    """Guest RAM backed by a memfd and mapped shared into this process."""
+    """Guest RAM: a memfd mapped shared, or a given mapping (a snapshot's RAM file
+    mapped copy-on-write, in which case :attr:`fd` is None)."""
 
-    def __init__(self, size: int, fd: int | None = None) -> None:
+    def __init__(self, size: int, backing: mmap.mmap | None = None) -> None:
         if size % mmap.PAGESIZE:
             raise ConfigError(f"memory size {size} is not a multiple of the page size")
         self.size = size
         self.regions = pc_layout(size)
-        if fd is None:
-            fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
-        self.fd = fd
-        self.map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.fd: int | None = None
+        if backing is None:
+            self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            backing = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        elif len(backing) != size:
+            raise ConfigError(f"guest RAM mapping is {len(backing)} bytes, expected {size}")
+        self.map = backing
         self.view = memoryview(self.map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
 

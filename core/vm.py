@@ -9,12 +9,15 @@ devices), ``hvf_machine_ready``, then the boot loader sets the first vCPU's stat
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
 from hvf._kvm import ffi, lib
 from hvf.config import Config
+from hvf.control import ControlServer
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
 from hvf.eventloop import EventLoop
@@ -42,7 +45,9 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 class Machine:
     """One virtual machine, built from a configuration tree by the plugins."""
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(
+        self, config: Config, plugins: Plugins, *, ram: mmap.mmap | None = None
+    ) -> None:
         self.config = config
         self.plugins = plugins
         self.hook = plugins.hook
@@ -68,7 +73,7 @@ class Machine:
         self.vmfd.set_tss_addr(TSS_ADDR)
         self.vmfd.create_irqchip()
         self.vmfd.create_pit2()
-        self.memory = GuestMemory(memory_size)
+        self.memory = GuestMemory(memory_size, ram)
         for slot, region in enumerate(self.memory.regions):
             self.vmfd.set_user_memory_region(
                 slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset
@@ -82,6 +87,8 @@ class Machine:
         self._parked = 0
         self._running = 0
         self._halt_probe: dict[int, str | None] | None = None
+        self.started_at = 0.0
+        self.control: ControlServer | None = None
 
         cpuid = self.kvm.supported_cpuid()
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
@@ -124,11 +131,15 @@ class Machine:
     def device(self, name: str) -> Device | None:
         return next((d for d in self.devices if d.name == name), None)
 
-    def build(self) -> None:
-        """Let the plugins build buses and devices, then load what the guest boots."""
+    def build(self, *, restoring: bool = False) -> None:
+        """Let the plugins build buses and devices, then load what the guest boots
+        (nothing when the state comes from a snapshot)."""
+        self.control = ControlServer(self)  # refuses a second VM of the same name
         self.hook.hvf_machine_build(vm=self)
         self.hook.hvf_machine_ready(vm=self)
         kernel = self.config.get("boot.kernel")
+        if restoring:
+            return
         if kernel:
             from hvf.loader import load_kernel
 
@@ -162,6 +173,9 @@ class Machine:
 
     def run(self) -> int:
         """Run the vCPUs until the VM stops; returns bhyve's exit status."""
+        self.started_at = time.monotonic()
+        assert self.control is not None
+        self.control.start()
         self.hook.hvf_vm_start(vm=self)
         self.loop.start()
         with self._cond:
@@ -178,6 +192,7 @@ class Machine:
             vcpu.thread.join()
         status, message = self._exit or (exitcodes.ERROR, "stopped")
         self.hook.hvf_vm_stop(vm=self, status=status)
+        self.loop.unsuspend()
         self.loop.stop()
         self.close()
         if status == exitcodes.ERROR:
@@ -261,11 +276,13 @@ class Machine:
                 lambda: self._exit is not None or self._parked >= self._running, timeout
             ):
                 raise HvfError(f"vCPUs did not stop within {timeout} s")
+        self.loop.suspend()
         self.hook.hvf_vm_pause(vm=self)
 
     def resume(self) -> None:
         """Let the vCPUs run again after :meth:`pause`."""
         self.hook.hvf_vm_resume(vm=self)
+        self.loop.unsuspend()
         with self._cond:
             self._pause_requested = False
             self._cond.notify_all()
@@ -283,3 +300,5 @@ class Machine:
                 log.exception("closing %s", device.name)
         self.devices.clear()
         self.loop.close()
+        if self.control is not None:
+            self.control.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -34,11 +35,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private control-socket directory, so tests never meet other VMs' sockets."""
+    path = tmp_path_factory.mktemp("run")
+    os.environ["HVF_RUNTIME_DIR"] = str(path)
+    return path
+
+
+class GuestKernels(dict):  # type: ignore[type-arg]
+    """Test kernels by name, each assembled and linked the first time it is asked for."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def __missing__(self, name: str) -> Path:
+        assert name in GUESTS, f"unknown test guest {name}"
+        self[name] = path = build_guest(name, self.out)
+        return path
+
+
 @pytest.fixture(scope="session")
 def guests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Every test kernel under tests/guests, assembled and linked once per session."""
-    out = tmp_path_factory.mktemp("guests")
-    return {name: build_guest(name, out) for name in GUESTS}
+    """The test kernels under tests/guests, built on first use."""
+    return GuestKernels(tmp_path_factory.mktemp("guests"))
 
 
 def run_hvf(

@@ -1,0 +1,196 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Checkpoint and restore of a whole machine, and the core's control commands.
+
+Saving: every vCPU is stopped outside ``KVM_RUN`` (pending port or MMIO accesses
+completed), the I/O thread is suspended so no backend touches a device, then the core
+saves KVM's VM and vCPU state and every attached device's fields, and the snapshot
+backend writes RAM and state. Restoring rebuilds the machine from the snapshot's own
+configuration, maps its RAM copy-on-write and loads every chunk; a chunk nobody takes
+makes the restore fail.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hvf
+from hvf import exitcodes, vmstate
+from hvf.config import Config
+from hvf.errors import SnapshotError
+from hvf.snapshot_api import StateReader, StateWriter
+
+if TYPE_CHECKING:
+    from hvf.registry import CtlCommands
+    from hvf.vm import Machine
+
+CORE_OWNER = "hvf"
+Progress = Callable[[int, int], None]
+
+#: Configuration a restore may change: where consoles go, and the VM's name.
+OVERRIDABLE = ("name", "config.dump", "lpc.debugcon.path", "control.")
+
+
+def overridable(key: str) -> bool:
+    if key.startswith(OVERRIDABLE):
+        return True
+    parts = key.split(".")
+    # lpc.comN.path, pci.B.S.F.path: console backends
+    return parts[-1] == "path" and (parts[0] == "pci" or (parts[0] == "lpc" and parts[1].startswith("com")))
+
+
+def config_differences(saved: Config, given: Config) -> list[str]:
+    """Settings given with ``-r`` that contradict the snapshot (console paths excepted)."""
+    saved_values = saved.as_dict()
+    return [
+        f"{key}={value} (the snapshot has {saved_values[key] if key in saved_values else 'no ' + key})"
+        for key, value in given.items()
+        if not overridable(key) and saved_values.get(key) != value
+    ]
+
+
+_snapshot_lock = threading.Lock()
+
+
+def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | None = None) -> dict[str, Any]:
+    """Write a snapshot of ``vm`` to ``path``; returns a summary."""
+    from hvf.plugins.snapshot.store import SnapshotStore
+
+    if not _snapshot_lock.acquire(blocking=False):
+        raise SnapshotError("another checkpoint of this VM is in progress")
+    try:
+        was_paused = vm.paused
+        started = time.monotonic()
+        if not was_paused:
+            vm.pause()
+        try:
+            writer = StateWriter()
+            vm.hook.hvf_state_save(vm=vm, state=writer)
+            machine = {
+                "memory": vm.memory.size,
+                "cpus": vm.ncpus,
+                "config": vm.config.as_dict(),
+            }
+            SnapshotStore(path).save(memory=vm.memory, machine=machine,
+                                     chunks=list(writer.chunks.values()), progress=progress)
+        finally:
+            if not was_paused and not leave_paused:
+                vm.resume()
+        return {"path": str(path), "chunks": len(writer.chunks),
+                "seconds": round(time.monotonic() - started, 3)}
+    finally:
+        _snapshot_lock.release()
+
+
+def restore(vm: Machine, chunks: StateReader) -> None:
+    """Load every chunk into a machine built from the snapshot's configuration."""
+    vm.hook.hvf_state_restore(vm=vm, state=chunks)
+    left = chunks.untaken()
+    if left:
+        names = ", ".join(f"{c.name} (from {c.owner})" for c in left)
+        raise SnapshotError(f"the snapshot holds state that no installed plugin restores: {names}")
+
+
+class CorePlugin:
+    """The core's own hook implementations: KVM state, devices, control commands."""
+
+    @hvf.hookimpl
+    def hvf_state_save(self, vm: Machine, state: StateWriter) -> None:
+        xsave_size = vmstate._xsave_size(vm)
+        msrs = vm.kvm.msr_index_list()
+        state.add(name="vm", owner=CORE_OWNER, version=vmstate.VM_STATE_VERSION,
+                  fields=vmstate.save_vm(vm))
+        for vcpu in vm.vcpus:
+            state.add(name=f"vcpu.{vcpu.index}", owner=CORE_OWNER,
+                      version=vmstate.VCPU_STATE_VERSION,
+                      fields=vmstate.save_vcpu(vcpu, msrs, xsave_size))
+        for device in vm.devices:
+            state.add(name=f"device.{device.name}", owner=type(device).__module__,
+                      version=device.state_version, fields=device.save_state())
+
+    @hvf.hookimpl
+    def hvf_state_restore(self, vm: Machine, state: StateReader) -> None:
+        vm_chunk = state.take("vm")
+        _check_version(vm_chunk.name, vm_chunk.version, vmstate.VM_STATE_VERSION)
+        vmstate.restore_vm(vm, vm_chunk.fields)
+        for device in vm.devices:
+            chunk = state.take(f"device.{device.name}")
+            if chunk.version > device.state_version:
+                _check_version(chunk.name, chunk.version, device.state_version)
+            try:
+                device.restore_state(chunk.fields, chunk.version)
+            except (KeyError, TypeError, ValueError) as e:
+                raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
+        xsave_size = vmstate._xsave_size(vm)
+        for vcpu in vm.vcpus:
+            chunk = state.take(f"vcpu.{vcpu.index}")
+            _check_version(chunk.name, chunk.version, vmstate.VCPU_STATE_VERSION)
+            vmstate.restore_vcpu(vcpu, chunk.fields, xsave_size)
+
+    @hvf.hookimpl
+    def hvf_register_ctl_commands(self, commands: CtlCommands) -> None:
+        commands.add("status", _status, help="show the VM's state")
+        commands.add("pause", _pause, help="stop the vCPUs")
+        commands.add("resume", _resume, help="let the vCPUs run again")
+        commands.add("poweroff", _poweroff, help="stop the VM (exit status 1)")
+        commands.add("checkpoint", _checkpoint, help="write a snapshot; the VM runs on")
+        commands.add("suspend", _suspend,
+                     help="write a snapshot and stay paused (--exit: then stop)")
+
+
+def _check_version(name: str, version: int, current: int) -> None:
+    if version > current:
+        raise SnapshotError(f"'{name}' was saved by a newer hvf (state version {version}; "
+                            f"this hvf reads up to {current})")
+
+
+def _status(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": vm.name,
+        "state": "paused" if vm.paused else "running",
+        "cpus": vm.ncpus,
+        "memory": vm.memory.size,
+        "pid": __import__("os").getpid(),
+        "uptime": round(time.monotonic() - vm.started_at, 3) if vm.started_at else 0,
+    }
+
+
+def _pause(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    if not vm.paused:
+        vm.pause()
+    return {"state": "paused"}
+
+
+def _resume(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    if vm.paused:
+        vm.resume()
+    return {"state": "running"}
+
+
+def _poweroff(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    vm.request_exit(exitcodes.POWEROFF, "powered off by hvf ctl")
+    return {"state": "stopping"}
+
+
+def _snapshot_path(args: dict[str, Any]) -> Path:
+    path = args.get("path")
+    if not isinstance(path, str) or not path:
+        raise SnapshotError("a snapshot path is needed")
+    return Path(path)
+
+
+def _checkpoint(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    return save(vm, _snapshot_path(args), leave_paused=False, progress=args.get("_progress"))
+
+
+def _suspend(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    result = save(vm, _snapshot_path(args), leave_paused=True, progress=args.get("_progress"))
+    if args.get("exit"):
+        vm.request_exit(exitcodes.REBOOT, f"suspended to {result['path']}")
+        result["state"] = "stopping"
+    else:
+        result["state"] = "paused"
+    return result
