@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import threading
+import time
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -25,6 +27,8 @@ log = logging.getLogger("hvf.console")
 
 #: Guest output held for a stalled host reader before bytes are dropped.
 OUTPUT_LIMIT = 256 * 1024
+#: How long closing a backend waits for the host side to take pending output.
+CLOSE_FLUSH_SECONDS = 2.0
 
 
 class Receiver(Protocol):
@@ -107,15 +111,30 @@ class ConsoleBackend:
             self._out.clear()
 
     def close(self) -> None:
-        """Flush what can be flushed without blocking and release host resources."""
-        if self.wfd is not None and self._out:
-            try:
-                os.write(self.wfd, self._out)
-            except OSError:
-                pass
+        """Flush pending output (waiting up to :data:`CLOSE_FLUSH_SECONDS` for a slow
+        reader), count what could not be delivered, release host resources."""
+        deadline = time.monotonic() + CLOSE_FLUSH_SECONDS
+        with self._lock:
+            while self.wfd is not None and self._out and time.monotonic() < deadline:
+                try:
+                    n = os.write(self.wfd, self._out)
+                except BlockingIOError:
+                    select.select([], [self.wfd], [], max(0.0, deadline - time.monotonic()))
+                    continue
+                except OSError:
+                    break
+                del self._out[:n]
+                self.written += n
+            self.dropped += len(self._out)
+            self._out.clear()
+        self.drain_peer(deadline)
         if self.dropped:
             log.warning("%s: %d bytes of guest output were dropped because the host side "
                         "(%s) did not read them", self.owner, self.dropped, self.spec)
+
+    def drain_peer(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the host side to take delivered output, where
+        closing would otherwise discard it (a pty's buffer)."""
 
     # ---- guest output (vCPU threads) ----
 

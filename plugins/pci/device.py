@@ -259,7 +259,9 @@ class PciDevice(Device):
         try:
             bar.range.map()
         except ResourceConflict as e:
-            if self.bus is not None and not quiet:
+            sizing = bar.address + bar.size > (0x10000 if bar.kind == BAR_IO else 1 << 64) or (
+                bar.address | (bar.size - 1)) & 0xFFFFFFFF == 0xFFFFFFFF
+            if self.bus is not None and not quiet and not sizing:
                 self.bus.vm.unhandled_log(f"{self.name}: BAR {bar.index} not decoded: {e}")
 
     def decode_pending_bars(self) -> None:

@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import socket
 import stat
+import struct
 import sys
 import termios
+import time
 import tty
 
 from hvf.console import ConsoleBackend, Receiver
@@ -129,6 +132,14 @@ class PtyConsole(ConsoleBackend):
         self.path = os.ttyname(self.slave)
         log.warning("%s: console on %s", self.owner, self.path)
         self.connect(self.master, self.master)
+
+    def drain_peer(self, deadline: float) -> None:
+        # Bytes still queued for the terminal's reader are lost when the master closes.
+        while time.monotonic() < deadline:
+            queued = struct.unpack("i", fcntl.ioctl(self.slave, termios.FIONREAD, b"\0" * 4))[0]
+            if not queued:
+                return
+            time.sleep(0.01)
 
     def close(self) -> None:
         super().close()

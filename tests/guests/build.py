@@ -30,10 +30,20 @@ GUESTS: tuple[str, ...] = (
     "strictio",
     "outloop",
     "halt",
+    "serial_echo",
+    "serial_loopback",
+    "serial_tx",
+    "serial_rx",
 )
 
 # Files every guest depends on besides its own NAME.S.
 _COMMON_SOURCES: tuple[str, ...] = ("common.S", "guest.inc", "link.ld")
+
+# Files a guest pulls in with `.include` beyond guest.inc (rebuild triggers).
+_EXTRA_SOURCES: dict[str, tuple[str, ...]] = {
+    name: ("serial_lib.S",)
+    for name in ("serial_echo", "serial_loopback", "serial_tx", "serial_rx")
+}
 
 AS = os.environ.get("HVF_GUEST_AS", "as")
 LD = os.environ.get("HVF_GUEST_LD", "ld")
@@ -47,6 +57,7 @@ def guest_sources(name: str) -> list[pathlib.Path]:
     """All files ``NAME.elf`` depends on (sources, linker script, this file)."""
     return (
         [GUEST_DIR / f"{name}.S"]
+        + [GUEST_DIR / s for s in _EXTRA_SOURCES.get(name, ())]
         + [GUEST_DIR / s for s in _COMMON_SOURCES]
         + [pathlib.Path(__file__).resolve()]
     )
