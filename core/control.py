@@ -98,16 +98,21 @@ class ControlServer:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
         self.listener.listen(8)
-        self.listener.setblocking(False)
         self._closed = False
 
     def start(self) -> None:
-        self.vm.loop.add_reader(self.listener.fileno(), self._accept)
+        """Serve on a thread of its own: it must answer while the VM (and its I/O
+        thread) is paused."""
+        threading.Thread(target=self._accept_loop, name="hvf ctl listener", daemon=True).start()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
         self.listener.close()
         try:
             if self.path.exists():
@@ -115,13 +120,13 @@ class ControlServer:
         except OSError:
             pass
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(True)
-        threading.Thread(target=self._serve, args=(conn,), name="hvf ctl", daemon=True).start()
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="hvf ctl", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:

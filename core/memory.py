@@ -26,6 +26,12 @@ LOWMEM_LIMIT = 0xC000_0000
 #: Where RAM above the PCI hole begins.
 HIGHMEM_BASE = 4 * GiB
 
+#: Conventional memory ends at the EBDA; 0xF0000-0xFFFFF is the BIOS area.
+EBDA_BASE = 0x9FC00
+BIOS_BASE = 0xF0000
+E820_RAM = 1
+E820_RESERVED = 2
+
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
 _SUFFIX = {"": MiB, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 
@@ -99,6 +105,19 @@ class GuestMemory:
         raise GuestMemoryError(
             f"guest-physical range {gpa:#x}..{gpa + length:#x} is not inside guest RAM"
         )
+
+    def e820(self) -> list[tuple[int, int, int]]:
+        """The PC memory map as (base, length, type) entries."""
+        low = self.lowmem_size
+        entries = [(0, min(low, EBDA_BASE), E820_RAM)]
+        if low > EBDA_BASE:
+            entries.append((EBDA_BASE, 0xA0000 - EBDA_BASE, E820_RESERVED))
+        entries.append((BIOS_BASE, 0x100000 - BIOS_BASE, E820_RESERVED))
+        if low > MiB:
+            entries.append((MiB, low - MiB, E820_RAM))
+        if self.highmem_size:
+            entries.append((HIGHMEM_BASE, self.highmem_size, E820_RAM))
+        return entries
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return any(r.guest_base <= gpa and gpa + length <= r.guest_end for r in self.regions)

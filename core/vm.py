@@ -116,7 +116,7 @@ class Machine:
         """Map host memory (a ROM, say) at ``guest_base``; returns the KVM slot number."""
         slot = self._next_slot
         self._next_slot += 1
-        flags = 2 if readonly else 0  # KVM_MEM_READONLY
+        flags = lib.KVM_MEM_READONLY if readonly else 0
         self.vmfd.set_user_memory_region(slot, guest_base, size, host_addr, flags)
         return slot
 

@@ -15,7 +15,7 @@ import attrs
 
 from hvf.errors import LoaderError
 from hvf.loader.x86 import enter_protected_mode
-from hvf.memory import HIGHMEM_BASE, MiB
+from hvf.memory import EBDA_BASE, MiB
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -39,13 +39,7 @@ INFO_LOADER_NAME = 1 << 9
 #: Boot information area: [INFO_BASE, INFO_END).
 INFO_BASE = 0x9000
 INFO_END = 0x9F000
-#: Conventional memory ends at the EBDA; the BIOS area 0xF0000-0xFFFFF is reserved.
-EBDA_BASE = 0x9FC00
-BIOS_BASE = 0xF0000
 LOADER_NAME = b"hvf\0"
-
-E820_RAM = 1
-E820_RESERVED = 2
 
 
 @attrs.frozen
@@ -71,20 +65,6 @@ def find_header(image: bytes) -> Header | None:
                 return Header(off, flags, *struct.unpack_from("<5I", image, off + 12))
             return Header(off, flags)
     return None
-
-
-def memory_map(vm: Machine) -> list[tuple[int, int, int]]:
-    """The guest's memory map as (base, length, type) entries (e820 types)."""
-    low = vm.memory.lowmem_size
-    entries = [(0, min(low, EBDA_BASE), E820_RAM)]
-    if low > EBDA_BASE:
-        entries.append((EBDA_BASE, 0xA0000 - EBDA_BASE, E820_RESERVED))
-    entries.append((BIOS_BASE, 0x100000 - BIOS_BASE, E820_RESERVED))
-    if low > MiB:
-        entries.append((MiB, low - MiB, E820_RAM))
-    if vm.memory.highmem_size:
-        entries.append((HIGHMEM_BASE, vm.memory.highmem_size, E820_RAM))
-    return entries
 
 
 def _load_elf(vm: Machine, image: bytes, path: str) -> tuple[int, int, int]:
@@ -198,7 +178,7 @@ def load(
     if mods:
         flags |= INFO_MODS
 
-    mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in memory_map(vm))
+    mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in vm.memory.e820())
     mmap_addr = info.put(mmap, align=4)
 
     mem_lower = min(vm.memory.lowmem_size, EBDA_BASE) // 1024

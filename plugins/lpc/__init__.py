@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 
 import hvf
 from hvf.errors import ConfigError
-from hvf.plugins.lpc import bridge, com, debugcon, fwcfg, pctestdev
+import struct
+
+from hvf.plugins.lpc import bootrom, bridge, com, debugcon, fwcfg, pctestdev
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -30,6 +32,8 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 
 @hvf.hookimpl
 def hvf_register_lpc_devices(registry: Registry) -> None:
+    registry.add("bootrom", bootrom.create, parse=bootrom.parse,
+                 help="boot firmware: bootrom,ROM[,VARS] (mapped below 4 GiB; implies fwcfg)")
     for name, (base, irq) in com.COM_PORTS.items():
         registry.add(name, com.factory(name), parse=com.parser(name),
                      help=f"16550A at {base:#x}, IRQ {irq} ({name},BACKEND)")
@@ -41,8 +45,17 @@ def hvf_register_lpc_devices(registry: Registry) -> None:
                  help="debug console on port 0x402 (debugcon[,PATH|stdio])")
 
 
+def _e820_file(vm: Machine) -> bytes:
+    return b"".join(struct.pack("<QQI", base, length, kind) for base, length, kind in vm.memory.e820())
+
+
 @hvf.hookimpl
 def hvf_machine_ready(vm: Machine) -> None:
+    firmware_config = fwcfg.find(vm)
+    if firmware_config is not None:
+        firmware_config.add_file("etc/e820", lambda: _e820_file(vm))
+        if vm.config.get("lpc.com1.path"):  # the firmware's console follows COM1
+            firmware_config.add_file("etc/sercon-port", struct.pack("<H", com.COM_PORTS["com1"][0]))
     if not any(isinstance(d, bridge.LpcBridge) for d in vm.devices):
         configured = sorted(vm.config.node("lpc"))
         devices = [name for name in configured if name in vm.plugins.lpc_devices]

@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hvf.errors import ConfigError
+from hvf.plugins.lpc.kbc import KeyboardController
+from hvf.plugins.lpc.reset import ResetControl
+from hvf.plugins.lpc.rtc import Rtc
 from hvf.plugins.pci.device import PciDevice
 
 if TYPE_CHECKING:
@@ -56,6 +59,10 @@ class LpcBridge(PciDevice):
         self.router = self.bus.intx
         for irq in COM_IRQS:
             self.router.reserve(irq)
+        # The legacy hardware every PC has behind its ISA bridge.
+        vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)))
+        vm.attach(KeyboardController())
+        vm.attach(ResetControl())
         for entry in vm.plugins.lpc_devices:
             device = entry.factory(vm=vm, config=vm.config)
             if device is not None:

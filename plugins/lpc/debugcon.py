@@ -2,7 +2,7 @@
 """A debug console on port 0x402 (QEMU's isa-debugcon): bytes written go to a file.
 
 Firmware (SeaBIOS) and the test kernels print their logs here. ``-l debugcon,PATH``
-appends to PATH; ``-l debugcon`` or ``-l debugcon,stdio`` writes to standard output.
+(or ``file=PATH``) appends to PATH; ``-l debugcon`` or ``-l debugcon,stdio`` writes to standard output.
 Reads return 0xE9, as QEMU's device does, so a guest can detect it.
 """
 
@@ -52,7 +52,8 @@ class DebugConsole(Device):
 def parse(conf: list[str]) -> dict[str, str]:
     if len(conf) > 1:
         raise ConfigError("debugcon takes one argument, the output path")
-    return {"debugcon.path": conf[0] if conf and conf[0] else "stdio"}
+    path = conf[0] if conf and conf[0] else "stdio"
+    return {"debugcon.path": path.removeprefix("file=")}
 
 
 def create(*, vm: Machine, config: Any) -> DebugConsole | None:

@@ -34,6 +34,9 @@ GUESTS: tuple[str, ...] = (
     "serial_loopback",
     "serial_tx",
     "serial_rx",
+    "counter",
+    "counter_smp",
+    "counter_rep",
 )
 
 # Files every guest depends on besides its own NAME.S.
@@ -44,6 +47,9 @@ _EXTRA_SOURCES: dict[str, tuple[str, ...]] = {
     name: ("serial_lib.S",)
     for name in ("serial_echo", "serial_loopback", "serial_tx", "serial_rx")
 }
+_EXTRA_SOURCES.update(
+    {name: ("counter_lib.S",) for name in ("counter", "counter_smp", "counter_rep")}
+)
 
 AS = os.environ.get("HVF_GUEST_AS", "as")
 LD = os.environ.get("HVF_GUEST_LD", "ld")

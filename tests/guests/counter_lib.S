@@ -14,8 +14,9 @@
  * ctr_setup()        reads `debugcon=`, `every=` and `limit=` from the
  *                    cmdline, loads ctr_gdt, builds the page tables, turns
  *                    paging on (ctr_paging_on), loads the 64-bit IDT
- *                    (exceptions and unexpected vectors print a line and
- *                    exit with value 2), initialises COM1 (polled, IER 0)
+ *                    (an exception or unexpected vector prints
+ *                    `counter: unexpected vector V err E eip I cr2 C`
+ *                    and exits with value 2), initialises COM1 (polled, IER 0)
  *                    and puts the local APIC in virtual-wire mode (SVR
  *                    enabled, LVT0 ExtINT).  IF stays clear.
  * ctr_timer_setup()  remaps the 8259 pair to vectors 0x20-0x2F, unmasks
@@ -307,7 +308,6 @@ ctr_unexpected64:
 
 ctr_unexpected32:
 	cli
-	movl	$1, ctr_debugcon		/* report on both consoles */
 	movl	$.Lctr_msg_vec, %esi
 	call	ctr_puts
 	movl	%ebx, %eax

@@ -13,7 +13,7 @@
  * N: the BSP's line counter (1, 2, 3, ...); M: ap_counter read at that
  * moment (non-decreasing).  Exits with 0 after `limit=` lines (default 0 =
  * forever).  If no AP checks in within 500 ticks (~5 s) it prints
- * `counter_smp: no AP` and exits with 1.  Only the first AP to arrive
+ * `counter_smp: no AP` and exits with 3.  Only the first AP to arrive
  * counts; any further APs halt.
  */
 
@@ -79,7 +79,7 @@ main:
 	movl	$.Lno_ap_msg, %esi
 	call	ctr_puts
 	cli
-	movl	$1, %eax
+	movl	$3, %eax
 	ret
 
 .Lap_up:

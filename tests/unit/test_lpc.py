@@ -402,5 +402,7 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
     entries = [types.SimpleNamespace(factory=make), types.SimpleNamespace(factory=absent)]
     vm, _bus, lpc = machine(lpc_devices=entries, assign=False)
     assert built == [(vm, vm.config), (vm, vm.config)]
-    assert [d.name for d in vm.devices if not isinstance(d, PciBus)] == ["legacy", lpc.name]
+    assert [d.name for d in vm.devices if not isinstance(d, PciBus)] == [
+        "rtc", "kbc", "reset", "legacy", lpc.name,  # a PC's fixed devices come first
+    ]
     assert vm.pio.lookup(0x402).owner == "legacy"  # type: ignore[union-attr]
