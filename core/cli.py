@@ -270,7 +270,7 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
                           "backends and the name may change): " + "; ".join(differences))
     for key, value in given.items():
         saved.set(key, value)
-    ram = map_ram(ram_path, int(state.machine["memory"]))
+    ram = map_ram(ram_path, int(state.machine["memory_size"]))
     vm = Machine(saved, plugins, ram=ram)
     try:
         vm.build(restoring=True)

@@ -70,7 +70,7 @@ def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | No
             writer = StateWriter()
             vm.hook.hvf_state_save(vm=vm, state=writer)
             machine = {
-                "memory": vm.memory.size,
+                "memory_size": vm.memory.size,
                 "cpus": vm.ncpus,
                 "config": vm.config.as_dict(),
             }

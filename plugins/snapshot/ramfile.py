@@ -67,15 +67,17 @@ def _data_extents(fd: int | None, size: int) -> Iterator[tuple[int, int]]:
                 return
             pos = -1  # SEEK_DATA unsupported here: scan everything
         if pos >= 0:
+            last = 0
             while pos < size:
                 try:
                     hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
                 except OSError:
                     hole = size
-                start = pos - pos % PAGE
+                start = max(pos - pos % PAGE, last)  # whole pages, each once
                 end = min(-(-hole // PAGE) * PAGE, size)
                 if end > start:
                     yield start, end
+                    last = end
                 try:
                     pos = os.lseek(fd, hole, os.SEEK_DATA)
                 except OSError as e:
@@ -89,9 +91,10 @@ def _data_extents(fd: int | None, size: int) -> Iterator[tuple[int, int]]:
 class _Writer:
     """Collects runs of non-zero pages, writes them and folds them into the CRC."""
 
-    def __init__(self, out: int | None, view: memoryview) -> None:
+    def __init__(self, out: int | None, view: memoryview, checksum: bool = True) -> None:
         self.out = out
         self.view = view
+        self.checksum = checksum
         self.crc = 0
         self.data_bytes = 0
         self.run_start = -1  # start of the open run of non-zero pages, -1 if none
@@ -111,7 +114,8 @@ class _Writer:
 
     def _flush(self) -> None:
         piece = self.view[self.done:self.end]
-        self.crc = zlib.crc32(piece, self.crc)
+        if self.checksum:
+            self.crc = zlib.crc32(piece, self.crc)
         if self.out is not None:
             offset = self.done
             while piece:
@@ -124,8 +128,9 @@ class _Writer:
         if self.run_start < 0:
             return
         self._flush()
-        self.crc = zlib.crc32(_RUN_TRAILER.pack(self.run_start, self.end - self.run_start),
-                              self.crc)
+        if self.checksum:
+            self.crc = zlib.crc32(
+                _RUN_TRAILER.pack(self.run_start, self.end - self.run_start), self.crc)
         self.run_start = -1
 
 
@@ -154,11 +159,13 @@ def _scan(fd: int | None, view: memoryview, size: int, writer: _Writer,
         progress(size, size)
 
 
-def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
+def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
+             checksum: bool = True) -> dict[str, Any]:
     """Write guest RAM to ``path`` sparsely and atomically; the manifest's ``ram`` facts.
 
     ``progress(done, total)`` is called now and then with bytes of RAM scanned. Returns
-    ``{"size", "data_bytes", "page_size", "checksum": {"algorithm", "value"}}``.
+    ``{"size", "data_bytes", "page_size", "checksum": {"algorithm", "value"}}``; without
+    ``checksum`` (about 0.35 s per GiB of data saved) the last key is left out.
     """
     path = Path(path)
     size = memory.size
@@ -171,7 +178,7 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None)
     try:
         try:
             os.ftruncate(out, size)
-            writer = _Writer(out, memory.view)
+            writer = _Writer(out, memory.view, checksum)
             _scan(fd, memory.view, size, writer, progress)
             os.fsync(out)
         finally:
@@ -186,8 +193,10 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None)
         if isinstance(e, OSError):
             raise SnapshotError(f"cannot write guest RAM to {path}: {e.strerror or e}") from None
         raise
-    return {"size": size, "data_bytes": writer.data_bytes, "page_size": PAGE,
-            "checksum": {"algorithm": CHECKSUM_ALGORITHM, "value": writer.crc}}
+    info: dict[str, Any] = {"size": size, "data_bytes": writer.data_bytes, "page_size": PAGE}
+    if checksum:
+        info["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": writer.crc}
+    return info
 
 
 def _open_ram(path: Path) -> tuple[int, int]:

@@ -50,12 +50,11 @@ import secrets
 import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import attrs
-
 from hvf import __version__ as HVF_VERSION
 from hvf.errors import SnapshotError
 from hvf.snapshot_api import Chunk
@@ -227,9 +226,10 @@ def decode_fields(data: bytes, *, where: str = "fields") -> dict[str, Any]:
     try:
         if not isinstance(tree, dict):
             raise _Malformed(f"{where}: expected a JSON object, not {type(tree).__name__}")
-        return _from_json(tree, where, 0)
+        fields: dict[str, Any] = _from_json(tree, where, 0)
     except _Malformed as e:
         raise SnapshotError(f"malformed {e}") from None
+    return fields
 
 
 # --- atomic files -------------------------------------------------------------------
@@ -327,7 +327,7 @@ def write_state(path: Path, *, machine: Mapping[str, Any], ram: Mapping[str, Any
                 chunks: Iterable[Chunk]) -> None:
     """Write a state file atomically (see the module docstring for the layout)."""
     path = Path(path)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     data = _build(machine, ram, chunks, created)
     if len(data) > MAX_FILE_SIZE:
         raise SnapshotError(f"cannot save {path}: the device state is {len(data)} bytes, "

@@ -110,7 +110,11 @@ class SnapshotStore:
              progress: Progress | None = None) -> None:
         """Save guest RAM and device state; the previous snapshot survives any crash."""
         chunks = list(chunks)
+        seen: set[str] = set()
         for chunk in chunks:  # refuse bad device state before the long RAM write
+            if chunk.name in seen:
+                raise SnapshotError(f"cannot save: two chunks named '{chunk.name}'")
+            seen.add(chunk.name)
             encode_fields(chunk.fields, where=f"chunk '{chunk.name}'")
         self._prepare_dir()
         with self._locked():
