@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +20,9 @@ class Device:
 
     #: Version of the fields returned by :meth:`save_state`; bump on incompatible change.
     state_version = 1
+    #: ``{v: f}``: ``f(fields)`` turns version-v fields into version v+1 fields, so that
+    #: snapshots made by earlier versions of the device still restore.
+    state_upgrades: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -31,7 +35,7 @@ class Device:
         return {}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        """Load state saved by :meth:`save_state` at ``version`` (upgrading older ones)."""
+        """Load state saved by :meth:`save_state`; older versions arrive upgraded."""
 
     def close(self) -> None:
         """Release host resources; called once when the VM stops."""

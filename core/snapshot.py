@@ -21,7 +21,7 @@ import hvf
 from hvf import exitcodes, vmstate
 from hvf.config import Config
 from hvf.errors import SnapshotError
-from hvf.snapshot_api import StateReader, StateWriter
+from hvf.snapshot_api import StateReader, StateWriter, upgrade
 
 if TYPE_CHECKING:
     from hvf.registry import CtlCommands
@@ -118,10 +118,9 @@ class CorePlugin:
         vmstate.restore_vm(vm, vm_chunk.fields)
         for device in vm.devices:
             chunk = state.take(f"device.{device.name}")
-            if chunk.version > device.state_version:
-                _check_version(chunk.name, chunk.version, device.state_version)
+            fields = upgrade(chunk, device.state_version, device.state_upgrades)
             try:
-                device.restore_state(chunk.fields, chunk.version)
+                device.restore_state(fields, device.state_version)
             except (KeyError, TypeError, ValueError) as e:
                 raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
         xsave_size = vmstate._xsave_size(vm)

@@ -23,10 +23,30 @@ IRQ_PORT_BASE = 0x2000
 IRQ_LINES = 24  # the in-kernel IOAPIC's pins
 SCRATCH_MMIO_BASE = 0xFF00_0000
 SCRATCH_MMIO_SIZE = 64 * 1024
+PAGE = 4096
+
+
+def _sparse_memory(memory: bytes) -> dict[str, bytes]:
+    """The non-zero 4 KiB pages of the scratch memory, keyed by hex offset."""
+    return {
+        f"{offset:#x}": memory[offset : offset + PAGE]
+        for offset in range(0, len(memory), PAGE)
+        if any(memory[offset : offset + PAGE])
+    }
+
+
+def _upgrade_v1(fields: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 saved the whole 64 KiB scratch memory; version 2 only non-zero pages."""
+    fields = dict(fields)
+    fields["memory_pages"] = _sparse_memory(bytes(fields.pop("memory")))
+    return fields
 
 
 class PcTestdev(Device):
     """Test-kernel helper ports (``-l pc-testdev``)."""
+
+    state_version = 2
+    state_upgrades = {1: _upgrade_v1}
 
     def __init__(self) -> None:
         super().__init__("pc-testdev")
@@ -73,12 +93,17 @@ class PcTestdev(Device):
 
     def save_state(self) -> dict[str, Any]:
         return {"scratch": self.scratch, "irq_levels": bytes(self.irq_levels),
-                "memory": bytes(self.memory)}
+                "memory_pages": _sparse_memory(bytes(self.memory))}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
         self.scratch = int(fields["scratch"]) & 0xFFFFFFFF
         self.irq_levels[:] = bytes(fields["irq_levels"])[:IRQ_LINES].ljust(IRQ_LINES, b"\0")
-        self.memory[:] = bytes(fields["memory"])[:SCRATCH_MMIO_SIZE].ljust(SCRATCH_MMIO_SIZE, b"\0")
+        self.memory[:] = bytes(SCRATCH_MMIO_SIZE)
+        for key, page in dict(fields["memory_pages"]).items():
+            offset = int(key, 16)
+            if offset % PAGE or not 0 <= offset < SCRATCH_MMIO_SIZE or len(page) > PAGE:
+                raise ValueError(f"pc-testdev: bad scratch page {key}")
+            self.memory[offset : offset + len(page)] = page
         for line, level in enumerate(self.irq_levels):
             self.vm.set_irq(line, bool(level))
 
