@@ -246,9 +246,13 @@ def run_vm(config: Config, plugins: Plugins, restore_from: str | None = None) ->
             raise
     else:
         vm = _restored_machine(restore_from, config, plugins)
+    def terminate(signum: int, _frame: object) -> None:
+        if signum == signal.SIGTERM and vm.hook.hvf_power_button(vm=vm):
+            return  # bhyve: SIGTERM is an ACPI power-button press once the guest uses ACPI
+        vm.request_exit(128 + signum, f"terminated by {signal.Signals(signum).name}")
+
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda s, _f: vm.request_exit(
-            128 + s, f"terminated by {signal.Signals(s).name}"))
+        signal.signal(signum, terminate)
     return vm.run()
 
 

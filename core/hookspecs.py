@@ -106,6 +106,19 @@ def hvf_machine_ready(vm: Machine) -> None:
     """
 
 
+@hookspec
+def hvf_acpi_tables(vm: Machine, acpi: Any) -> None:
+    """Describe the hardware this plugin owns in the guest's ACPI tables.
+
+    Called once the machine is ready, when hvf builds ACPI tables (direct kernel boot,
+    or fw_cfg's table loader for firmware). Add AML to the DSDT, MADT entries, FADT
+    fields or whole tables through ``acpi`` (an :class:`hvf.acpi.AcpiBuilder`).
+
+    :param vm: the machine.
+    :param acpi: the table builder.
+    """
+
+
 # ---- lifecycle ----
 
 
@@ -168,6 +181,17 @@ def hvf_state_restore(vm: Machine, state: StateReader) -> None:
 
     :param vm: the machine, rebuilt from the snapshot's configuration, not yet running.
     :param state: the snapshot's chunks.
+    """
+
+
+@hookspec(firstresult=True)
+def hvf_power_button(vm: Machine) -> bool | None:
+    """Press the guest's power button (hvf got ``SIGTERM``).
+
+    Stops at the first non-None result: True when the guest was told (it is expected to
+    shut down by itself); when no plugin delivers the event, hvf stops the VM.
+
+    :param vm: the machine.
     """
 
 

@@ -10,6 +10,7 @@ from hvf.errors import ConfigError
 import struct
 
 from hvf.plugins.lpc import bootrom, bridge, com, debugcon, fwcfg, pctestdev
+from hvf.plugins.lpc.pm import PowerManagement
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -43,6 +44,12 @@ def hvf_register_lpc_devices(registry: Registry) -> None:
                  help="QEMU's fw_cfg interface at 0x510-0x511, DMA at 0x514 (fwcfg[,qemu])")
     registry.add("debugcon", debugcon.create, parse=debugcon.parse,
                  help="debug console on port 0x402 (debugcon[,PATH|stdio])")
+
+
+@hvf.hookimpl
+def hvf_power_button(vm: Machine) -> bool | None:
+    device = vm.device("pm")
+    return device.press_power_button() if isinstance(device, PowerManagement) else None
 
 
 def _e820_file(vm: Machine) -> bytes:

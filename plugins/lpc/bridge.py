@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.errors import ConfigError
 from hvf.plugins.lpc.kbc import KeyboardController
+from hvf.plugins.lpc.pm import SCI_IRQ, PowerManagement
 from hvf.plugins.lpc.reset import ResetControl
 from hvf.plugins.lpc.rtc import Rtc
 from hvf.plugins.pci.device import PciDevice
@@ -63,6 +64,8 @@ class LpcBridge(PciDevice):
         vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)))
         vm.attach(KeyboardController())
         vm.attach(ResetControl())
+        vm.attach(PowerManagement())
+        self.router.use(SCI_IRQ)
         for entry in vm.plugins.lpc_devices:
             device = entry.factory(vm=vm, config=vm.config)
             if device is not None:

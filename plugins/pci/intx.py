@@ -49,6 +49,11 @@ class IntxRouter:
         """Keep ISA ``irq`` out of PCI routing (e.g. a COM port's)."""
         self.reserved.add(irq)
 
+    def use(self, irq: int) -> None:
+        """Count ``irq`` as used by a non-PCI device (e.g. the ACPI SCI), so PCI
+        routing prefers other IRQs but may still share it."""
+        self.irq_use[irq] += 1
+
     def isa_irq(self, pirq: int) -> int | None:
         """The 8259 IRQ PIRQ ``pirq`` currently drives, or None when disabled."""
         value = self.pirq[pirq]

@@ -252,7 +252,8 @@ def test_pirq_word_and_dword_writes() -> None:
     cfg_write(vm, LPC, 0x61, 2, 0x0000)  # misaligned: ignored
     assert cfg_read(vm, LPC, 0x60, 4) == 0x0706_0A09
     # the routing took effect: each newly valid IRQ was made level-triggered
-    assert vm.vmfd.level_triggered == [9, 10, 12, 14, 5, 6, 7, 3, 11]
+    # the SCI (IRQ 9) is made level-triggered first, when the PM block attaches
+    assert vm.vmfd.level_triggered == [9, 9, 10, 12, 14, 5, 6, 7, 3, 11]
     assert vm.irqs == []  # nothing was asserted
 
 
@@ -285,7 +286,7 @@ def test_routing_programs_the_pirq_registers() -> None:
     assert cfg_read(vm, LPC, 0x60, 4) == 0x0780_8005
     assert cfg_read(vm, LPC, 0x68, 4) == 0x8080_0680
     assert [cfg_read(vm, bdf, 0x3C, 1) for bdf, _dev in devs] == [5, 6, 7]
-    assert sorted(vm.vmfd.level_triggered) == [5, 6, 7]
+    assert sorted(vm.vmfd.level_triggered) == [5, 6, 7, 9]  # 9: the ACPI SCI
     assert bus.intx.reserved >= {3, 4}
 
 
@@ -294,7 +295,7 @@ def test_com_irqs_are_reserved() -> None:
     vm, bus, _lpc = machine(*devs)
     irqs = [cfg_read(vm, bdf, 0x3C, 1) for bdf, _dev in devs]
     assert 3 not in irqs and 4 not in irqs
-    assert sorted(irqs) == [5, 6, 7, 9, 10, 11, 12, 14]
+    assert sorted(irqs) == [5, 6, 7, 10, 11, 12, 14, 15]  # 9, the SCI, is used last
     # a guest may still route a PIRQ to them itself
     cfg_write(vm, LPC, 0x60, 1, 0x03)
     assert bus.intx.isa_irq(0) == 3
@@ -403,6 +404,6 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
     vm, _bus, lpc = machine(lpc_devices=entries, assign=False)
     assert built == [(vm, vm.config), (vm, vm.config)]
     assert [d.name for d in vm.devices if not isinstance(d, PciBus)] == [
-        "rtc", "kbc", "reset", "legacy", lpc.name,  # a PC's fixed devices come first
+        "rtc", "kbc", "reset", "pm", "legacy", lpc.name,  # a PC's fixed devices come first
     ]
     assert vm.pio.lookup(0x402).owner == "legacy"  # type: ignore[union-attr]
