@@ -135,6 +135,8 @@ class CorePlugin:
         commands.add("pause", _pause, help="stop the vCPUs")
         commands.add("resume", _resume, help="let the vCPUs run again")
         commands.add("poweroff", _poweroff, help="stop the VM (exit status 1)")
+        commands.add("registers", _registers, help="the vCPUs' registers (paused briefly)")
+        commands.add("iomap", _iomap, help="the registered I/O port and MMIO ranges")
         commands.add("checkpoint", _checkpoint, help="write a snapshot; the VM runs on")
         commands.add("suspend", _suspend,
                      help="write a snapshot and stay paused (--exit: then stop)")
@@ -167,6 +169,24 @@ def _resume(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
     if vm.paused:
         vm.resume()
     return {"state": "running"}
+
+
+def _registers(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    was_paused = vm.paused
+    if not was_paused:
+        vm.pause()
+    try:
+        return {f"vcpu{v.index}": v.register_dump() for v in vm.vcpus}
+    finally:
+        if not was_paused:
+            vm.resume()
+
+
+def _iomap(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
+    def describe(ranges: Any) -> list[dict[str, Any]]:
+        return [{"base": r.base, "length": r.length, "owner": r.owner} for r in ranges]
+
+    return {"ports": describe(vm.pio.ranges()), "mmio": describe(vm.mmio.ranges())}
 
 
 def _poweroff(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
