@@ -18,6 +18,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class ConsoleBackend:
     #: Whether a read of 0 bytes means the peer went away (sockets) rather than
     #: "nothing more for now" (a terminal).
     eof_disconnects = False
+    #: Called when the user asks to stop the VM from the console (Ctrl-A x on stdio).
+    on_quit: Callable[[], None] | None = None
 
     def __init__(self, spec: str, owner: str) -> None:
         self.spec = spec
@@ -227,12 +230,17 @@ class ConsoleBackend:
             else:
                 self._stop_reading()
             return
+        data = self.filter_input(data)
         taken = receiver.push(data)
         self._held = data[taken:]
         if len(data) < room:
             receiver.idle()
         elif receiver.room() == 0:
             self._stop_reading()
+
+    def filter_input(self, data: bytes) -> bytes:
+        """Host input on its way to the guest; a terminal backend may intercept keys."""
+        return data
 
     def input_wanted(self) -> None:
         """The receiver has room again (any thread): resume reading host input."""

@@ -65,7 +65,13 @@ def make_raw(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
+ESCAPE = 0x01  # Ctrl-A, as QEMU's -nographic console
+
+
 class StdioConsole(ConsoleBackend):
+    """This terminal. Ctrl-A x stops the VM (the guest gets every other key, Ctrl-C
+    included); Ctrl-A Ctrl-A sends one Ctrl-A."""
+
     owner_of_stdio: str | None = None
 
     def open(self, loop: EventLoop, receiver: Receiver) -> None:
@@ -78,13 +84,34 @@ class StdioConsole(ConsoleBackend):
         self._in, self._out_fd = os.dup(0), os.dup(1)
         for fd in (0, 1):  # O_NONBLOCK is shared with whoever else uses this terminal
             _saved_blocking.setdefault(fd, os.get_blocking(fd))
+        self._escaped = False
         if os.isatty(0):
+            sys.stderr.write(f"hvf: {self.owner} is on this terminal; Ctrl-A x quits\n")
             make_raw(0)
             # Diagnostics on a raw terminal need an explicit carriage return.
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
                     handler.terminator = "\r\n"
         self.connect(self._in, self._out_fd)
+
+    def filter_input(self, data: bytes) -> bytes:
+        if ESCAPE not in data and not self._escaped:
+            return data
+        out = bytearray()
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+                if byte in (ord("x"), ord("X")) and self.on_quit is not None:
+                    self.on_quit()
+                    continue
+                if byte != ESCAPE:
+                    out.append(ESCAPE)
+                out.append(byte)
+            elif byte == ESCAPE:
+                self._escaped = True
+            else:
+                out.append(byte)
+        return bytes(out)
 
     def close(self) -> None:
         super().close()

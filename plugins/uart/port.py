@@ -128,5 +128,6 @@ def open_backend(vm: Any, spec: str | None, owner: str, port: SerialPort) -> Non
         raise ConfigError(f"Unable to initialize backend '{spec}' for {owner}: "
                           f"unknown backend (known: {known})")
     backend: ConsoleBackend = entry.factory(spec, owner)
+    backend.on_quit = lambda: vm.request_exit(130, "quit from the console (Ctrl-A x)")
     backend.open(vm.loop, port)
     port.backend = backend

@@ -225,3 +225,14 @@ def test_bad_specs(loop: EventLoop) -> None:
         TcpConsole("tcp=nohost", "com1").open(loop, FifoReceiver())
     with pytest.raises(ConfigError, match="expected file=PATH"):
         FileConsole("file=", "com1").open(loop, FifoReceiver())
+
+
+def test_ctrl_a_x_quits_and_ctrl_a_twice_sends_one(loop: EventLoop) -> None:
+    console = StdioConsole("stdio", "com1")
+    quits: list[bool] = []
+    console.on_quit = lambda: quits.append(True)
+    console._escaped = False
+    assert console.filter_input(b"ab\x01\x01c") == b"ab\x01c"
+    assert console.filter_input(b"\x01") == b"" and not quits
+    assert console.filter_input(b"x rest") == b" rest" and quits == [True]
+    assert console.filter_input(b"\x01z") == b"\x01z"  # other keys pass through
