@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from hvf import exitcodes
+from hvf import emulate, exitcodes
 from hvf._kvm import ffi, lib
 from hvf.errors import HvfError, KvmError
 from hvf.kvm import VcpuFd
@@ -258,6 +258,8 @@ class Vcpu:
             )
             return True
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            if self._finish_in_user_space():
+                return False
             vm.request_exit(exitcodes.ERROR, self._internal_error_report())
             return True
         status = vm.hook.hvf_unhandled_exit(vm=vm, vcpu=self, reason=reason)
@@ -267,6 +269,28 @@ class Vcpu:
             exitcodes.ERROR if status is None else status,
             f"vcpu {self.index}: unexpected exit reason {reason}\n" + self.register_dump(),
         )
+        return True
+
+    def _failed_instruction(self) -> bytes | None:
+        """The bytes of the instruction KVM failed to emulate, when it reported them."""
+        internal = self.fd.exit_internal
+        if internal.suberror != lib.KVM_INTERNAL_ERROR_EMULATION or internal.ndata < 3:
+            return None
+        if not internal.data[0] & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return None
+        raw = b"".join(internal.data[i].to_bytes(8, "little") for i in (1, 2))
+        return raw[1 : 1 + min(raw[0], 15)]
+
+    def _finish_in_user_space(self) -> bool:
+        """Emulate an instruction KVM could not, where that is sound (see emulate.py)."""
+        insn = self._failed_instruction()
+        if insn is None or not self.vm.config.get_bool("x86.emulate", default=True):
+            return False
+        done = emulate.try_emulate(self, insn)
+        if done is None:
+            return False
+        self.vm.emulated[done.split(":")[0].split(" ")[0]] += 1
+        log.debug("vcpu %d: finished in user space: %s", self.index, done)
         return True
 
     def _internal_error_report(self) -> str:
@@ -283,26 +307,29 @@ class Vcpu:
         ]
         ndata = min(internal.ndata, 16)
         data = [internal.data[i] for i in range(ndata)]
-        if sub == lib.KVM_INTERNAL_ERROR_EMULATION and ndata >= 3 and (
-            data[0] & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-        ):
-            raw = b"".join(d.to_bytes(8, "little") for d in data[1:3])
-            insn = raw[1 : 1 + min(raw[0], 15)]
+        insn = self._failed_instruction()
+        if insn is not None:
             lines.append("instruction bytes: " + (insn.hex(" ") or "(none reported)"))
         elif ndata:
             lines.append("data: " + " ".join(f"{d:#x}" for d in data))
         lines.append(self.register_dump())
         if sub == lib.KVM_INTERNAL_ERROR_EMULATION:
-            lines.append(
-                "hint: KVM could not emulate this instruction for the guest"
-                + (
-                    " (this host's KVM is kvm_pvm, which emulates far more guest code "
-                    "than hardware virtualization does)"
-                    if self.vm.pvm
-                    else ""
-                )
-            )
+            lines.append("hint: " + self._emulation_hint())
         return "\n".join(lines)
+
+    def _emulation_hint(self) -> str:
+        try:
+            rip = self.fd.get_regs().rip
+            fetch = emulate.translate(self, self.fd.get_sregs(), rip)
+        except (emulate.Unsupported, HvfError):
+            fetch = None
+        if fetch is not None and not self.vm.memory.contains(fetch):
+            return (f"the guest is executing at {rip:#x}, which is not RAM: it jumped into "
+                    "a device or unmapped address")
+        if self.vm.pvm:
+            return ("KVM could not emulate this instruction; this host's KVM is kvm_pvm, "
+                    "which emulates far more guest code than hardware virtualization does")
+        return "KVM could not emulate this instruction for the guest"
 
     def register_dump(self) -> str:
         """The vCPU's general and control registers, formatted for an error report."""

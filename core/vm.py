@@ -8,10 +8,13 @@ devices), ``hvf_machine_ready``, then the boot loader sets the first vCPU's stat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
@@ -55,6 +58,8 @@ class Machine:
         self.pvm = is_pvm()
         self.strict_io = config.get_bool("x86.strictio")
         self.unhandled_log = RateLimitedLog()
+        #: Instructions finished in user space after KVM's emulator failed, by kind.
+        self.emulated: Counter[str] = Counter()
         self.devices: list[Device] = []
         self.pio = PortBus()
         self.mmio = MmioBus()
@@ -84,6 +89,7 @@ class Machine:
         self._exit: tuple[int, str] | None = None
         self._exited = threading.Event()
         self._pause_requested = False
+        self._holds = 0  # vCPUs holding the others still (see others_stopped)
         self._parked = 0
         self._running = 0
         self._halt_probe: dict[int, str | None] | None = None
@@ -258,7 +264,7 @@ class Machine:
                     self._running -= 1
                     self._cond.notify_all()
                     return True
-                if not self._pause_requested:
+                if not self._pause_requested and not self._holds:
                     return False
                 self._parked += 1
                 self._cond.notify_all()
@@ -290,6 +296,29 @@ class Machine:
     @property
     def paused(self) -> bool:
         return self._pause_requested
+
+    @contextlib.contextmanager
+    def others_stopped(self, me: Vcpu, timeout: float = 10.0) -> Iterator[None]:
+        """Hold every vCPU but ``me`` (the caller's) outside KVM_RUN for the block."""
+        if len(self.vcpus) == 1:
+            yield
+            return
+        with self._cond:
+            self._holds += 1
+        for vcpu in self.vcpus:
+            if vcpu is not me:
+                vcpu.kick()
+        try:
+            with self._cond:
+                if not self._cond.wait_for(
+                    lambda: self._exit is not None or self._parked >= self._running - 1, timeout
+                ):
+                    raise HvfError(f"vCPUs did not stop within {timeout} s")
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Release every device's host resources (backends flush what they can)."""

@@ -37,6 +37,7 @@ GUESTS: tuple[str, ...] = (
     "counter",
     "counter_smp",
     "counter_rep",
+    "mmioexec",
 )
 
 # Files every guest depends on besides its own NAME.S.

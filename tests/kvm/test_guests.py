@@ -99,18 +99,30 @@ def test_smp_start_with_init_sipi_and_fw_cfg_cpu_count(guests: dict[str, Path]) 
     assert r.returncode == 1
 
 
-def test_guest_fault_stops_the_vm_with_a_diagnostic(guests: dict[str, Path]) -> None:
-    """A triple fault exits 3; on kvm_pvm, KVM's emulator fails at the int3 first."""
+def test_triple_fault_exits_3(guests: dict[str, Path]) -> None:
+    """On kvm_pvm KVM cannot emulate the int3 itself; hvf injects the #BP in its place."""
     r = run_guest(guests["triplefault"])
     assert r.stdout == "about to fault\n"
-    if PVM:
-        assert r.returncode == 4
-        assert "instruction emulation failed" in r.stderr
-        assert "instruction bytes: cc" in r.stderr
-        assert re.search(r"rip=0000000000100[0-9a-f]{3}", r.stderr)
-        assert "hint:" in r.stderr
-    else:
-        assert r.returncode == 3
+    assert r.returncode == 3, r.stderr
+
+
+@pytest.mark.skipif(not PVM, reason="only kvm_pvm fails to emulate int3; hardware runs it")
+def test_emulation_failure_without_user_space_help_is_reported(guests: dict[str, Path]) -> None:
+    r = run_guest(guests["triplefault"], "-o", "x86.emulate=false")
+    assert r.returncode == 4
+    assert "instruction emulation failed" in r.stderr
+    assert "instruction bytes: cc" in r.stderr
+    assert re.search(r"rip=0000000000100[0-9a-f]{3}", r.stderr)
+    assert "hint: KVM could not emulate this instruction; this host's KVM is kvm_pvm" in r.stderr
+
+
+def test_emulation_failure_stops_with_status_4_and_a_report(guests: dict[str, Path]) -> None:
+    r = run_guest(guests["mmioexec"])
+    assert r.stdout == "jumping into mmio\n"
+    assert r.returncode == 4
+    assert "KVM_EXIT_INTERNAL_ERROR: instruction emulation failed" in r.stderr
+    assert "rip=00000000d0000000" in r.stderr
+    assert "hint: the guest is executing at 0xd0000000, which is not RAM" in r.stderr
 
 
 def test_halt_with_interrupts_disabled_exits_2(guests: dict[str, Path]) -> None:
