@@ -212,10 +212,14 @@ class ControlClient:
                 raise CtlError(f"no VM is listening on {path}") from None
             raise CtlError(f"cannot connect to {path}: {e.strerror}") from None
         self.reader = self.sock.makefile("rb")
-        greeting = self._receive()
-        if "hvf" not in greeting:
-            error = greeting.get("error", {})
-            raise CtlError(error.get("desc", f"unexpected greeting from {path}"))
+        try:
+            greeting = self._receive()
+            if "hvf" not in greeting:
+                error = greeting.get("error", {})
+                raise CtlError(error.get("desc", f"unexpected greeting from {path}"))
+        except BaseException:
+            self.close()
+            raise
         self.greeting = greeting["hvf"]
         self._next_id = 1
 

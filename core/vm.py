@@ -155,7 +155,14 @@ class Machine:
                 initrd=self.config.get("boot.initrd"),
                 cmdline=self.config.get("boot.append") or "",
             )
-        elif not self.config.get("lpc.bootrom"):
+        elif self.config.get("lpc.bootrom"):
+            from hvf.acpi import build_for
+            from hvf.plugins.lpc.fwcfg import find
+
+            firmware_config = find(self)
+            if firmware_config is not None:  # the firmware installs our ACPI tables
+                build_for(self).to_fw_cfg(firmware_config)
+        else:
             raise ConfigError("virtual machine cannot be booted: give --kernel or -l bootrom,ROM")
 
     # ---- interrupts ----

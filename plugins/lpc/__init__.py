@@ -10,9 +10,11 @@ from hvf.errors import ConfigError
 import struct
 
 from hvf.plugins.lpc import bootrom, bridge, com, debugcon, fwcfg, pctestdev
+from hvf.plugins.lpc.acpi import describe as describe_acpi
 from hvf.plugins.lpc.pm import PowerManagement
 
 if TYPE_CHECKING:
+    from hvf.acpi import AcpiBuilder
     from hvf.registry import Registry
     from hvf.vm import Machine
 
@@ -71,3 +73,8 @@ def hvf_machine_ready(vm: Machine) -> None:
                 f"LPC device(s) {', '.join(devices)} configured, but there is no LPC bridge "
                 "(add -s 31,lpc)"
             )
+
+
+@hvf.hookimpl
+def hvf_acpi_tables(vm: Machine, acpi: AcpiBuilder) -> None:
+    describe_acpi(vm, acpi)

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 import hvf
 from hvf.errors import ConfigError
 from hvf.plugins.pci import hostbridge
+from hvf.plugins.pci.acpi import describe as describe_acpi
 from hvf.plugins.pci.bus import PciBus
 from hvf.plugins.pci.device import PciDevice
 
 if TYPE_CHECKING:
+    from hvf.acpi import AcpiBuilder
     from hvf.registry import Registry
     from hvf.vm import Machine
 
@@ -70,3 +72,8 @@ def hvf_machine_build(vm: Machine) -> None:
 def hvf_machine_ready(vm: Machine) -> None:
     enable = vm.config.get_bool("pci.enable_bars", default=not vm.config.get("lpc.bootrom"))
     pci_bus(vm).assign_resources(enable_decoding=enable)
+
+
+@hvf.hookimpl
+def hvf_acpi_tables(vm: Machine, acpi: AcpiBuilder) -> None:
+    describe_acpi(vm, acpi)
