@@ -38,6 +38,7 @@ GUESTS: tuple[str, ...] = (
     "counter_smp",
     "counter_rep",
     "mmioexec",
+    "power",
 )
 
 # Files every guest depends on besides its own NAME.S.
