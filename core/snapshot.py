@@ -156,6 +156,7 @@ def _status(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
         "memory": vm.memory.size,
         "pid": __import__("os").getpid(),
         "uptime": round(time.monotonic() - vm.started_at, 3) if vm.started_at else 0,
+        "emulated": dict(vm.emulated),
     }
 
 
