@@ -142,10 +142,29 @@ class ConsoleBackend:
     # ---- guest output (vCPU threads) ----
 
     def write(self, data: bytes) -> None:
-        """Queue guest output; never blocks. Drops (and counts) beyond OUTPUT_LIMIT."""
+        """Send guest output; never blocks.
+
+        With nothing queued, the bytes go straight to the host with one non-blocking
+        write (no thread hand-off); what the host does not take now is queued for the
+        I/O thread, and beyond OUTPUT_LIMIT dropped and counted.
+        """
         with self._lock:
-            if self.wfd is None and self.eof_disconnects:
-                return  # no client connected: output is discarded, as bhyve does
+            if self.wfd is None:
+                if self.eof_disconnects:
+                    return  # no client connected: output is discarded, as bhyve does
+            elif not self._out:
+                try:
+                    n = os.write(self.wfd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError as e:
+                    self.dropped += len(data)
+                    self._write_failed(e)
+                    return
+                self.written += n
+                if n == len(data):
+                    return
+                data = data[n:]
             room = OUTPUT_LIMIT - len(self._out)
             if len(data) > room:
                 self.dropped += len(data) - room

@@ -1,0 +1,614 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""bench/serial: guest-to-host serial throughput through COM1, hvf against QEMU.
+
+Both VMMs boot the same multiboot image, ``tests/guests/serial_tx.elf``, with the same
+command line ``n=N mode=byte``: the guest sets up the 16550 at 0x3F8, prints
+``uart 03f8 irq 4`` on the debug console (port 0x402), sends N bytes of a fixed pattern
+(byte i = (i*7 + (i >> 8)) & 0xff) with one ``outb`` per byte, waiting for LSR.THRE
+before every 16 bytes (so QEMU's real 16-byte FIFO loses nothing; ``mode=rep`` relies
+on hvf's always-empty THR and would lose data on QEMU), prints ``tx done N`` and exits
+through port 0xF4 (exit status 1 on both).
+
+The machine shape is the same: 256 MiB, one vCPU, KVM, the UART's output going to a
+regular file (``-l com1,file=PATH`` / ``-serial file:PATH``) or, with
+``--backend unix``, to a UNIX socket that the benchmark reads all along. The debug
+console is each VMM's stdout, a pipe the benchmark reads, timestamping every line.
+
+What is timed is only the transfer: from the moment the ``uart`` line arrives (the
+guest is about to send its first byte) until the last byte has reached the backend:
+the file has its final size (polled every millisecond once ``tx done`` has arrived) or
+the socket reader has received the last byte. hvf writes to its backend from an I/O
+thread, so its delivery can trail the guest; that lag is included (and reported). VM
+start-up, firmware (QEMU runs SeaBIOS) and teardown are not. Each run's bytes are
+checked against the pattern. Runs alternate between the VMMs, the one going first
+alternating per round. Throughput is measured by two clocks: N / transfer time (wall),
+and N / the CPU time the VMM process (all threads; KVM accounts guest time to the vCPU
+thread) used from the ``uart`` line to ``tx done`` (cpu, read from /proc/PID/stat).
+The verdict uses the median over rounds of the per-round ratio hvf/QEMU, by CPU time
+unless ``--metric wall``: on a shared host the elapsed time of either VMM swings with
+other load (by 2x and more on a busy 2-CPU host), its CPU time hardly. On a quiet host
+the two agree. Target: at least 1.0.
+
+    python bench/serial/run.py [--n BYTES] [--rounds R] [--backend file|unix]
+                               [--metric cpu|wall] [--qemu-accel auto|kvm|tcg]
+                               [--json PATH]
+
+Run it with the interpreter that has hvf installed; hvf is started as
+``sys.executable -m hvf``. QEMU is ``qemu-system-x86_64`` on PATH (``--qemu``); if it
+is missing and the benchmark runs as root it installs Debian's ``qemu-system-x86``
+with apt-get (``--no-install`` turns that off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+GUEST_BUILD = REPO / "tests" / "guests" / "build.py"
+
+DEFAULT_BYTES = 256 << 10
+DEFAULT_ROUNDS = 5
+DEFAULT_TARGET = 1.0
+WARMUP_BYTES = 16 << 10
+MEMORY_MIB = 256
+RUN_TIMEOUT = 600.0
+POLL_SECONDS = 0.001
+VMMS = ("hvf", "qemu")
+#: Clocks the throughput is measured by; the one --metric names decides the verdict.
+METRICS = ("cpu", "wall")
+UART_LINE = "uart 03f8 irq 4"
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot be run, or a run did not do what it should."""
+
+
+def pattern(n: int) -> bytes:
+    """What ``serial_tx n=N`` sends."""
+    return bytes((i * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+# ---- setting up ----
+
+
+def build_guest(out_dir: pathlib.Path) -> pathlib.Path:
+    spec = importlib.util.spec_from_file_location("hvf_guest_build", GUEST_BUILD)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load {GUEST_BUILD}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return pathlib.Path(module.build_guest("serial_tx", out_dir))
+    except module.GuestBuildError as e:
+        raise BenchError(f"building the serial_tx guest: {e}") from None
+
+
+def find_qemu(name: str, install: bool, progress: bool) -> str:
+    """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
+    found = shutil.which(name)
+    if found:
+        return found
+    how = "install it with `apt-get install -y qemu-system-x86` (as root) or pass --qemu PATH"
+    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BenchError(f"{name} not found; {how}")
+    if progress:
+        print(f"serial: {name} not found, installing qemu-system-x86 with apt-get",
+              file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"],
+                ["apt-get", "update"],
+                ["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if cmd[1] == "install" and done.returncode == 0:
+            break
+    found = shutil.which(name)
+    if not found:
+        raise BenchError(f"installing qemu-system-x86 failed; {how}\n{done.stderr[-2000:]}")
+    return found
+
+
+# ---- one run ----
+
+
+def hvf_backend_spec(kind: str, path: pathlib.Path) -> str:
+    return f"file={path}" if kind == "file" else f"unix={path}"
+
+
+def qemu_backend_args(kind: str, path: pathlib.Path) -> list[str]:
+    if kind == "file":
+        return ["-serial", f"file:{path}"]
+    # wait=on: QEMU does not start the guest until the benchmark is connected.
+    return ["-chardev", f"socket,id=com1,path={path},server=on,wait=on",
+            "-serial", "chardev:com1"]
+
+
+class Backend:
+    """Where the UART's output goes: a file, or a UNIX socket the benchmark reads."""
+
+    def __init__(self, kind: str, work: pathlib.Path, tag: str) -> None:
+        self.kind = kind
+        self.path = work / (f"{tag}.out" if kind == "file" else f"{tag}.sock")
+        self.received = bytearray()
+        self.last_byte_at = 0.0
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        if self.path.exists():
+            self.path.unlink()
+
+    def hvf_spec(self) -> str:
+        return hvf_backend_spec(self.kind, self.path)
+
+    def qemu_args(self) -> list[str]:
+        return qemu_backend_args(self.kind, self.path)
+
+    def attach(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        """Connect the reader (socket backends) as soon as the VMM listens."""
+        if self.kind != "unix":
+            return
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.path))
+                break
+            except OSError:
+                s.close()
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise BenchError(f"nothing listens on {self.path}") from None
+                time.sleep(0.0005)
+        self._sock = s
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.received += chunk
+            self.last_byte_at = time.perf_counter()
+
+    def size(self) -> int:
+        if self.kind == "file":
+            try:
+                return self.path.stat().st_size
+            except FileNotFoundError:
+                return 0
+        return len(self.received)
+
+    def finish(self) -> bytes:
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._sock is not None:
+            self._sock.close()
+        if self.kind == "file":
+            data = self.path.read_bytes() if self.path.exists() else b""
+            self.path.unlink(missing_ok=True)
+            return data
+        self.path.unlink(missing_ok=True)
+        return bytes(self.received)
+
+
+def hvf_command(elf: pathlib.Path, n: int, backend_spec: str) -> list[str]:
+    return [
+        sys.executable, "-m", "hvf", "-m", f"{MEMORY_MIB}M", "-c", "1",
+        "-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev", "-l", "debugcon,stdio",
+        "-l", f"com1,{backend_spec}",
+        "--kernel", str(elf), "--append", f"n={n} mode=byte", "bench",
+    ]
+
+
+def qemu_command(qemu: str, accel: str, elf: pathlib.Path, n: int,
+                 backend_args: list[str]) -> list[str]:
+    return [
+        qemu, "-accel", accel, "-m", str(MEMORY_MIB), "-smp", "1",
+        "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-chardev", "stdio,id=dc", "-device", "isa-debugcon,iobase=0x402,chardev=dc",
+        *backend_args,
+        "-kernel", str(elf), "-append", f"n={n} mode=byte",
+    ]
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system time so far of process ``pid``, all its threads (KVM accounts guest
+    time to the vCPU thread); None once it is gone."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_once(cmd: list[str], backend: Backend, n: int, what: str,
+             timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
+    """Run one VMM to completion; returns its timings after checking its output."""
+    lines: list[tuple[float, str]] = []
+    seen = threading.Condition()
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+    done_line = f"tx done {n}"
+    cpu_at: dict[str, float | None] = {}
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            now = time.perf_counter()
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line in (UART_LINE, done_line):
+                cpu_at[line] = process_cpu_s(proc.pid)
+            with seen:
+                lines.append((now, line))
+                seen.notify_all()
+
+    errors: list[bytes] = []
+    readers = [threading.Thread(target=read_stdout, daemon=True),
+               threading.Thread(target=lambda: errors.append(proc.stderr.read()),  # type: ignore[union-attr]
+                                daemon=True)]
+    for t in readers:
+        t.start()
+
+    def line_at(text: str) -> float | None:
+        return next((t for t, line in lines if line == text), None)
+
+    try:
+        backend.attach(proc, deadline)
+        with seen:
+            while line_at(done_line) is None and proc.poll() is None:
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"{what}: no `{done_line}` within {timeout:.0f} s")
+                seen.wait(0.05)
+        # The guest is done; poll how much has reached the backend until the VMM exits.
+        samples = []
+        while proc.poll() is None:
+            samples.append((time.perf_counter(), backend.size()))
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{what}: did not exit within {timeout:.0f} s")
+            time.sleep(POLL_SECONDS)
+        t_exit = time.perf_counter()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for t in readers:
+            t.join(10)
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    data = backend.finish()
+    stdout = [line for _, line in lines]
+    stderr = b"".join(errors).decode(errors="replace")
+    t_uart, t_done = line_at(UART_LINE), line_at(done_line)
+    if proc.returncode != 1 or t_uart is None or t_done is None:
+        raise BenchError(f"{what}: the guest did not finish (exit status {proc.returncode}, "
+                         f"want 1)\nstdout: {stdout}\nstderr: {stderr[-2000:]}")
+    want = pattern(n)
+    lost_before_connect = 0
+    if backend.kind == "unix" and data and not data.startswith(want[:64]):
+        # hvf discards output while no client is connected (as bhyve does); the guest
+        # may have sent a few bytes before hvf accepted the benchmark's connection.
+        lost_before_connect = want.find(data[:4096])
+        if not 0 < lost_before_connect < 65536:
+            lost_before_connect = 0
+    if data != want[lost_before_connect:]:
+        firmware = len(data) - n
+        if not (firmware > 0 and data.endswith(want)):
+            first = next((i for i, (a, b) in enumerate(zip(data, want)) if a != b),
+                         min(len(data), len(want)))
+            raise BenchError(f"{what}: the backend got {len(data)} bytes, not the {n}-byte "
+                             f"pattern (first difference at byte {first})\n{stderr[-1000:]}")
+    final = len(data)
+    if backend.kind == "unix":
+        t_end = max(backend.last_byte_at, t_done)
+    elif not samples or samples[0][1] >= final:
+        t_end = t_done  # complete when first looked at, right after `tx done`
+    else:
+        t_end = next((t for t, size in samples if size >= final), t_exit)
+    transfer = t_end - t_uart
+    cpu0, cpu1 = cpu_at.get(UART_LINE), cpu_at.get(done_line)
+    return {
+        "bytes": n,
+        "transfer_s": transfer,
+        "bytes_per_s": n / transfer,
+        "guest_s": t_done - t_uart,  # the guest's own view: first byte to `tx done`
+        # CPU time the VMM used (all threads) from the `uart` line to `tx done`:
+        # insensitive to other load on the host, unlike the elapsed time.
+        "cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        "delivery_lag_s": t_end - t_done,
+        "startup_s": t_uart - t0,
+        "wall_s": t_exit - t0,
+        "lost_before_connect": lost_before_connect,
+    }
+
+
+# ---- the benchmark ----
+
+
+def probe_qemu(qemu: str, accel: str, elf: pathlib.Path, work: pathlib.Path) -> str | None:
+    """None if QEMU runs the guest with ``accel``; else why not."""
+    backend = Backend("file", work, "probe")
+    try:
+        run_once(qemu_command(qemu, accel, elf, 64, backend.qemu_args()), backend, 64,
+                 f"QEMU -accel {accel} probe", timeout=120)
+    except BenchError as e:
+        return str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[-2:])
+    return None
+
+
+def bench(runners: dict[str, Callable[[int, str], dict[str, Any]]], n: int, rounds: int,
+          warmup: int, progress: bool) -> list[dict[str, Any]]:
+    for _ in range(warmup):  # page cache, .pyc files, the CPU's frequency
+        for name in VMMS:
+            runners[name](WARMUP_BYTES, f"{name} warm-up")
+    rows = []
+    for r in range(rounds):
+        order = VMMS if r % 2 == 0 else VMMS[::-1]
+        got = {name: runners[name](n, f"{name} round {r + 1}") for name in order}
+        for name in VMMS:
+            if not got[name]["cpu_s"]:
+                raise BenchError(f"{name} round {r + 1}: no CPU time from /proc/PID/stat")
+        row = {
+            "round": r + 1, "first": order[0], **got,
+            # Throughput ratio by elapsed time, and by CPU time (bytes per CPU second).
+            "wall_ratio": got["hvf"]["bytes_per_s"] / got["qemu"]["bytes_per_s"],
+            "cpu_ratio": got["qemu"]["cpu_s"] / got["hvf"]["cpu_s"],
+        }
+        rows.append(row)
+        if progress:
+            print(f"  round {r + 1}/{rounds}: hvf {got['hvf']['bytes_per_s'] / 1e3:.1f} kB/s, "
+                  f"QEMU {got['qemu']['bytes_per_s'] / 1e3:.1f} kB/s; hvf/QEMU "
+                  f"{row['wall_ratio']:.3f} wall, {row['cpu_ratio']:.3f} cpu",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def host_info(qemu: str) -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kvm = next(
+        (m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")),
+        "unknown",
+    )
+    try:
+        qemu_version = subprocess.run([qemu, "--version"], capture_output=True,
+                                      text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        qemu_version = ""
+    return {
+        "kernel": platform.release(), "kvm_module": kvm, "cpu": cpu, "cpus": os.cpu_count(),
+        "python": platform.python_version(), "python_executable": sys.executable,
+        "qemu": qemu_version, "qemu_path": qemu,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[str, Any]:
+    med = statistics.median
+    summary: dict[str, Any] = {"metric": metric}
+    for name in VMMS:
+        d = {key: med(r[name][key] for r in rows)
+             for key in ("bytes_per_s", "transfer_s", "guest_s", "delivery_lag_s",
+                         "startup_s", "wall_s")}
+        d["us_per_byte"] = 1e6 / d["bytes_per_s"]
+        d["cpu_us_per_byte"] = med(r[name]["cpu_s"] / r[name]["bytes"] for r in rows) * 1e6
+        summary[name] = d
+    for m in METRICS:
+        ratios = [r[f"{m}_ratio"] for r in rows]
+        per_byte = "us_per_byte" if m == "wall" else "cpu_us_per_byte"
+        summary[m] = {
+            "ratio": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_of_medians": summary["qemu"][per_byte] / summary["hvf"][per_byte],
+        }
+    summary["ratio"] = summary[metric]["ratio"]
+    summary["target"] = target
+    summary["verdict"] = "PASS" if summary["ratio"] >= target else "MISS"
+    return summary
+
+
+def report(rows: list[dict[str, Any]], summary: dict[str, Any], host: dict[str, Any],
+           config: dict[str, Any]) -> str:
+    qemu_label = config["qemu_label"]
+    metric = summary["metric"]
+    out = [
+        "bench/serial: guest-to-host throughput through COM1, hvf vs. QEMU",
+        "  guest:   tests/guests/serial_tx.elf `n=N mode=byte` (one outb per byte, THRE "
+        "waited for every 16 bytes); the same image for both",
+        f"  backend: {config['backend_desc']}",
+        f"  machine: {MEMORY_MIB} MiB, 1 vCPU; hvf `-m {MEMORY_MIB}M -c 1` (hostbridge, lpc, "
+        f"pc-testdev, debugcon); {qemu_label} `-m {MEMORY_MIB} -smp 1 -nodefaults`",
+        "  timed:   from the guest's `uart` line (about to send) to the last byte at the "
+        "backend; start-up and teardown excluded",
+        "           wall = elapsed time; cpu = the VMM's CPU time, all threads, guest time "
+        "included (`uart` to `tx done`)",
+        f"  N = {config['n']} bytes; {len(rows)} rounds after {config['warmup']} warm-up "
+        "round(s); runs alternate, first VMM alternating per round",
+        f"  host:    Linux {host['kernel']}, {host['kvm_module']}, {host['cpus']} CPUs, "
+        f"{host['cpu'] or 'unknown CPU'}; load average at start {host['loadavg']}",
+        f"           Python {host['python']}; {host['qemu']}",
+    ]
+    if config.get("qemu_kvm_failure"):
+        out.append(f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
+                   "the comparison is against QEMU with TCG")
+    out += [
+        "",
+        f"{'':5}  {'------------- hvf -------------':>31}  "
+        f"{'------------- QEMU ------------':>31}  {'--- hvf/QEMU ---':>16}",
+        f"{'round':>5}  {'kB/s':>8}  {'us/B':>6}  {'lag ms':>6}  {'cpu us/B':>8}  "
+        f"{'kB/s':>8}  {'us/B':>6}  {'lag ms':>6}  {'cpu us/B':>8}  {'wall':>7}  {'cpu':>7}",
+    ]
+
+    def cells(d: dict[str, Any], cpu_us_per_byte: float) -> str:
+        return (f"{d['bytes_per_s'] / 1e3:8.2f}  {1e6 / d['bytes_per_s']:6.2f}  "
+                f"{d['delivery_lag_s'] * 1e3:6.1f}  {cpu_us_per_byte:8.2f}")
+
+    for r in rows:
+        h, q = r["hvf"], r["qemu"]
+        out.append(f"{r['round']:>5}  {cells(h, h['cpu_s'] / h['bytes'] * 1e6)}  "
+                   f"{cells(q, q['cpu_s'] / q['bytes'] * 1e6)}  "
+                   f"{r['wall_ratio']:7.3f}  {r['cpu_ratio']:7.3f}")
+    h, q = summary["hvf"], summary["qemu"]
+    out.append(f"{'med':>5}  {cells(h, h['cpu_us_per_byte'])}  {cells(q, q['cpu_us_per_byte'])}  "
+               f"{summary['wall']['ratio']:7.3f}  {summary['cpu']['ratio']:7.3f}")
+    out += [
+        "",
+        "  lag: how long after the guest's `tx done` the last byte reached the backend "
+        "(in the wall time)",
+        f"  one run, median: start-up to the `uart` line hvf {h['startup_s']:.2f} s, "
+        f"QEMU {q['startup_s']:.2f} s; whole run hvf {h['wall_s']:.2f} s, "
+        f"QEMU {q['wall_s']:.2f} s",
+    ]
+    for m in (metric, *(x for x in METRICS if x != metric)):
+        d = summary[m]
+        out.append(f"  hvf/QEMU throughput by {m} time: median {d['ratio']:.3f} (rounds "
+                   f"{d['ratio_min']:.3f}-{d['ratio_max']:.3f}; ratio of medians "
+                   f"{d['ratio_of_medians']:.3f})")
+    out.append(f"  target: hvf/QEMU >= {summary['target']:.2f} ({metric} time)  ->  "
+               f"{summary['verdict']}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench/serial/run.py",
+        description="Guest-to-host serial throughput through COM1, hvf against QEMU.",
+    )
+    parser.add_argument("--n", type=int, default=DEFAULT_BYTES, metavar="BYTES",
+                        help=f"bytes the guest sends per run (default {DEFAULT_BYTES})")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"measured rounds (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help=f"unmeasured rounds of {WARMUP_BYTES} bytes first (default 1)")
+    parser.add_argument("--backend", choices=("file", "unix"), default="file",
+                        help="where COM1's output goes on both (default file)")
+    parser.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
+    parser.add_argument("--qemu-accel", choices=("auto", "kvm", "tcg"), default="auto",
+                        help="QEMU's accelerator; auto: KVM if it runs the guest here, "
+                        "else TCG, which the report then says (default auto)")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not apt-get install qemu-system-x86 when QEMU is missing")
+    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
+                        help=f"PASS when the median ratio hvf/QEMU is at least this "
+                        f"(default {DEFAULT_TARGET})")
+    parser.add_argument("--metric", choices=METRICS, default="cpu",
+                        help="the clock the verdict uses (default cpu; both are reported)")
+    parser.add_argument("--json", metavar="PATH", type=pathlib.Path,
+                        help="also write the results as JSON to PATH")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 1 on MISS (default: 0 for PASS and MISS)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0 or not 16 <= args.n < 1 << 31:
+        parser.error("--rounds must be at least 1, --warmup at least 0, --n at least 16")
+    progress = not args.quiet
+
+    try:
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise BenchError("/dev/kvm is missing or not readable and writable")
+        probe = subprocess.run([sys.executable, "-c", "import hvf"], capture_output=True)
+        if probe.returncode != 0:
+            raise BenchError(f"{sys.executable} cannot import hvf; run this with the "
+                             "interpreter that has hvf installed (.venv/bin/python)")
+        qemu = find_qemu(args.qemu, not args.no_install, progress)
+        with tempfile.TemporaryDirectory(prefix="hvf-serial-bench-") as tmp:
+            work = pathlib.Path(tmp)
+            elf = build_guest(work)
+            accel, kvm_failure = args.qemu_accel, None
+            if accel in ("auto", "kvm"):
+                kvm_failure = probe_qemu(qemu, "kvm", elf, work)
+                if kvm_failure is not None and accel == "kvm":
+                    raise BenchError(f"QEMU with KVM does not run the guest: {kvm_failure}")
+                accel = "kvm" if kvm_failure is None else "tcg"
+            if accel == "tcg":
+                tcg_failure = probe_qemu(qemu, "tcg", elf, work)
+                if tcg_failure is not None:
+                    raise BenchError(f"QEMU does not run the guest: {tcg_failure}")
+            qemu_label = f"QEMU ({accel.upper()})"
+            host = host_info(qemu)
+
+            def run_hvf(n: int, what: str) -> dict[str, Any]:
+                backend = Backend(args.backend, work, "hvf")
+                return run_once(hvf_command(elf, n, backend.hvf_spec()), backend, n, what)
+
+            def run_qemu(n: int, what: str) -> dict[str, Any]:
+                backend = Backend(args.backend, work, "qemu")
+                return run_once(qemu_command(qemu, accel, elf, n, backend.qemu_args()),
+                                backend, n, what)
+
+            if progress:
+                print(f"serial: N={args.n}, backend {args.backend}, {qemu_label}, "
+                      f"{args.rounds} rounds (+{args.warmup} warm-up)",
+                      file=sys.stderr, flush=True)
+            rows = bench({"hvf": run_hvf, "qemu": run_qemu}, args.n, args.rounds,
+                         args.warmup, progress)
+    except (BenchError, subprocess.TimeoutExpired) as e:
+        print(f"serial: {e}", file=sys.stderr)
+        return 2
+
+    backend_desc = (
+        "a regular file on both: hvf `-l com1,file=PATH`, QEMU `-serial file:PATH`"
+        if args.backend == "file" else
+        "a UNIX socket read all along on both: hvf `-l com1,unix=PATH`, QEMU "
+        "`-chardev socket,server=on,wait=on` + `-serial chardev:`"
+    )
+    config = {"n": args.n, "rounds": args.rounds, "warmup": args.warmup,
+              "backend": args.backend, "backend_desc": backend_desc,
+              "qemu_accel": accel, "qemu_label": qemu_label,
+              "qemu_kvm_failure": kvm_failure if args.qemu_accel == "auto" else None}
+    summary = summarize(rows, args.target, args.metric)
+    print(report(rows, summary, host, config))
+    if args.json:
+        out_path = pathlib.Path("com1.out" if args.backend == "file" else "com1.sock")
+        doc = {
+            "benchmark": "serial",
+            "method": "same guest (serial_tx n=N mode=byte) on both; throughput = N / time "
+            "from the guest's `uart` debug-console line to the last byte at the backend "
+            "(wall), or N / the VMM's CPU time from `uart` to `tx done` (cpu); alternating "
+            f"runs; verdict on the median per-round ratio hvf/QEMU by {args.metric} time",
+            **{k: v for k, v in config.items() if k != "backend_desc"},
+            "host": host,
+            "hvf_command": hvf_command(pathlib.Path("serial_tx.elf"), args.n,
+                                       hvf_backend_spec(args.backend, out_path)),
+            "qemu_command": qemu_command(qemu, accel, pathlib.Path("serial_tx.elf"), args.n,
+                                         qemu_backend_args(args.backend, out_path)),
+            "summary": summary,
+            "per_round": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 1 if args.strict and summary["verdict"] == "MISS" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
