@@ -11,6 +11,7 @@ makes the restore fail.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from hvf.snapshot_api import StateReader, StateWriter, upgrade
 if TYPE_CHECKING:
     from hvf.registry import CtlCommands
     from hvf.vm import Machine
+
+log = logging.getLogger("hvf.snapshot")
 
 CORE_OWNER = "hvf"
 Progress = Callable[[int, int], None]
@@ -117,7 +120,13 @@ class CorePlugin:
         _check_version(vm_chunk.name, vm_chunk.version, vmstate.VM_STATE_VERSION)
         vmstate.restore_vm(vm, vm_chunk.fields)
         for device in vm.devices:
-            chunk = state.take(f"device.{device.name}")
+            name = f"device.{device.name}"
+            if not state.has(name):
+                # A device that did not exist when the snapshot was made (added by a
+                # later hvf): it starts from its reset state.
+                log.warning("the snapshot has no state for %s; it starts from reset", device.name)
+                continue
+            chunk = state.take(name)
             fields = upgrade(chunk, device.state_version, device.state_upgrades)
             try:
                 device.restore_state(fields, device.state_version)

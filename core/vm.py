@@ -94,6 +94,8 @@ class Machine:
         self._running = 0
         self._halt_probe: dict[int, str | None] | None = None
         self.started_at = 0.0
+        #: True while a machine is built to receive a snapshot's state (RAM included).
+        self.restoring = False
         self.control: ControlServer | None = None
 
         cpuid = self.kvm.supported_cpuid()
@@ -140,10 +142,19 @@ class Machine:
     def build(self, *, restoring: bool = False) -> None:
         """Let the plugins build buses and devices, then load what the guest boots
         (nothing when the state comes from a snapshot)."""
+        self.restoring = restoring
         self.control = ControlServer(self)  # refuses a second VM of the same name
         self.hook.hvf_machine_build(vm=self)
         self.hook.hvf_machine_ready(vm=self)
         kernel = self.config.get("boot.kernel")
+        if not kernel and self.config.get("lpc.bootrom"):
+            from hvf.acpi import build_for
+            from hvf.plugins.lpc.fwcfg import find
+
+            firmware_config = find(self)
+            if firmware_config is not None:  # the firmware installs our ACPI tables
+                # (also on restore: fw_cfg's file selectors must be what they were)
+                build_for(self).to_fw_cfg(firmware_config)
         if restoring:
             return
         if kernel:
@@ -155,14 +166,7 @@ class Machine:
                 initrd=self.config.get("boot.initrd"),
                 cmdline=self.config.get("boot.append") or "",
             )
-        elif self.config.get("lpc.bootrom"):
-            from hvf.acpi import build_for
-            from hvf.plugins.lpc.fwcfg import find
-
-            firmware_config = find(self)
-            if firmware_config is not None:  # the firmware installs our ACPI tables
-                build_for(self).to_fw_cfg(firmware_config)
-        else:
+        elif not self.config.get("lpc.bootrom"):
             raise ConfigError("virtual machine cannot be booted: give --kernel or -l bootrom,ROM")
 
     # ---- interrupts ----

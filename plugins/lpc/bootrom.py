@@ -64,7 +64,8 @@ class BootRom(Device):
         if self.vars_path:
             top = self._map_vars(vm, base)
         self.lowest = top
-        if vm.memory.contains(SHADOW_BASE, SHADOW_SIZE):
+        if vm.memory.contains(SHADOW_BASE, SHADOW_SIZE) and not vm.restoring:
+            # (a restored guest's RAM already holds the shadow as the firmware left it)
             vm.memory.write(SHADOW_BASE, self.rom[-SHADOW_SIZE:])
 
     def _map_vars(self, vm: Machine, rom_base: int) -> int:

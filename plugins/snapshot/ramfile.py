@@ -134,6 +134,31 @@ class _Writer:
         self.run_start = -1
 
 
+def _non_zero_pages(block: bytes, base: int, writer: _Writer) -> None:
+    """Hand ``writer`` the non-zero pages of ``block`` (at guest offset ``base``).
+
+    Zero pages are found with ``bytes.find`` (a C scan) rather than page by page: a
+    block of data with no zero page costs one search.
+    """
+    n = len(block)
+    pending = cursor = 0  # pending: start of the unwritten non-zero stretch
+    while True:
+        z = block.find(_ZERO_PAGE, cursor)
+        if z < 0:
+            break
+        aligned = z + (-z % PAGE)
+        if aligned + PAGE > n:
+            break
+        if aligned == z or block.startswith(_ZERO_PAGE, aligned):
+            if aligned > pending:
+                writer.page(base + pending, base + aligned)
+            pending = cursor = aligned + PAGE
+        else:
+            cursor = aligned
+    if pending < n and block[pending:] != bytes(n - pending):
+        writer.page(base + pending, base + n)
+
+
 def _scan(fd: int | None, view: memoryview, size: int, writer: _Writer,
           progress: Progress | None) -> None:
     next_report = PROGRESS_STEP
@@ -148,12 +173,7 @@ def _scan(fd: int | None, view: memoryview, size: int, writer: _Writer,
             block = view[off:off + n].tobytes()
             if block == (_ZERO_BLOCK if n == BLOCK else bytes(n)):
                 continue
-            for p in range(0, n, PAGE):
-                plen = min(PAGE, n - p)
-                if (block.startswith(_ZERO_PAGE, p) if plen == PAGE
-                        else block[p:p + plen] == bytes(plen)):
-                    continue
-                writer.page(off + p, off + p + plen)
+            _non_zero_pages(block, off, writer)
     writer.close_run()
     if progress:
         progress(size, size)
