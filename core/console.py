@@ -263,7 +263,7 @@ class ConsoleBackend:
 
     def input_wanted(self) -> None:
         """The receiver has room again (any thread): resume reading host input."""
-        if not self._reading and self.loop is not None:
+        if not self._reading and self.rfd is not None and self.loop is not None:
             self.loop.call_soon(self._resume)
 
     def _resume(self) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 from hvf.console import ConsoleBackend
 from hvf.plugins.uart.model import IIR_FCR, MCR, RBR_THR, Uart16550, UartState
 
-#: Offsets after which host input may be wanted again (RBR read, FCR or MCR write).
-_INPUT_GATES = frozenset({RBR_THR, IIR_FCR, MCR})
+#: Accesses after which host input may be wanted again: an RBR read, an FCR write
+#: (FIFO reset or enable) or an MCR write (loopback off).
+_READ_GATES = frozenset({RBR_THR})
+_WRITE_GATES = frozenset({IIR_FCR, MCR})
 
 
 class SerialPort:
@@ -53,7 +55,8 @@ class SerialPort:
                     value |= self.model.read(offset + i) << (8 * i)
                 else:
                     value |= 0xFF << (8 * i)
-            self._after_access(offset)
+            if offset in _READ_GATES:
+                self._want_input()
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -65,14 +68,14 @@ class SerialPort:
                 if self.backend is not None:
                     self.backend.write(bytes(self._tx_buffer))
                 self._tx_buffer.clear()
-            self._after_access(offset)
+            if offset in _WRITE_GATES:
+                if self._gate:
+                    self._update_line()  # OUT2 may have changed
+                self._want_input()
 
-    def _after_access(self, offset: int) -> None:
-        if offset in _INPUT_GATES:
-            if self._gate:
-                self._update_line()
-            if self.backend is not None and self.model.rx_room():
-                self.backend.input_wanted()
+    def _want_input(self) -> None:
+        if self.backend is not None and self.model.rx_room():
+            self.backend.input_wanted()
 
     def _intr_changed(self, level: bool) -> None:
         self._update_line()
