@@ -262,11 +262,13 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
 
     from hvf import snapshot
     from hvf.plugins.snapshot.ramfile import map_ram
-    from hvf.plugins.snapshot.store import SnapshotStore
     from hvf.snapshot_api import StateReader
     from hvf.vm import Machine
 
-    state, ram_path = SnapshotStore(Path(path)).load()
+    backend = plugins.snapshot_backends.get("directory")
+    if backend is None:
+        raise ConfigError("-r: no snapshot backend is installed (the 'snapshot' plugin)")
+    state, ram_path = backend.factory(Path(path)).load()
     saved = Config(state.machine.get("config", {}))
     differences = snapshot.config_differences(saved, given)
     if differences:

@@ -60,8 +60,9 @@ _snapshot_lock = threading.Lock()
 
 def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | None = None) -> dict[str, Any]:
     """Write a snapshot of ``vm`` to ``path``; returns a summary."""
-    from hvf.plugins.snapshot.store import SnapshotStore
-
+    backend = vm.plugins.snapshot_backends.get("directory")
+    if backend is None:
+        raise SnapshotError("no snapshot backend is installed (the 'snapshot' plugin)")
     if not _snapshot_lock.acquire(blocking=False):
         raise SnapshotError("another checkpoint of this VM is in progress")
     try:
@@ -77,8 +78,9 @@ def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | No
                 "cpus": vm.ncpus,
                 "config": vm.config.as_dict(),
             }
-            SnapshotStore(path).save(memory=vm.memory, machine=machine,
-                                     chunks=list(writer.chunks.values()), progress=progress)
+            backend.factory(path).save(memory=vm.memory, machine=machine,
+                                     chunks=list(writer.chunks.values()), progress=progress,
+                                     background_cleanup=True)
         finally:
             if not was_paused and not leave_paused:
                 vm.resume()

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -56,6 +57,15 @@ def _new_ram_name() -> str:
 
 def _ours(name: str) -> bool:
     return name == STATE or bool(_RAM_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name))
+
+
+_cleanups: list[threading.Thread] = []
+
+
+def wait_for_cleanups(timeout: float = 60.0) -> None:
+    """Let pending removals of replaced RAM files finish (before the process exits)."""
+    while _cleanups:
+        _cleanups.pop().join(timeout)
 
 
 class SnapshotStore:
@@ -107,8 +117,13 @@ class SnapshotStore:
             os.close(fd)
 
     def save(self, *, memory: RamSource, machine: Mapping[str, Any], chunks: Iterable[Chunk],
-             progress: Progress | None = None) -> None:
-        """Save guest RAM and device state; the previous snapshot survives any crash."""
+             progress: Progress | None = None, background_cleanup: bool = False) -> None:
+        """Save guest RAM and device state; the previous snapshot survives any crash.
+
+        With ``background_cleanup`` the replaced RAM files are deleted on a thread after
+        the commit (a big, fragmented file can take a while); :func:`wait_for_cleanups`
+        waits for that.
+        """
         chunks = list(chunks)
         seen: set[str] = set()
         for chunk in chunks:  # refuse bad device state before the long RAM write
@@ -129,7 +144,14 @@ class SnapshotStore:
                     with contextlib.suppress(OSError):
                         ram_path.unlink()
                 raise
-            self._clean(keep=ram_name)
+            stale = self._stale(keep=ram_name)
+            if not background_cleanup:
+                self._remove(stale)
+        if background_cleanup:
+            cleaner = threading.Thread(target=self._remove, args=(stale,),
+                                       name="hvf snapshot cleanup", daemon=True)
+            _cleanups.append(cleaner)
+            cleaner.start()
 
     def _committed(self, ram_name: str) -> bool:
         """Whether ``state`` names ``ram_name`` (a failure after the rename, say)."""
@@ -138,14 +160,17 @@ class SnapshotStore:
         except SnapshotError:
             return False
 
-    def _clean(self, *, keep: str) -> None:
-        """Remove RAM files other than ``keep`` and leftovers of interrupted saves."""
+    def _stale(self, *, keep: str) -> list[str]:
+        """RAM files other than ``keep`` and leftovers of interrupted saves."""
+        return [name for name in os.listdir(self.path)
+                if name != keep and (_RAM_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name))]
+
+    def _remove(self, names: list[str]) -> None:
         removed = False
-        for name in os.listdir(self.path):
-            if name != keep and (_RAM_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path / name)
-                    removed = True
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / name)
+                removed = True
         if removed:
             fsync_dir(self.path)
 
