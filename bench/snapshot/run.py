@@ -309,6 +309,9 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
                   rname], rname, work, {**env, "HVF_BENCH_MARKS": str(marks_path)}, f"{tag}-r{i}")
         try:
             got = rvm.wait_running(out)
+            deadline = time.monotonic() + 10  # "running" is answered just before the
+            while not marks_path.exists() and time.monotonic() < deadline:  # vCPUs start
+                time.sleep(0.005)
             marks = json.loads(marks_path.read_text())
             got.update({
                 "python_start": marks["exec"] - rvm.started,
