@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import hvf
+from hvf import smbios
 from hvf.errors import ConfigError
 import struct
 
@@ -63,6 +64,9 @@ def hvf_machine_ready(vm: Machine) -> None:
     firmware_config = fwcfg.find(vm)
     if firmware_config is not None:
         firmware_config.add_file("etc/e820", lambda: _e820_file(vm))
+        anchor, tables = smbios.build(vm.config)
+        firmware_config.add_file("etc/smbios/smbios-anchor", anchor)
+        firmware_config.add_file("etc/smbios/smbios-tables", tables)
         if vm.config.get("lpc.com1.path"):  # the firmware's console follows COM1
             firmware_config.add_file("etc/sercon-port", struct.pack("<H", com.COM_PORTS["com1"][0]))
     if not any(isinstance(d, bridge.LpcBridge) for d in vm.devices):

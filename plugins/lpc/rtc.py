@@ -63,7 +63,7 @@ class Rtc(Device):
 
     def _read(self, offset: int, size: int) -> int:
         if offset == 0:
-            return self.index
+            return 0xFF  # the index port is write-only on a PC (firmware probes it)
         return self.read_register(self.index)
 
     def _write(self, offset: int, size: int, value: int) -> None:
