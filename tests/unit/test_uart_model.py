@@ -261,16 +261,37 @@ class UartMachine(RuleBasedStateMachine):
             self.write_register(RBR_THR, value)
         self.write_register(MCR, lines)
 
-    @rule(offset=st.integers(0, 7))
-    def read(self, offset: int) -> None:
+    def read_register(self, offset: int) -> int:
         value, _ = self.on_all("read", offset)
         assert value == self.shadow.read(offset)
+        return int(value)
+
+    @rule(offset=st.integers(0, 7))
+    def read(self, offset: int) -> None:
+        self.read_register(offset)
 
     @rule(count=st.integers(1, 17))
     def read_received(self, count: int) -> None:
         """Read RBR repeatedly, as a driver draining the FIFO does."""
         for _ in range(count):
-            self.read(RBR_THR)
+            self.read_register(RBR_THR)
+
+    @rule(reply=st.binary(max_size=3))
+    def service_interrupt(self, reply: bytes) -> None:
+        """Handle the source IIR reports, as an interrupt handler would."""
+        source = self.read_register(IIR_FCR) & 0x0F
+        if self.shadow.lcr & LCR_DLAB:
+            return  # the data registers are hidden behind the divisor latch
+        if source == 0x06:
+            self.read_register(LSR)
+        elif source in (0x04, 0x0C):
+            while self.read_register(LSR) & LSR_DR:
+                self.read_register(RBR_THR)
+        elif source == 0x02:
+            for value in reply:
+                self.write_register(RBR_THR, value)
+        elif source == 0x00:
+            self.read_register(MSR)
 
     @rule(data=st.binary(max_size=20))
     def receive(self, data: bytes) -> None:
