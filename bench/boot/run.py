@@ -44,12 +44,9 @@ benchmark runs as root it installs Debian's ``qemu-system-x86`` with apt-get
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +54,25 @@ import tempfile
 import threading
 import time
 from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
+from common import (
+    BenchError,
+    Log,
+    add_output_options,
+    add_qemu_options,
+    add_rounds_options,
+    add_verdict_options,
+    find_qemu,
+    process_cpu_s,
+    qemu_host_info,
+    ratio_stats,
+    reap,
+    require_hvf,
+    require_kvm,
+    start_threads,
+    write_json,
+)
 
 DEFAULT_BIOS = "/usr/share/seabios/bios.bin"
 DEFAULT_ROUNDS = 5
@@ -75,37 +91,7 @@ BANNER_VERSION = re.compile(rb"SeaBIOS \(version ([^)\r\n]*)\)")
 HVF_GUEST_MARK = "port 0x0402"
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot be run, or a run did not do what it should."""
-
-
 # ---- setting up ----
-
-
-def find_qemu(name: str, install: bool, progress: bool) -> str:
-    """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
-    found = shutil.which(name)
-    if found:
-        return found
-    how = "install it with `apt-get install -y qemu-system-x86` (as root) or pass --qemu PATH"
-    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchError(f"{name} not found; {how}")
-    if progress:
-        print(f"boot: {name} not found, installing qemu-system-x86 with apt-get",
-              file=sys.stderr, flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    done = None
-    for cmd in (["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"],
-                ["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if cmd[1] == "install" and done.returncode == 0:
-            break
-    found = shutil.which(name)
-    if not found:
-        err = done.stderr[-2000:] if done is not None else ""
-        raise BenchError(f"installing qemu-system-x86 failed; {how}\n{err}")
-    return found
 
 
 def hvf_command(bios: str, name: str) -> list[str]:
@@ -128,16 +114,6 @@ def qemu_command(qemu: str, bios: str, trimmed: bool) -> list[str]:
 
 
 # ---- one run ----
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """User + system time so far of process ``pid``, all its threads (KVM accounts guest
-    time, and its in-kernel emulation, to the vCPU thread); None once it is gone."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(cmd: list[str], env: dict[str, str], what: str,
@@ -185,22 +161,11 @@ def run_once(cmd: list[str], env: dict[str, str], what: str,
             if len(err_lines) < 200:
                 err_lines.append(line)
 
-    readers = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=read_stderr, daemon=True)]
-    for t in readers:
-        t.start()
+    readers = start_threads(read_stdout, read_stderr)
     try:
         done.wait(timeout)
     finally:
-        exited_by_itself = proc.poll()
-        if exited_by_itself is None:
-            proc.kill()
-        proc.wait()
-        for t in readers:
-            t.join(10)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
+        exited_by_itself = reap(proc, readers)
     text = bytes(out)
     tail = "\n".join(err_lines[-15:])
     if "done" not in marks:
@@ -253,7 +218,7 @@ class Runners:
         return run_once(cmd, self.env, what, self.timeout)
 
 
-def bench(runners: Runners, rounds: int, warmup: int, progress: bool) -> list[dict[str, Any]]:
+def bench(runners: Runners, rounds: int, warmup: int, log: Log) -> list[dict[str, Any]]:
     for _ in range(warmup):  # page cache, .pyc files, the CPU's frequency
         for name in VMMS:
             runners.run(name, f"{LABELS[name]} warm-up")
@@ -271,41 +236,14 @@ def bench(runners: Runners, rounds: int, warmup: int, progress: bool) -> list[di
             row[f"{m}_ratio_trim"] = got["hvf"][key] / got["qemu_trim"][key]
             row[f"{m}_ratio_default"] = got["hvf"][key] / got["qemu"][key]
         rows.append(row)
-        if progress:
-            print(f"  round {r + 1}/{rounds}: hvf {got['hvf']['wall_s']:.2f} s, QEMU trimmed "
-                  f"{got['qemu_trim']['wall_s']:.2f} s, QEMU default {got['qemu']['wall_s']:.2f}"
-                  f" s; hvf/trimmed {row['wall_ratio_trim']:.3f} wall "
-                  f"{row['cpu_ratio_trim']:.3f} cpu", file=sys.stderr, flush=True)
+        log(f"  round {r + 1}/{rounds}: hvf {got['hvf']['wall_s']:.2f} s, QEMU trimmed "
+            f"{got['qemu_trim']['wall_s']:.2f} s, QEMU default {got['qemu']['wall_s']:.2f}"
+            f" s; hvf/trimmed {row['wall_ratio_trim']:.3f} wall "
+            f"{row['cpu_ratio_trim']:.3f} cpu")
     return rows
 
 
 # ---- reporting ----
-
-
-def host_info(qemu: str) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kvm = next(
-        (m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")),
-        "unknown",
-    )
-    try:
-        qemu_version = subprocess.run([qemu, "--version"], capture_output=True,
-                                      text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        qemu_version = ""
-    return {
-        "kernel": platform.release(), "kvm_module": kvm, "cpu": cpu, "cpus": os.cpu_count(),
-        "python": platform.python_version(), "python_executable": sys.executable,
-        "qemu": qemu_version, "qemu_path": qemu,
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -314,7 +252,6 @@ def _median_or_none(values: list[float | None]) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[str, Any]:
-    med = statistics.median
     summary: dict[str, Any] = {"metric": metric}
     for name in VMMS:
         summary[name] = {
@@ -327,7 +264,7 @@ def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[st
             ratios = [r[f"{m}_ratio_{base}"] for r in rows]
             other = "qemu_trim" if base == "trim" else "qemu"
             summary[f"{m}_{base}"] = {
-                "ratio": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                **ratio_stats(ratios),
                 "ratio_of_medians": summary["hvf"][f"{m}_s"] / summary[other][f"{m}_s"],
             }
     summary["ratio"] = summary[f"{metric}_trim"]["ratio"]
@@ -423,54 +360,37 @@ def main(argv: list[str] | None = None) -> int:
         prog="bench/boot/run.py",
         description='SeaBIOS from reset to "No bootable device", hvf against QEMU -M pc.',
     )
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help=f"measured rounds (default {DEFAULT_ROUNDS})")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="unmeasured rounds first (default 1)")
+    add_rounds_options(parser, DEFAULT_ROUNDS)
     parser.add_argument("--bios", default=DEFAULT_BIOS,
                         help=f"the SeaBIOS image all VMMs run (default {DEFAULT_BIOS})")
-    parser.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
-    parser.add_argument("--no-install", action="store_true",
-                        help="do not apt-get install qemu-system-x86 when QEMU is missing")
-    parser.add_argument("--metric", choices=METRICS, default="wall",
-                        help="the clock the verdict uses (default wall; both are reported)")
-    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
-                        help="PASS when the median ratio hvf/QEMU trimmed is at most this "
-                        f"(default {DEFAULT_TARGET})")
+    add_qemu_options(parser)
+    add_verdict_options(parser, DEFAULT_TARGET, "PASS when the median ratio hvf/QEMU trimmed "
+                        "is at most this", METRICS, "wall")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds one run may take (default {DEFAULT_TIMEOUT:.0f})")
-    parser.add_argument("--json", metavar="PATH", type=pathlib.Path,
-                        help="also write the results as JSON to PATH")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit with status 1 on MISS (default: 0 for PASS and MISS)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.timeout <= 0:
         parser.error("--rounds must be at least 1, --warmup at least 0, --timeout positive")
 
+    log = Log("boot", args.quiet)
+
     try:
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise BenchError("/dev/kvm is missing or not readable and writable")
+        require_kvm()
         if not os.path.isfile(args.bios):
             raise BenchError(f"{args.bios} not found (Debian: apt-get install seabios)")
         bios = os.path.abspath(args.bios)
-        probe = subprocess.run([sys.executable, "-c", "import hvf"], capture_output=True)
-        if probe.returncode != 0:
-            raise BenchError(
-                f"{sys.executable} cannot import hvf; run this with the interpreter that has "
-                "hvf installed (.venv/bin/python)"
-            )
-        qemu = find_qemu(args.qemu, not args.no_install, not args.quiet)
-        host = host_info(qemu)
+        require_hvf()
+        qemu = find_qemu(args.qemu, not args.no_install, log)
+        host = qemu_host_info(qemu)
         with tempfile.TemporaryDirectory(prefix="hvf-bench-boot-") as tmp:
             runners = Runners(qemu, bios, pathlib.Path(tmp), args.timeout)
-            if not args.quiet:
-                print(f"boot: {args.rounds} rounds (+{args.warmup} warm-up) of hvf, QEMU "
-                      "trimmed and QEMU default", file=sys.stderr, flush=True)
-            rows = bench(runners, args.rounds, args.warmup, not args.quiet)
+            log.note(f"{args.rounds} rounds (+{args.warmup} warm-up) of hvf, QEMU trimmed "
+                     "and QEMU default")
+            rows = bench(runners, args.rounds, args.warmup, log)
             commands = runners.commands()
     except (BenchError, OSError) as e:
-        print(f"boot: {e}", file=sys.stderr)
+        log.error(e)
         return 2
 
     config = {"bios": bios, "warmup": args.warmup}
@@ -493,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "per_round": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
     return 1 if args.strict and summary["verdict"] == "MISS" else 0
 
 

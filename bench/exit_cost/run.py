@@ -30,11 +30,8 @@ directory on every invocation.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -44,9 +41,23 @@ import time
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))  # bench/, for common
+from common import (
+    BenchError,
+    Log,
+    add_output_options,
+    add_rounds_options,
+    add_verdict_options,
+    build_guest,
+    host_info,
+    ratio_stats,
+    require_hvf,
+    require_kvm,
+    version_line,
+    write_json,
+)
+
 C_SOURCE = HERE / "kvm_loop.c"
-GUEST_BUILD = REPO / "tests" / "guests" / "build.py"
 
 DEFAULT_N = (20_000, 200_000)
 DEFAULT_ROUNDS = 7
@@ -57,23 +68,7 @@ RUN_TIMEOUT = 600.0
 METRICS = ("cpu", "wall")
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot be run, or a run did not do what it should."""
-
-
 # ---- building ----
-
-
-def build_guest(out_dir: pathlib.Path) -> pathlib.Path:
-    spec = importlib.util.spec_from_file_location("hvf_guest_build", GUEST_BUILD)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot load {GUEST_BUILD}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return pathlib.Path(module.build_guest("outloop", out_dir))
-    except module.GuestBuildError as e:
-        raise BenchError(f"building the outloop guest: {e}") from None
 
 
 def build_c_loop(out_dir: pathlib.Path, cc: str) -> pathlib.Path:
@@ -159,7 +154,7 @@ def slope(t1: float, t2: float, n1: int, n2: int) -> float:
 
 def bench(
     c_exe: pathlib.Path, elf: pathlib.Path, python: str, n1: int, n2: int, rounds: int,
-    warmup: int, progress: bool,
+    warmup: int, log: Log,
 ) -> list[dict[str, Any]]:
     runners = {
         "c": lambda n: run_c(c_exe, elf, n),
@@ -196,49 +191,16 @@ def bench(
         row["c_loop_ns_per_exit"] = slope(c1["loop_ns"], c2["loop_ns"], c1["exits"], c2["exits"])
         row["runs"] = {name: {str(n): got[name][n] for n in (n1, n2)} for name in got}
         results.append(row)
-        if progress:
-            print(
-                f"  round {r + 1}/{rounds}: ns/exit C {row['cpu']['c_ns_per_exit']:.1f} cpu "
-                f"{row['wall']['c_ns_per_exit']:.1f} wall, hvf "
-                f"{row['cpu']['hvf_ns_per_exit']:.1f} cpu {row['wall']['hvf_ns_per_exit']:.1f}"
-                f" wall; hvf/C {row['cpu']['ratio']:.3f} cpu {row['wall']['ratio']:.3f} wall",
-                file=sys.stderr,
-                flush=True,
-            )
+        log(
+            f"  round {r + 1}/{rounds}: ns/exit C {row['cpu']['c_ns_per_exit']:.1f} cpu "
+            f"{row['wall']['c_ns_per_exit']:.1f} wall, hvf "
+            f"{row['cpu']['hvf_ns_per_exit']:.1f} cpu {row['wall']['hvf_ns_per_exit']:.1f}"
+            f" wall; hvf/C {row['cpu']['ratio']:.3f} cpu {row['wall']['ratio']:.3f} wall"
+        )
     return results
 
 
 # ---- reporting ----
-
-
-def host_info(cc: str) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kvm = next(
-        (m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")),
-        "unknown",
-    )
-    try:
-        cc_version = subprocess.run(
-            [cc, "--version"], capture_output=True, text=True
-        ).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        cc_version = ""
-    return {
-        "kernel": platform.release(),
-        "kvm_module": kvm,
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "cc": cc_version,
-    }
 
 
 def summarize(
@@ -249,8 +211,7 @@ def summarize(
     for m in METRICS:
         fits = [r[m] for r in rows]
         d = {k: med(f[k] for f in fits) for k in fits[0]}
-        d["ratio_min"] = min(f["ratio"] for f in fits)
-        d["ratio_max"] = max(f["ratio"] for f in fits)
+        d.update(ratio_stats([f["ratio"] for f in fits]))
         d["ratio_of_medians"] = d["hvf_ns_per_exit"] / d["c_ns_per_exit"]
         summary[m] = d
     summary["c_loop_ns_per_exit"] = med(r["c_loop_ns_per_exit"] for r in rows)
@@ -366,51 +327,33 @@ def main(argv: list[str] | None = None) -> int:
         prog="bench/exit_cost/run.py",
         description="hvf's cost per VM exit, as a ratio against a minimal C KVM loop.",
     )
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help=f"measured rounds (default {DEFAULT_ROUNDS})")
+    add_rounds_options(parser, DEFAULT_ROUNDS)
     parser.add_argument("--n", type=parse_n, default=DEFAULT_N, metavar="N1,N2",
                         help="the two numbers of exits whose difference gives the slope "
                         f"(default {DEFAULT_N[0]},{DEFAULT_N[1]}; one value N means N/10,N)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="unmeasured rounds first (default 1)")
-    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
-                        help=f"PASS when the median ratio hvf/C is at most this "
-                        f"(default {DEFAULT_TARGET})")
-    parser.add_argument("--metric", choices=METRICS, default="cpu",
-                        help="the clock the verdict uses (default cpu; both are reported)")
-    parser.add_argument("--json", metavar="PATH", type=pathlib.Path,
-                        help="also write the results as JSON to PATH")
+    add_verdict_options(parser, DEFAULT_TARGET, "PASS when the median ratio hvf/C is at "
+                        "most this", METRICS, "cpu")
     parser.add_argument("--cc", default=os.environ.get("CC", "gcc"),
                         help="C compiler for kvm_loop.c (default $CC or gcc)")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit with status 1 on MISS (default: 0 for PASS and MISS)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be at least 1 and --warmup at least 0")
     n1, n2 = args.n
+    log = Log("exit_cost", args.quiet)
 
     try:
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise BenchError("/dev/kvm is missing or not readable and writable")
-        probe = subprocess.run([sys.executable, "-c", "import hvf"], capture_output=True)
-        if probe.returncode != 0:
-            raise BenchError(
-                f"{sys.executable} cannot import hvf; run this with the interpreter that has "
-                "hvf installed (.venv/bin/python)"
-            )
+        require_kvm()
+        require_hvf()
         with tempfile.TemporaryDirectory(prefix="hvf-exit-cost-") as tmp:
             work = pathlib.Path(tmp)
-            elf = build_guest(work)
+            elf = build_guest("outloop", work)
             c_exe = build_c_loop(work, args.cc)
-            host = host_info(args.cc)
-            if not args.quiet:
-                print(f"exit_cost: N={n1},{n2}, {args.rounds} rounds "
-                      f"(+{args.warmup} warm-up)", file=sys.stderr, flush=True)
-            rows = bench(c_exe, elf, sys.executable, n1, n2, args.rounds, args.warmup,
-                         not args.quiet)
+            host = host_info(cc=version_line(args.cc))
+            log.note(f"N={n1},{n2}, {args.rounds} rounds (+{args.warmup} warm-up)")
+            rows = bench(c_exe, elf, sys.executable, n1, n2, args.rounds, args.warmup, log)
     except (BenchError, subprocess.TimeoutExpired) as e:
-        print(f"exit_cost: {e}", file=sys.stderr)
+        log.error(e)
         return 2
 
     summary = summarize(rows, n1, n2, args.target, args.metric)
@@ -430,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "per_round": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
     return 1 if args.strict and summary["verdict"] == "MISS" else 0
 
 

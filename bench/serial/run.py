@@ -42,12 +42,7 @@ with apt-get (``--no-install`` turns that off).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
 import pathlib
-import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -58,9 +53,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-GUEST_BUILD = REPO / "tests" / "guests" / "build.py"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
+from common import (
+    BenchError,
+    Log,
+    add_output_options,
+    add_qemu_options,
+    add_rounds_options,
+    add_verdict_options,
+    build_guest,
+    find_qemu,
+    process_cpu_s,
+    qemu_host_info,
+    ratio_stats,
+    reap,
+    require_hvf,
+    require_kvm,
+    start_threads,
+    write_json,
+)
 
 DEFAULT_BYTES = 256 << 10
 DEFAULT_ROUNDS = 5
@@ -75,52 +86,9 @@ METRICS = ("cpu", "wall")
 UART_LINE = "uart 03f8 irq 4"
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot be run, or a run did not do what it should."""
-
-
 def pattern(n: int) -> bytes:
     """What ``serial_tx n=N`` sends."""
     return bytes((i * 7 + (i >> 8)) & 0xFF for i in range(n))
-
-
-# ---- setting up ----
-
-
-def build_guest(out_dir: pathlib.Path) -> pathlib.Path:
-    spec = importlib.util.spec_from_file_location("hvf_guest_build", GUEST_BUILD)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot load {GUEST_BUILD}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        return pathlib.Path(module.build_guest("serial_tx", out_dir))
-    except module.GuestBuildError as e:
-        raise BenchError(f"building the serial_tx guest: {e}") from None
-
-
-def find_qemu(name: str, install: bool, progress: bool) -> str:
-    """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
-    found = shutil.which(name)
-    if found:
-        return found
-    how = "install it with `apt-get install -y qemu-system-x86` (as root) or pass --qemu PATH"
-    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BenchError(f"{name} not found; {how}")
-    if progress:
-        print(f"serial: {name} not found, installing qemu-system-x86 with apt-get",
-              file=sys.stderr, flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"],
-                ["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if cmd[1] == "install" and done.returncode == 0:
-            break
-    found = shutil.which(name)
-    if not found:
-        raise BenchError(f"installing qemu-system-x86 failed; {how}\n{done.stderr[-2000:]}")
-    return found
 
 
 # ---- one run ----
@@ -229,16 +197,6 @@ def qemu_command(qemu: str, accel: str, elf: pathlib.Path, n: int,
     ]
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """User + system time so far of process ``pid``, all its threads (KVM accounts guest
-    time to the vCPU thread); None once it is gone."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_once(cmd: list[str], backend: Backend, n: int, what: str,
              timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
     """Run one VMM to completion; returns its timings after checking its output."""
@@ -264,11 +222,8 @@ def run_once(cmd: list[str], backend: Backend, n: int, what: str,
                 seen.notify_all()
 
     errors: list[bytes] = []
-    readers = [threading.Thread(target=read_stdout, daemon=True),
-               threading.Thread(target=lambda: errors.append(proc.stderr.read()),  # type: ignore[union-attr]
-                                daemon=True)]
-    for t in readers:
-        t.start()
+    readers = start_threads(read_stdout,
+                            lambda: errors.append(proc.stderr.read()))  # type: ignore[union-attr]
 
     def line_at(text: str) -> float | None:
         return next((t for t, line in lines if line == text), None)
@@ -289,14 +244,7 @@ def run_once(cmd: list[str], backend: Backend, n: int, what: str,
             time.sleep(POLL_SECONDS)
         t_exit = time.perf_counter()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for t in readers:
-            t.join(10)
-        for f in (proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
+        reap(proc, readers)
     data = backend.finish()
     stdout = [line for _, line in lines]
     stderr = b"".join(errors).decode(errors="replace")
@@ -358,7 +306,7 @@ def probe_qemu(qemu: str, accel: str, elf: pathlib.Path, work: pathlib.Path) -> 
 
 
 def bench(runners: dict[str, Callable[[int, str], dict[str, Any]]], n: int, rounds: int,
-          warmup: int, progress: bool) -> list[dict[str, Any]]:
+          warmup: int, log: Log) -> list[dict[str, Any]]:
     for _ in range(warmup):  # page cache, .pyc files, the CPU's frequency
         for name in VMMS:
             runners[name](WARMUP_BYTES, f"{name} warm-up")
@@ -376,42 +324,10 @@ def bench(runners: dict[str, Callable[[int, str], dict[str, Any]]], n: int, roun
             "cpu_ratio": got["qemu"]["cpu_s"] / got["hvf"]["cpu_s"],
         }
         rows.append(row)
-        if progress:
-            print(f"  round {r + 1}/{rounds}: hvf {got['hvf']['bytes_per_s'] / 1e3:.1f} kB/s, "
-                  f"QEMU {got['qemu']['bytes_per_s'] / 1e3:.1f} kB/s; hvf/QEMU "
-                  f"{row['wall_ratio']:.3f} wall, {row['cpu_ratio']:.3f} cpu",
-                  file=sys.stderr, flush=True)
+        log(f"  round {r + 1}/{rounds}: hvf {got['hvf']['bytes_per_s'] / 1e3:.1f} kB/s, "
+            f"QEMU {got['qemu']['bytes_per_s'] / 1e3:.1f} kB/s; hvf/QEMU "
+            f"{row['wall_ratio']:.3f} wall, {row['cpu_ratio']:.3f} cpu")
     return rows
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def host_info(qemu: str) -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kvm = next(
-        (m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")),
-        "unknown",
-    )
-    try:
-        qemu_version = subprocess.run([qemu, "--version"], capture_output=True,
-                                      text=True).stdout.splitlines()[0]
-    except (OSError, IndexError):
-        qemu_version = ""
-    return {
-        "kernel": platform.release(), "kvm_module": kvm, "cpu": cpu, "cpus": os.cpu_count(),
-        "python": platform.python_version(), "python_executable": sys.executable,
-        "qemu": qemu_version, "qemu_path": qemu,
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[str, Any]:
@@ -428,7 +344,7 @@ def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[st
         ratios = [r[f"{m}_ratio"] for r in rows]
         per_byte = "us_per_byte" if m == "wall" else "cpu_us_per_byte"
         summary[m] = {
-            "ratio": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            **ratio_stats(ratios),
             "ratio_of_medians": summary["qemu"][per_byte] / summary["hvf"][per_byte],
         }
     summary["ratio"] = summary[metric]["ratio"]
@@ -506,44 +422,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=DEFAULT_BYTES, metavar="BYTES",
                         help=f"bytes the guest sends per run (default {DEFAULT_BYTES})")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help=f"measured rounds (default {DEFAULT_ROUNDS})")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help=f"unmeasured rounds of {WARMUP_BYTES} bytes first (default 1)")
+    add_rounds_options(parser, DEFAULT_ROUNDS,
+                       f"unmeasured rounds of {WARMUP_BYTES} bytes first (default 1)")
     parser.add_argument("--backend", choices=("file", "unix"), default="file",
                         help="where COM1's output goes on both (default file)")
-    parser.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
+    add_qemu_options(parser)
     parser.add_argument("--qemu-accel", choices=("auto", "kvm", "tcg"), default="auto",
                         help="QEMU's accelerator; auto: KVM if it runs the guest here, "
                         "else TCG, which the report then says (default auto)")
-    parser.add_argument("--no-install", action="store_true",
-                        help="do not apt-get install qemu-system-x86 when QEMU is missing")
-    parser.add_argument("--target", type=float, default=DEFAULT_TARGET,
-                        help=f"PASS when the median ratio hvf/QEMU is at least this "
-                        f"(default {DEFAULT_TARGET})")
-    parser.add_argument("--metric", choices=METRICS, default="cpu",
-                        help="the clock the verdict uses (default cpu; both are reported)")
-    parser.add_argument("--json", metavar="PATH", type=pathlib.Path,
-                        help="also write the results as JSON to PATH")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit with status 1 on MISS (default: 0 for PASS and MISS)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    add_verdict_options(parser, DEFAULT_TARGET, "PASS when the median ratio hvf/QEMU is at "
+                        "least this", METRICS, "cpu")
+    add_output_options(parser)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or not 16 <= args.n < 1 << 31:
         parser.error("--rounds must be at least 1, --warmup at least 0, --n at least 16")
-    progress = not args.quiet
+    log = Log("serial", args.quiet)
 
     try:
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise BenchError("/dev/kvm is missing or not readable and writable")
-        probe = subprocess.run([sys.executable, "-c", "import hvf"], capture_output=True)
-        if probe.returncode != 0:
-            raise BenchError(f"{sys.executable} cannot import hvf; run this with the "
-                             "interpreter that has hvf installed (.venv/bin/python)")
-        qemu = find_qemu(args.qemu, not args.no_install, progress)
+        require_kvm()
+        require_hvf()
+        qemu = find_qemu(args.qemu, not args.no_install, log)
         with tempfile.TemporaryDirectory(prefix="hvf-serial-bench-") as tmp:
             work = pathlib.Path(tmp)
-            elf = build_guest(work)
+            elf = build_guest("serial_tx", work)
             accel, kvm_failure = args.qemu_accel, None
             if accel in ("auto", "kvm"):
                 kvm_failure = probe_qemu(qemu, "kvm", elf, work)
@@ -555,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 if tcg_failure is not None:
                     raise BenchError(f"QEMU does not run the guest: {tcg_failure}")
             qemu_label = f"QEMU ({accel.upper()})"
-            host = host_info(qemu)
+            host = qemu_host_info(qemu)
 
             def run_hvf(n: int, what: str) -> dict[str, Any]:
                 backend = Backend(args.backend, work, "hvf")
@@ -566,14 +467,12 @@ def main(argv: list[str] | None = None) -> int:
                 return run_once(qemu_command(qemu, accel, elf, n, backend.qemu_args()),
                                 backend, n, what)
 
-            if progress:
-                print(f"serial: N={args.n}, backend {args.backend}, {qemu_label}, "
-                      f"{args.rounds} rounds (+{args.warmup} warm-up)",
-                      file=sys.stderr, flush=True)
+            log.note(f"N={args.n}, backend {args.backend}, {qemu_label}, "
+                     f"{args.rounds} rounds (+{args.warmup} warm-up)")
             rows = bench({"hvf": run_hvf, "qemu": run_qemu}, args.n, args.rounds,
-                         args.warmup, progress)
+                         args.warmup, log)
     except (BenchError, subprocess.TimeoutExpired) as e:
-        print(f"serial: {e}", file=sys.stderr)
+        log.error(e)
         return 2
 
     backend_desc = (
@@ -605,8 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "per_round": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, doc)
     return 1 if args.strict and summary["verdict"] == "MISS" else 0
 
 

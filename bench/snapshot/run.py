@@ -62,8 +62,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-GUEST_BUILD = REPO / "tests" / "guests" / "build.py"
+sys.path.insert(0, str(HERE.parent))  # bench/, for common
+from common import (
+    BenchError,
+    Log,
+    add_output_options,
+    build_guest,
+    require_kvm,
+    write_json,
+)
+
 TIMED_HVF = HERE / "timed_hvf.py"
 MACHINE = ("-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev")
 MiB = 1 << 20
@@ -76,10 +84,6 @@ JUDGE_DATA = 16 * MiB
 WAIT = 120.0
 
 
-class BenchError(RuntimeError):
-    pass
-
-
 def parse_size(text: str) -> int:
     units = {"M": 20, "G": 30}
     text = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -90,15 +94,6 @@ def parse_size(text: str) -> int:
 
 def size_name(n: int) -> str:
     return f"{n >> 30} GiB" if n >= 1 << 30 and n % (1 << 30) == 0 else f"{n >> 20} MiB"
-
-
-def log(msg: str) -> None:
-    if not QUIET:
-        sys.stderr.write(f"snapshot bench: {msg}\n")
-        sys.stderr.flush()
-
-
-QUIET = False
 
 
 # ---- the control socket, without hvf's client (so the benchmark times one thing) ----
@@ -247,7 +242,7 @@ def state_info(snap: Path) -> dict[str, Any]:
 
 
 def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work: Path,
-               env: dict[str, str], restored_save: bool) -> dict[str, Any]:
+               env: dict[str, str], restored_save: bool, log: Log) -> dict[str, Any]:
     kind = "dirty" if dirty_fraction else "clean"
     tag = f"{size >> 20}m-{kind}"
     case: dict[str, Any] = {"size": size, "ram": kind, "dirty_fraction": dirty_fraction}
@@ -261,8 +256,8 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
         if dirty_fraction:
             t0 = time.monotonic()
             case["dirtied_bytes"] = dirty(vm.proc.pid, size, dirty_fraction, seed=size)
-            log(f"{tag}: wrote {case['dirtied_bytes'] >> 20} MiB into guest RAM "
-                f"in {time.monotonic() - t0:.1f} s")
+            log.note(f"{tag}: wrote {case['dirtied_bytes'] >> 20} MiB into guest RAM "
+                     f"in {time.monotonic() - t0:.1f} s")
 
         saves, inside = [], []
         snap = work / f"{tag}.snap"
@@ -270,7 +265,7 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
             remove(snap)
             reply = call(vm.sock, "checkpoint", timing=saves, path=str(snap))
             inside.append(float(reply["seconds"]))
-            log(f"{tag}: save {i + 1}/{rounds}: {saves[-1]:.3f} s")
+            log.note(f"{tag}: save {i + 1}/{rounds}: {saves[-1]:.3f} s")
         case.update(state_info(snap))
         case["save_s"], case["save_reply_s"] = saves, inside
 
@@ -282,7 +277,7 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
             subprocess.run(["sh", "-c", 'cp --sparse=always "$1" "$2" && sync "$2"', "sh",
                             str(ram_file(snap)), str(dst)], check=True)
             copies.append(time.monotonic() - t0)
-            log(f"{tag}: cp+sync {i + 1}/{rounds}: {copies[-1]:.3f} s")
+            log.note(f"{tag}: cp+sync {i + 1}/{rounds}: {copies[-1]:.3f} s")
         case["copy_s"] = copies
         case["copy_allocated"] = dst.stat().st_blocks * 512
         remove(dst)
@@ -322,8 +317,8 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
                 **{k: v for k, v in marks.items() if k.startswith("t_")},
             })
             restores.append(got)
-            log(f"{tag}: restore {i + 1}/{rounds}: in hvf {got['in_hvf'] * 1e3:.1f} ms, "
-                f"status {got['status'] * 1e3:.0f} ms")
+            log.note(f"{tag}: restore {i + 1}/{rounds}: in hvf {got['in_hvf'] * 1e3:.1f} ms, "
+                     f"status {got['status'] * 1e3:.0f} ms")
         finally:
             if i < rounds - 1 or not restored_save:
                 rvm.poweroff()
@@ -337,7 +332,7 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
             t0 = time.monotonic()
             call(last.sock, "checkpoint", timeout=3600, path=str(rsnap))
             case["restored_save_s"] = time.monotonic() - t0
-            log(f"{tag}: save of a restored VM: {case['restored_save_s']:.2f} s")
+            log.note(f"{tag}: save of a restored VM: {case['restored_save_s']:.2f} s")
             remove(rsnap)
         finally:
             last.poweroff()
@@ -348,11 +343,8 @@ def bench_case(guest: Path, size: int, dirty_fraction: float, rounds: int, work:
 # ---- summary and report ----
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def summarize(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    med = statistics.median
     rows = []
     for c in cases:
         r = c["restore"]
@@ -440,44 +432,39 @@ def report(summary: dict[str, Any], host: dict[str, Any], rounds: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global QUIET
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256M,1G,4G")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dirty", type=float, default=0.25,
                    help="fraction of guest RAM to fill for the dirty case (0: skip it)")
     p.add_argument("--dir", default=None, help="where snapshots are written")
-    p.add_argument("--json", metavar="PATH")
     p.add_argument("--no-restored-save", action="store_true")
-    p.add_argument("--strict", action="store_true", help="exit 1 on a MISS")
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_output_options(p)
     args = p.parse_args(argv)
-    QUIET = args.quiet
+    log = Log("snapshot bench", args.quiet)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        sys.stderr.write("snapshot bench: needs a read/write /dev/kvm\n")
+    try:
+        require_kvm()
+    except BenchError as e:
+        log.error(e)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="hvf-snapbench-", dir=args.dir))
     try:
-        sys.path.insert(0, str(GUEST_BUILD.parent))
-        from build import build_guest  # type: ignore[import-not-found]
-
         guest = build_guest("counter", tmp / "guests")
         env = {**os.environ, "HVF_RUNTIME_DIR": str(tmp / "run")}
         cases = []
         for fraction in ([0.0, args.dirty] if args.dirty else [0.0]):
             for size in sizes:
                 cases.append(bench_case(guest, size, fraction, args.rounds, tmp, env,
-                                        not args.no_restored_save))
+                                        not args.no_restored_save, log))
         host = host_info(tmp)
         summary = summarize(cases)
         sys.stdout.write(report(summary, host, args.rounds))
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"host": host, "rounds": args.rounds, "summary": summary, "cases": cases},
-                indent=1) + "\n")
+            write_json(args.json, {"host": host, "rounds": args.rounds, "summary": summary,
+                                   "cases": cases}, indent=1)
     except (BenchError, subprocess.CalledProcessError, OSError) as e:
-        sys.stderr.write(f"snapshot bench: {e}\n")
+        log.error(e)
         return 2
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
