@@ -207,7 +207,9 @@ class Uart16550:
     "some enabled source pending" and ignores MCR.OUT2: on a PC, OUT2 gates the ISA
     IRQ outside the chip, so a bus that wants that gating drives its line with
     ``irq_pending and out2`` and re-evaluates it on each ``irq`` call and after each
-    MCR write (offset 4). A PCI UART can use ``irq`` directly.
+    MCR write (offset 4). A PCI UART can use ``irq`` directly. In loopback the
+    chip's interrupts keep working (INTR follows its sources as usual); only the
+    OUT2 pin is forced off, which is what disconnects a PC's IRQ then.
 
     ``tx(byte)`` is called for each byte the guest transmits outside loopback.
     Transmission is instantaneous, so THR is empty again straight after a write: the
@@ -323,7 +325,8 @@ class Uart16550:
         clock and its character time is zero (transmission is instantaneous), so the
         4 character times have passed as soon as the input goes idle: the backend
         says so by calling this after draining host input. From then on, while the
-        FIFO is enabled and holds data below the trigger level, IIR shows 0x0C. An
+        FIFO is enabled and holds data below the trigger level, IIR shows 0x0C (with
+        IER.ERBFI set; at or above the trigger it shows 0x04 as usual). An
         RBR read restarts the chip's timer, which with no new input expires again at
         once, so the indication lasts until the FIFO is empty or new input arrives;
         a guest that reads fewer bytes than are queued is interrupted again rather

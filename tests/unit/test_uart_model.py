@@ -9,12 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    rule,
-)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from hvf.plugins.uart.model import (
     FCR_ENABLE,
@@ -53,8 +48,8 @@ RARELY = st.sampled_from([False, False, False, True])
 class Wires:
     """Records what a UART drives: its INTR level changes and transmitted bytes."""
 
-    def __init__(self, level: bool = False) -> None:
-        self.level = level
+    def __init__(self) -> None:
+        self.level = False
         self.irq_calls = 0
         self.tx: list[int] = []
 
