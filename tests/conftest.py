@@ -1,13 +1,20 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""Shared fixtures: KVM availability, the test guests, running hvf as a user would."""
+"""Shared fixtures and helpers: KVM availability, the test guests, running hvf as a user
+would, waiting on it and stopping it."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import tty
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +94,54 @@ def run_guest(
     if append is not None:
         args += ["--append", append]
     return run_hvf([*args, "testvm"], timeout=timeout, env=env)
+
+
+def popen_hvf(args: Iterable[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``python -m hvf ARGS``: no stdin, stdout and stderr piped, unless ``popen``
+    says otherwise."""
+    kw: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
+                          "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([sys.executable, "-m", "hvf", *args], **kw)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL,
+         timeout: float | None = None) -> None:
+    """End ``proc`` with ``sig`` if it still runs, reap it and close its pipes."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    proc.wait(timeout)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def wait_for_text(path: Path, found: str, proc: subprocess.Popen[bytes], timeout: float,
+                  *, regex: bool = False) -> str:
+    """The text of ``path`` once it contains ``found`` (with ``regex``, once the multi-line
+    regular expression ``found`` matches in it); fails if ``proc`` exits first or
+    ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if (re.search(found, text, re.MULTILINE) if regex else found in text):
+            return text
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise AssertionError(f"hvf exited with {proc.returncode} before {found!r} "
+                                 f"appeared in {path}: {err}\ngot: {text[-3000:]!r}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{found!r} did not appear in {path} within {timeout} s; "
+                                 f"got: {text[-3000:]!r}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def raw_pty() -> Iterator[tuple[int, int, str]]:
+    """A new pty, its master raw so bytes pass unchanged: (master, slave, slave path)."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(master)
+        yield master, slave, os.ttyname(slave)
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_hvf
+from conftest import popen_hvf, run_hvf, stop, wait_for_text
 
 pytestmark = pytest.mark.kvm
 
@@ -27,30 +27,14 @@ def seabios() -> Path:
     return SEABIOS
 
 
-def wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = path.read_text(errors="replace") if path.exists() else ""
-        if text in content:
-            return content
-        if proc.poll() is not None:
-            raise AssertionError(f"hvf exited with {proc.returncode} before printing {text!r}: "
-                                 f"{proc.stderr.read().decode() if proc.stderr else ''}")
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} did not appear within {timeout} s; got {content[-2000:]!r}")
-
-
 def test_seabios_boots_to_no_bootable_device(seabios: Path, tmp_path: Path) -> None:
     console, debug = tmp_path / "com1.log", tmp_path / "debug.log"
     name = "seabios-vm"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvf", "-s", "0,hostbridge", "-s", "1,uart", "-s", "3:0,uart",
-         "-s", "31,lpc", "-l", f"com1,file={console}", "-l", f"debugcon,{debug}",
-         "-l", f"bootrom,{seabios}", name],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    proc = popen_hvf(["-s", "0,hostbridge", "-s", "1,uart", "-s", "3:0,uart",
+                      "-s", "31,lpc", "-l", f"com1,file={console}", "-l", f"debugcon,{debug}",
+                      "-l", f"bootrom,{seabios}", name])
     try:
-        text = wait_for(console, "No bootable device", proc, timeout=120)
+        text = wait_for_text(console, "No bootable device", proc, timeout=120)
         assert re.search(r"SeaBIOS \(version [^)]+\)", text)
         log = debug.read_text(errors="replace")
         # every -s device was enumerated by the firmware
@@ -72,11 +56,7 @@ def test_seabios_boots_to_no_bootable_device(seabios: Path, tmp_path: Path) -> N
         assert ports["uart@pci.0.3.0 BAR0"] == assigned[("00:03.0", 0)]
         assert "Found 4 serial ports" in log  # COM1-COM4 on the LPC bus
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            stream.close()
+        stop(proc, signal.SIGTERM, timeout=30)
 
 
 def test_bootrom_errors(tmp_path: Path) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import PVM, PVM_REASON
+from conftest import PVM, PVM_REASON, popen_hvf, stop, wait_for_text
 from hvf import guestkit
 from hvf.memory import GuestMemory, parse_size
 
@@ -32,25 +30,8 @@ def guest() -> guestkit.Guest:
 
 def boot(guest: guestkit.Guest, console: Path, append: str, *extra: str,
          name: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "hvf", *extra, "-s", "0,hostbridge", "-s", "31,lpc",
-         "-l", f"com1,file={console}", "--kernel", str(guest.kernel), "--append", append, name],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-
-
-def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if re.search(pattern, text, re.M):
-            return text
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise AssertionError(f"hvf exited with {proc.returncode}: {err}\nconsole: {text[-3000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"{pattern!r} did not appear in {timeout} s; console: {text[-3000:]}")
+    return popen_hvf([*extra, "-s", "0,hostbridge", "-s", "31,lpc", "-l", f"com1,file={console}",
+                      "--kernel", str(guest.kernel), "--append", append, name])
 
 
 def test_debian_kernel_prints_banner_and_hvfs_e820_map(guest: guestkit.Guest, tmp_path: Path) -> None:
@@ -58,14 +39,10 @@ def test_debian_kernel_prints_banner_and_hvfs_e820_map(guest: guestkit.Guest, tm
     append = "earlyprintk=serial console=ttyS0 noxsave hvf.test=e820"
     proc = boot(guest, console, append, "-m", "512M", name="linux-e820")
     try:
-        text = wait_for_line(console, r"^\[ *[0-9.]+\] printk: bootconsole", proc,
-                             EARLY_BOOT_TIMEOUT)
+        text = wait_for_text(console, r"^\[ *[0-9.]+\] printk: bootconsole", proc,
+                             EARLY_BOOT_TIMEOUT, regex=True)
     finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            stream.close()
+        stop(proc)
     assert re.search(rf"Linux version {re.escape(guest.kernel_version)} ", text)
     assert re.search(rf"Command line: {re.escape(append)}\s*$", text, re.M)
     printed = [
@@ -87,8 +64,7 @@ def test_debian_kernel_boots_to_init_with_pci_uart(guest: guestkit.Guest, tmp_pa
     try:
         status = proc.wait(timeout=300)
     finally:
-        proc.kill()
-        proc.wait()
+        stop(proc)
     report = guestkit.parse_report(console.read_text(errors="replace"))
     assert status == 1  # poweroff
     assert report["cpus"] == ["2"]
@@ -105,5 +81,4 @@ def test_debian_kernel_boots_to_init_with_pci_uart(guest: guestkit.Guest, tmp_pa
     try:
         assert reboot.wait(timeout=300) == 0
     finally:
-        reboot.kill()
-        reboot.wait()
+        stop(reboot)

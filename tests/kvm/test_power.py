@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BASE_ARGS, run_guest
+from conftest import BASE_ARGS, popen_hvf, run_guest, stop, wait_for_text
 
 pytestmark = pytest.mark.kvm
 
@@ -29,11 +28,8 @@ def test_reset_and_poweroff(guests: dict[str, Path], action: int, status: int, h
 
 
 def test_sigterm_presses_the_acpi_power_button(guests: dict[str, Path]) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvf", *BASE_ARGS, "--kernel", str(guests["power"]),
-         "--append", "action=5", "powerbutton"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    proc = popen_hvf([*BASE_ARGS, "--kernel", str(guests["power"]), "--append", "action=5",
+                      "powerbutton"])
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"action 5\n"
@@ -43,30 +39,17 @@ def test_sigterm_presses_the_acpi_power_button(guests: dict[str, Path]) -> None:
         assert proc.wait(timeout=60) == 1  # the guest saw the button and powered off
         assert proc.stdout.read() == b"power button\n"
     finally:
-        proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            assert stream is not None
-            stream.close()
+        stop(proc)
 
 
 def test_sigterm_without_acpi_stops_the_vm(guests: dict[str, Path], tmp_path: Path) -> None:
     """A guest that never enabled ACPI cannot hear the button: hvf stops (128 + SIGTERM)."""
     console = tmp_path / "com1.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvf", *BASE_ARGS, "-l", f"com1,file={console}",
-         "--kernel", str(guests["counter"]), "noacpi"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    proc = popen_hvf([*BASE_ARGS, "-l", f"com1,file={console}", "--kernel",
+                      str(guests["counter"]), "noacpi"], stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while "count 1" not in (console.read_text() if console.exists() else ""):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        wait_for_text(console, "count 1", proc, 60)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        stop(proc)

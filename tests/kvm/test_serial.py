@@ -18,19 +18,16 @@ import select
 import signal
 import socket
 import subprocess
-import sys
 import termios
 import threading
 import time
-import tty
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import BASE_ARGS, PVM
+from conftest import BASE_ARGS, PVM, popen_hvf, raw_pty, stop, wait_for_text
 
 pytestmark = pytest.mark.kvm
 
@@ -78,10 +75,7 @@ class Hvf:
         self.stderr = ""
         self._cond = threading.Condition()
         self.started = time.monotonic()
-        kw: dict[str, object] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        kw.update(popen)
-        self.proc = subprocess.Popen([sys.executable, "-m", "hvf", *args], **kw)  # type: ignore[call-overload]
+        self.proc = popen_hvf(args, **popen)
         self._threads = []
         if self.proc.stdout is not None:
             self._threads.append(threading.Thread(target=self._read_stdout, daemon=True))
@@ -171,18 +165,6 @@ class Hvf:
 
 def guest_args(guest: Path, append: str, *extra: str, base: Sequence[str] = BASE_ARGS) -> list[str]:
     return [*base, *extra, "--kernel", str(guest), "--append", append, "serialvm"]
-
-
-@contextmanager
-def raw_pty() -> Iterator[tuple[int, int, str]]:
-    """A new pty (master raw, so output reaches us unchanged): (master, slave, path)."""
-    master, slave = os.openpty()
-    try:
-        tty.setraw(master)
-        yield master, slave, os.ttyname(slave)
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def read_exactly(fd: int, n: int, timeout: float) -> bytes:
@@ -460,17 +442,6 @@ def _blocking_flags(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
 
 
-def _wait_file(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        content = path.read_text() if path.exists() else ""
-        if text in content:
-            return content
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise AssertionError(f"no {text!r} in {path} ({content!r})")
-        time.sleep(0.02)
-
-
 def _make_controlling_tty() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -502,25 +473,23 @@ def test_stdio_restores_the_controlling_terminal(
     nonblock_before = _blocking_flags(slave)
     assert before[3] & termios.ECHO and before[3] & termios.ICANON
     terminal = bytearray()
-    stop = threading.Event()
+    drained = threading.Event()
 
     def drain() -> None:  # hvf's stderr goes to the terminal: keep reading it
-        while not stop.is_set():
+        while not drained.is_set():
             if select.select([master], [], [], 0.05)[0]:
                 try:
                     terminal.extend(os.read(master, 65536))
                 except OSError:
                     return
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hvf", *args], stdin=slave, stdout=slave, stderr=slave,
-        start_new_session=True, preexec_fn=_make_controlling_tty,
-    )
+    proc = popen_hvf(args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                     preexec_fn=_make_controlling_tty)
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
     try:
         if case == "sigterm":
-            _wait_file(debug, "ready\n", proc, 30)
+            wait_for_text(debug, "ready\n", proc, 30)
             during = termios.tcgetattr(slave)
             assert not during[3] & (termios.ECHO | termios.ICANON | termios.ISIG), during
             assert not during[1] & termios.OPOST
@@ -535,10 +504,8 @@ def test_stdio_restores_the_controlling_terminal(
             proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        stop.set()
+        stop(proc)
+        drained.set()
         drainer.join(5)
         after = termios.tcgetattr(slave)
         nonblock_after = _blocking_flags(slave)

@@ -27,9 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-import tty
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +38,7 @@ from hvf.plugins.snapshot.statefile import read_state, write_state
 from hvf.plugins.snapshot.store import SnapshotStore
 from hvf.snapshot_api import Chunk
 
-from conftest import PVM, PVM_REASON, run_hvf
+from conftest import PVM, PVM_REASON, popen_hvf, raw_pty, run_hvf
 
 pytestmark = pytest.mark.kvm
 
@@ -69,10 +67,7 @@ class Hvf:
         self.stdout_path = tmp / f"{tag}.stdout"
         self.stderr_path = tmp / f"{tag}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hvf", *map(str, args)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-            )
+            self.proc = popen_hvf(map(str, args), stdout=out, stderr=err, env=env)
 
     @property
     def stdout(self) -> str:
@@ -436,18 +431,6 @@ def test_counter_rep_saved_in_the_middle_of_rep_outsb(
     print(f"counter_rep: {blocks} blocks, joins at {joins}, {mid_rep} of 4 saves inside rep outsb")
     if PVM:  # one exit per byte here: most saves land inside a rep outsb
         assert mid_rep >= 1, f"no save landed inside rep outsb (joins at {joins})"
-
-
-@contextmanager
-def raw_pty() -> Iterator[tuple[int, int, str]]:
-    """A new pty, raw so bytes pass unchanged: (master, slave, slave path)."""
-    master, slave = os.openpty()
-    try:
-        tty.setraw(master)
-        yield master, slave, os.ttyname(slave)
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_serial_rx_bytes_waiting_in_the_fifo_survive_a_restore(

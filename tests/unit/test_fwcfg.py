@@ -33,6 +33,8 @@ from hvf.plugins.lpc.fwcfg import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fakes import inp, outp
+
 SEL = 0x510
 DATA = 0x511
 DMA_HI = 0x514
@@ -57,23 +59,11 @@ class FakeVm:
         self.devices: list[Any] = []
 
 
-# ---- the guest's side: port accesses through the registered handlers ----
-
-
-def out(vm: FakeVm, port: int, size: int, value: int) -> None:
-    r = vm.pio.lookup(port)
-    assert r is not None, f"nothing at port {port:#x}"
-    r.write(port - r.base, size, value)
-
-
-def inp(vm: FakeVm, port: int, size: int) -> int:
-    r = vm.pio.lookup(port)
-    assert r is not None, f"nothing at port {port:#x}"
-    return r.read(port - r.base, size) & ((1 << (8 * size)) - 1)
+# ---- the guest's side: port accesses through the registered handlers (fakes.inp, outp) ----
 
 
 def select(vm: FakeVm, key: int) -> None:
-    out(vm, SEL, 2, key)
+    outp(vm, SEL, 2, key)
 
 
 def read_data(vm: FakeVm, n: int) -> bytes:
@@ -91,8 +81,8 @@ def bswap32(value: int) -> int:
 
 def kick_dma(vm: FakeVm, desc: int) -> None:
     """Start a transfer the way Linux does: high half, then low half, big-endian."""
-    out(vm, DMA_HI, 4, bswap32(desc >> 32))
-    out(vm, DMA_LO, 4, bswap32(desc & 0xFFFF_FFFF))
+    outp(vm, DMA_HI, 4, bswap32(desc >> 32))
+    outp(vm, DMA_LO, 4, bswap32(desc & 0xFFFF_FFFF))
 
 
 def dma(vm: FakeVm, control: int, length: int, address: int, desc: int = 0x1000) -> int:
@@ -228,8 +218,8 @@ def test_select_rewinds(vm: FakeVm, dev: FwCfg) -> None:
 def test_data_writes_and_odd_sizes_ignored(vm: FakeVm, dev: FwCfg) -> None:
     select(vm, KEY_SIGNATURE)
     assert read_data(vm, 1) == b"Q"
-    out(vm, DATA, 1, 0x41)  # the removed legacy write path
-    out(vm, SEL, 4, KEY_ID)  # only 16-bit writes select
+    outp(vm, DATA, 1, 0x41)  # the removed legacy write path
+    outp(vm, SEL, 4, KEY_ID)  # only 16-bit writes select
     assert inp(vm, DATA, 2) == 0  # only byte reads stream data
     assert read_data(vm, 3) == b"EMU"
 
@@ -359,7 +349,7 @@ def test_dma_64bit_address() -> None:
     assert vm.memory.read(4 * GiB + 0x2000, 4) == b"QEMU"
     # The high half resets after a transfer: a lone low write addresses low memory.
     vm.memory.write(0x1000, struct.pack(">IIQ", ctl, 4, 0x3000))
-    out(vm, DMA_LO, 4, bswap32(0x1000))
+    outp(vm, DMA_LO, 4, bswap32(0x1000))
     assert vm.memory.read(0x3000, 4) == b"QEMU"
     assert vm.memory.read(0x1000, 4) == bytes(4)
 
@@ -371,7 +361,7 @@ def test_save_restore(vm: FakeVm, dev: FwCfg) -> None:
     sel = dev.file_selector("etc/a")
     select(vm, sel)
     assert read_data(vm, 3) == b"alp"
-    out(vm, DMA_HI, 4, bswap32(0))
+    outp(vm, DMA_HI, 4, bswap32(0))
     state = dev.save_state()
     assert state == {"selector": sel, "offset": 3, "dma_high": 0}
 
@@ -389,7 +379,7 @@ def test_restore_keeps_dma_high_half(vm: FakeVm, dev: FwCfg) -> None:
     dev.restore_state({"selector": 0, "offset": 0, "dma_high": 7}, 1)
     assert dev.save_state()["dma_high"] == 7
     vm.memory.write(0x1000, struct.pack(">IIQ", DMA_CTL_READ, 4, 0x2000))
-    out(vm, DMA_LO, 4, bswap32(0x1000))  # goes to 7 << 32 | 0x1000: not RAM
+    outp(vm, DMA_LO, 4, bswap32(0x1000))  # goes to 7 << 32 | 0x1000: not RAM
     assert vm.memory.read(0x2000, 4) == bytes(4)
     assert dev.save_state()["dma_high"] == 0
 
@@ -502,15 +492,15 @@ def test_random_accesses_never_raise(ops: list[tuple[Any, ...]]) -> None:
         if op[0] == "io":
             _, port, size, is_write, value = op
             if is_write:
-                out(vm, port, size, value & ((1 << (8 * size)) - 1))
+                outp(vm, port, size, value & ((1 << (8 * size)) - 1))
             else:
                 assert 0 <= inp(vm, port, size) < 1 << (8 * size)
         else:
             _, control, length, address, desc, high = op
             if vm.memory.contains(desc, 16):
                 vm.memory.write(desc, struct.pack(">IIQ", control, length, address))
-            out(vm, DMA_HI, 4, bswap32(high))
-            out(vm, DMA_LO, 4, bswap32(desc))
+            outp(vm, DMA_HI, 4, bswap32(high))
+            outp(vm, DMA_LO, 4, bswap32(desc))
             target = high << 32 | desc
             if vm.memory.contains(target, 16):
                 status = int.from_bytes(vm.memory.read(target, 4), "big")

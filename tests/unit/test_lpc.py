@@ -12,27 +12,25 @@ import types
 from typing import Any
 
 import pytest
-from hvf.config import Config
 from hvf.device import Device
 from hvf.errors import ConfigError
-from hvf.iobus import MmioBus, PortBus
-from hvf.memory import GuestMemory, MiB
 from hvf.plugins.lpc import bridge
 from hvf.plugins.lpc.bridge import LpcBridge
-from hvf.plugins.pci.bus import ECAM_BASE, PciBus
+from hvf.plugins.pci.bus import PciBus
 from hvf.plugins.pci.device import PciDevice
 from hvf.plugins.pci.intx import pirq_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fakes
+from fakes import cfg_read, cfg_write, ecam_read, ecam_write
+
 LPC = (0, 31, 0)
 PIRQ_OFFSETS = (0x60, 0x61, 0x62, 0x63, 0x68, 0x69, 0x6A, 0x6B)
 
 
-class FakeVmfd:
-    def __init__(self, events: list[tuple[Any, ...]]) -> None:
-        self.events = events
-        self.level_triggered: list[int] = []
+class FakeVmfd(fakes.FakeVmfd):
+    """Lines are only ever made level-triggered here: recorded as bare numbers."""
 
     def set_level_triggered(self, irq: int, level: bool = True) -> None:
         assert level is True
@@ -40,90 +38,8 @@ class FakeVmfd:
         self.events.append(("level", irq))
 
 
-class FakeVm:
-    """What the PCI bus and the LPC bridge touch, with interrupt activity recorded."""
-
-    def __init__(self, config: dict[str, str] | None = None, lpc_devices: Any = ()) -> None:
-        self.pio = PortBus()
-        self.mmio = MmioBus()
-        self.memory = _memory()
-        self.devices: list[Any] = []
-        self.logged: list[str] = []
-        self.events: list[tuple[Any, ...]] = []  # set_irq and set_level_triggered, in order
-        self.irqs: list[tuple[int, bool]] = []
-        self.vmfd = FakeVmfd(self.events)
-        self.config = Config(config or {})
-        self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices))
-
-    def attach(self, device: Any) -> None:
-        # hvf.vm.Machine.attach's order: the device attaches, then it is listed.
-        device.attach(self)
-        self.devices.append(device)
-
-    def device(self, name: str) -> Any:
-        return next((d for d in self.devices if d.name == name), None)
-
-    def unhandled_log(self, message: str) -> None:
-        self.logged.append(message)
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.irqs.append((gsi, bool(level)))
-        self.events.append(("irq", gsi, bool(level)))
-
-
-_MEMORY: list[GuestMemory] = []
-
-
-def _memory() -> GuestMemory:
-    if not _MEMORY:
-        _MEMORY.append(GuestMemory(64 * MiB))
-    return _MEMORY[0]
-
-
-def inp(vm: FakeVm, port: int, size: int) -> int:
-    r = vm.pio.lookup(port)
-    assert r is not None
-    return r.read(port - r.base, size) & ((1 << (8 * size)) - 1)
-
-
-def outp(vm: FakeVm, port: int, size: int, value: int) -> None:
-    r = vm.pio.lookup(port)
-    assert r is not None
-    r.write(port - r.base, size, value)
-
-
-def conf1(bdf: tuple[int, int, int], offset: int) -> int:
-    b, s, f = bdf
-    return 0x8000_0000 | b << 16 | s << 11 | f << 8 | (offset & 0xFC)
-
-
-def cfg_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
-    outp(vm, 0xCF8, 4, conf1(bdf, offset))
-    return inp(vm, 0xCFC + (offset & 3), size)
-
-
-def cfg_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
-    outp(vm, 0xCF8, 4, conf1(bdf, offset))
-    outp(vm, 0xCFC + (offset & 3), size, value)
-
-
-def ecam(bdf: tuple[int, int, int], offset: int) -> int:
-    b, s, f = bdf
-    return ECAM_BASE + (b << 20 | s << 15 | f << 12 | offset)
-
-
-def ecam_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
-    addr = ecam(bdf, offset)
-    r = vm.mmio.lookup(addr)
-    assert r is not None
-    return r.read(addr - r.base, size)
-
-
-def ecam_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
-    addr = ecam(bdf, offset)
-    r = vm.mmio.lookup(addr)
-    assert r is not None
-    r.write(addr - r.base, size, value)
+class FakeVm(fakes.FakeVm):
+    vmfd_type = FakeVmfd
 
 
 class IntxDev(PciDevice):

@@ -13,10 +13,9 @@ import types
 from typing import Any
 
 import pytest
-from hvf.config import Config
 from hvf.errors import ConfigError, DeviceError
 from hvf.iobus import MmioBus, PortBus, Range
-from hvf.memory import GiB, GuestMemory, KiB, MiB
+from hvf.memory import GiB, KiB, MiB
 from hvf.plugins.pci import hostbridge
 from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
 from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
@@ -25,54 +24,20 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-# ---- a machine with just what the PCI code touches ----
+from fakes import (
+    FakeVm,
+    cfg_read,
+    cfg_write,
+    conf1,
+    ecam_read,
+    ecam_write,
+    inp,
+    mmio_read,
+    mmio_write,
+    outp,
+)
 
-
-class FakeVmfd:
-    def __init__(self) -> None:
-        self.level_triggered: list[tuple[int, bool]] = []
-
-    def set_level_triggered(self, irq: int, level: bool = True) -> None:
-        self.level_triggered.append((irq, level))
-
-
-class FakeVm:
-    """Buses, guest memory, devices, interrupt lines (recorded), configuration."""
-
-    def __init__(self, config: dict[str, str] | None = None, memory: Any = None) -> None:
-        self.pio = PortBus()
-        self.mmio = MmioBus()
-        self.memory = memory if memory is not None else _memory()
-        self.devices: list[Any] = []
-        self.logged: list[str] = []
-        self.irqs: list[tuple[int, bool]] = []
-        self.vmfd = FakeVmfd()
-        self.config = Config(config or {})
-        self.plugins = types.SimpleNamespace(lpc_devices=[], pci_devices={})
-
-    def attach(self, device: Any) -> None:
-        # The same order as hvf.vm.Machine.attach: the device attaches, then is listed.
-        device.attach(self)
-        self.devices.append(device)
-
-    def device(self, name: str) -> Any:
-        return next((d for d in self.devices if d.name == name), None)
-
-    def unhandled_log(self, message: str) -> None:
-        self.logged.append(message)
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.irqs.append((gsi, bool(level)))
-
-
-_MEMORY: list[GuestMemory] = []
-
-
-def _memory() -> GuestMemory:
-    # One 64 MiB memfd shared by every fake machine: nothing here touches guest RAM.
-    if not _MEMORY:
-        _MEMORY.append(GuestMemory(64 * MiB))
-    return _MEMORY[0]
+# ---- a machine with just what the PCI code touches (fakes.FakeVm) ----
 
 
 def make_vm(**kwargs: Any) -> tuple[FakeVm, PciBus]:
@@ -80,61 +45,6 @@ def make_vm(**kwargs: Any) -> tuple[FakeVm, PciBus]:
     bus = PciBus()
     vm.attach(bus)
     return vm, bus
-
-
-# ---- the guest's side ----
-
-
-def inp(vm: FakeVm, port: int, size: int) -> int:
-    r = vm.pio.lookup(port)
-    assert r is not None, f"nothing at port {port:#x}"
-    return r.read(port - r.base, size) & ((1 << (8 * size)) - 1)
-
-
-def outp(vm: FakeVm, port: int, size: int, value: int) -> None:
-    r = vm.pio.lookup(port)
-    assert r is not None, f"nothing at port {port:#x}"
-    r.write(port - r.base, size, value)
-
-
-def mmio_read(vm: FakeVm, addr: int, size: int) -> int:
-    r = vm.mmio.lookup(addr)
-    assert r is not None, f"nothing at {addr:#x}"
-    return r.read(addr - r.base, size) & ((1 << (8 * size)) - 1)
-
-
-def mmio_write(vm: FakeVm, addr: int, size: int, value: int) -> None:
-    r = vm.mmio.lookup(addr)
-    assert r is not None, f"nothing at {addr:#x}"
-    r.write(addr - r.base, size, value)
-
-
-def conf1(bdf: tuple[int, int, int], offset: int, enable: bool = True) -> int:
-    b, s, f = bdf
-    return (0x8000_0000 if enable else 0) | b << 16 | s << 11 | f << 8 | (offset & 0xFC)
-
-
-def cfg_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
-    outp(vm, 0xCF8, 4, conf1(bdf, offset))
-    return inp(vm, 0xCFC + (offset & 3), size)
-
-
-def cfg_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
-    outp(vm, 0xCF8, 4, conf1(bdf, offset))
-    outp(vm, 0xCFC + (offset & 3), size, value)
-
-
-def ecam_addr(bdf: tuple[int, int, int], offset: int) -> int:
-    b, s, f = bdf
-    return ECAM_BASE + (b << 20 | s << 15 | f << 12 | offset)
-
-
-def ecam_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
-    return mmio_read(vm, ecam_addr(bdf, offset), size)
-
-
-def ecam_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
-    mmio_write(vm, ecam_addr(bdf, offset), size, value)
 
 
 ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF}

@@ -1,0 +1,126 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""A fake machine with just what the PCI bus and the LPC bridge touch, and the guest's
+side of it: port and MMIO accesses through the registered handlers, called exactly as
+the vCPU loop calls them (``range.read(port - range.base, size)``), config mechanism #1
+at 0xCF8/0xCFC-0xCFF and the ECAM window."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from hvf.config import Config
+from hvf.iobus import MmioBus, PortBus
+from hvf.memory import GuestMemory, MiB
+from hvf.plugins.pci.bus import ECAM_BASE
+
+# ---- a machine with just what the PCI code touches ----
+
+
+class FakeVmfd:
+    def __init__(self, events: list[tuple[Any, ...]]) -> None:
+        self.events = events
+        self.level_triggered: list[Any] = []
+
+    def set_level_triggered(self, irq: int, level: bool = True) -> None:
+        self.level_triggered.append((irq, level))
+        self.events.append(("level", irq))
+
+
+class FakeVm:
+    """Buses, guest memory, devices, interrupt lines (recorded), configuration."""
+
+    vmfd_type = FakeVmfd
+
+    def __init__(self, config: dict[str, str] | None = None, memory: Any = None,
+                 lpc_devices: Any = ()) -> None:
+        self.pio = PortBus()
+        self.mmio = MmioBus()
+        self.memory = memory if memory is not None else _memory()
+        self.devices: list[Any] = []
+        self.logged: list[str] = []
+        self.events: list[tuple[Any, ...]] = []  # set_irq and set_level_triggered, in order
+        self.irqs: list[tuple[int, bool]] = []
+        self.vmfd = self.vmfd_type(self.events)
+        self.config = Config(config or {})
+        self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices), pci_devices={})
+
+    def attach(self, device: Any) -> None:
+        # The same order as hvf.vm.Machine.attach: the device attaches, then is listed.
+        device.attach(self)
+        self.devices.append(device)
+
+    def device(self, name: str) -> Any:
+        return next((d for d in self.devices if d.name == name), None)
+
+    def unhandled_log(self, message: str) -> None:
+        self.logged.append(message)
+
+    def set_irq(self, gsi: int, level: bool) -> None:
+        self.irqs.append((gsi, bool(level)))
+        self.events.append(("irq", gsi, bool(level)))
+
+
+_MEMORY: list[GuestMemory] = []
+
+
+def _memory() -> GuestMemory:
+    # One 64 MiB memfd shared by every fake machine: nothing here touches guest RAM.
+    if not _MEMORY:
+        _MEMORY.append(GuestMemory(64 * MiB))
+    return _MEMORY[0]
+
+
+# ---- the guest's side ----
+
+
+def inp(vm: FakeVm, port: int, size: int) -> int:
+    r = vm.pio.lookup(port)
+    assert r is not None, f"nothing at port {port:#x}"
+    return r.read(port - r.base, size) & ((1 << (8 * size)) - 1)
+
+
+def outp(vm: FakeVm, port: int, size: int, value: int) -> None:
+    r = vm.pio.lookup(port)
+    assert r is not None, f"nothing at port {port:#x}"
+    r.write(port - r.base, size, value)
+
+
+def mmio_read(vm: FakeVm, addr: int, size: int) -> int:
+    r = vm.mmio.lookup(addr)
+    assert r is not None, f"nothing at {addr:#x}"
+    return r.read(addr - r.base, size) & ((1 << (8 * size)) - 1)
+
+
+def mmio_write(vm: FakeVm, addr: int, size: int, value: int) -> None:
+    r = vm.mmio.lookup(addr)
+    assert r is not None, f"nothing at {addr:#x}"
+    r.write(addr - r.base, size, value)
+
+
+def conf1(bdf: tuple[int, int, int], offset: int, enable: bool = True) -> int:
+    b, s, f = bdf
+    return (0x8000_0000 if enable else 0) | b << 16 | s << 11 | f << 8 | (offset & 0xFC)
+
+
+def cfg_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
+    outp(vm, 0xCF8, 4, conf1(bdf, offset))
+    return inp(vm, 0xCFC + (offset & 3), size)
+
+
+def cfg_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
+    outp(vm, 0xCF8, 4, conf1(bdf, offset))
+    outp(vm, 0xCFC + (offset & 3), size, value)
+
+
+def ecam_addr(bdf: tuple[int, int, int], offset: int) -> int:
+    b, s, f = bdf
+    return ECAM_BASE + (b << 20 | s << 15 | f << 12 | offset)
+
+
+def ecam_read(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int) -> int:
+    return mmio_read(vm, ecam_addr(bdf, offset), size)
+
+
+def ecam_write(vm: FakeVm, bdf: tuple[int, int, int], offset: int, size: int, value: int) -> None:
+    mmio_write(vm, ecam_addr(bdf, offset), size, value)
