@@ -158,7 +158,6 @@ typedef struct { __u64 hardware_entry_failure_reason; __u32 cpu; ...; }
 typedef struct { __u32 suberror; __u32 ndata; __u64 data[16]; ...; }
                hvf_exit_internal;
 typedef struct { __u32 type; ...; } hvf_exit_system_event;
-typedef struct { __u64 hardware_exit_reason; ...; } hvf_exit_hw;
 static const int HVF_RUN_EXIT_OFFSET;
 
 struct kvm_userspace_memory_region {
@@ -231,7 +230,6 @@ typedef __typeof__(((struct kvm_run *)0)->mmio) hvf_exit_mmio;
 typedef __typeof__(((struct kvm_run *)0)->fail_entry) hvf_exit_fail_entry;
 typedef __typeof__(((struct kvm_run *)0)->internal) hvf_exit_internal;
 typedef __typeof__(((struct kvm_run *)0)->system_event) hvf_exit_system_event;
-typedef __typeof__(((struct kvm_run *)0)->hw) hvf_exit_hw;
 #define HVF_RUN_EXIT_OFFSET ((int)offsetof(struct kvm_run, io))
 #define HVF_IRQCHIP_CHIP_OFFSET ((int)offsetof(struct kvm_irqchip, chip))
 

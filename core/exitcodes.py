@@ -8,11 +8,3 @@ TRIPLE_FAULT = 3
 ERROR = 4
 #: Command-line usage error (sysexits' EX_USAGE).
 USAGE = 64
-
-NAMES = {
-    REBOOT: "reboot",
-    POWEROFF: "poweroff",
-    HALT: "halt",
-    TRIPLE_FAULT: "triple fault",
-    ERROR: "error",
-}

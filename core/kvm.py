@@ -255,7 +255,6 @@ class VcpuFd:
         self.exit_internal = ffi.cast("hvf_exit_internal *", exit_area)
         self.exit_fail_entry = ffi.cast("hvf_exit_fail_entry *", exit_area)
         self.exit_system_event = ffi.cast("hvf_exit_system_event *", exit_area)
-        self.exit_hw = ffi.cast("hvf_exit_hw *", exit_area)
 
     def get_regs(self) -> Any:
         regs = ffi.new("struct kvm_regs *")

@@ -24,7 +24,6 @@ MIN_PROTOCOL = 0x206  # 2.06: cmdline_size, relocatable kernels
 LONG_ENTRY_PROTOCOL = 0x20C  # 2.12: xloadflags with XLF_KERNEL_64
 RSDP_PROTOCOL = 0x20E  # 2.14: acpi_rsdp_addr
 XLF_KERNEL_64 = 1 << 0
-XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 LOADED_HIGH = 1 << 0
 LOADER_TYPE_UNKNOWN = 0xFF
 
@@ -115,7 +114,8 @@ def load(
     if initrd is not None:
         addr = _place_initrd(vm, image, len(initrd), kernel_end, initrd_path or "initrd")
         vm.memory.write(addr, initrd)
-        struct.pack_into("<II", params, HDR_RAMDISK_IMAGE, addr & 0xFFFFFFFF, len(initrd) & 0xFFFFFFFF)
+        struct.pack_into("<I", params, HDR_RAMDISK_IMAGE, addr & 0xFFFFFFFF)
+        struct.pack_into("<I", params, HDR_RAMDISK_SIZE, len(initrd) & 0xFFFFFFFF)
         struct.pack_into("<I", params, BP_EXT_RAMDISK_IMAGE, addr >> 32)
         struct.pack_into("<I", params, BP_EXT_RAMDISK_SIZE, len(initrd) >> 32)
 
