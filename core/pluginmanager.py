@@ -44,9 +44,11 @@ class Plugins:
     def __init__(self, load_entry_points: bool = True, extra: tuple[object, ...] = ()) -> None:
         self.pm = pluggy.PluginManager("hvf")
         self.pm.add_hookspecs(hookspecs)
+        from hvf.commands import CommandsPlugin
         from hvf.snapshot import CorePlugin
 
         self.pm.register(CorePlugin(), name="core")
+        self.pm.register(CommandsPlugin(), name="core-commands")
         if load_entry_points:
             _load_entry_points(self.pm)
         for plugin in extra:

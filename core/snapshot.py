@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hvf
-from hvf import exitcodes, vmstate
+from hvf import vmstate
 from hvf.config import Config
 from hvf.errors import SnapshotError
 from hvf.snapshot_api import StateReader, StateWriter, upgrade
 
 if TYPE_CHECKING:
-    from hvf.registry import CtlCommands
     from hvf.vm import Machine
 
 log = logging.getLogger("hvf.snapshot")
@@ -100,11 +99,11 @@ def restore(vm: Machine, chunks: StateReader) -> None:
 
 
 class CorePlugin:
-    """The core's own hook implementations: KVM state, devices, control commands."""
+    """The core's snapshot hooks: KVM's VM and vCPU state, and every device's fields."""
 
     @hvf.hookimpl
     def hvf_state_save(self, vm: Machine, state: StateWriter) -> None:
-        xsave_size = vmstate._xsave_size(vm)
+        xsave_size = vmstate.xsave_size(vm)
         msrs = vm.kvm.msr_index_list()
         state.add(name="vm", owner=CORE_OWNER, version=vmstate.VM_STATE_VERSION,
                   fields=vmstate.save_vm(vm))
@@ -134,94 +133,14 @@ class CorePlugin:
                 device.restore_state(fields, device.state_version)
             except (KeyError, TypeError, ValueError) as e:
                 raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
-        xsave_size = vmstate._xsave_size(vm)
+        xsave_size = vmstate.xsave_size(vm)
         for vcpu in vm.vcpus:
             chunk = state.take(f"vcpu.{vcpu.index}")
             _check_version(chunk.name, chunk.version, vmstate.VCPU_STATE_VERSION)
             vmstate.restore_vcpu(vcpu, chunk.fields, xsave_size)
-
-    @hvf.hookimpl
-    def hvf_register_ctl_commands(self, commands: CtlCommands) -> None:
-        commands.add("status", _status, help="show the VM's state")
-        commands.add("pause", _pause, help="stop the vCPUs")
-        commands.add("resume", _resume, help="let the vCPUs run again")
-        commands.add("poweroff", _poweroff, help="stop the VM (exit status 1)")
-        commands.add("registers", _registers, help="the vCPUs' registers (paused briefly)")
-        commands.add("iomap", _iomap, help="the registered I/O port and MMIO ranges")
-        commands.add("checkpoint", _checkpoint, help="write a snapshot; the VM runs on")
-        commands.add("suspend", _suspend,
-                     help="write a snapshot and stay paused (--exit: then stop)")
 
 
 def _check_version(name: str, version: int, current: int) -> None:
     if version > current:
         raise SnapshotError(f"'{name}' was saved by a newer hvf (state version {version}; "
                             f"this hvf reads up to {current})")
-
-
-def _status(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": vm.name,
-        "state": "paused" if vm.paused else "running",
-        "cpus": vm.ncpus,
-        "memory": vm.memory.size,
-        "pid": __import__("os").getpid(),
-        "uptime": round(time.monotonic() - vm.started_at, 3) if vm.started_at else 0,
-        "emulated": dict(vm.emulated),
-    }
-
-
-def _pause(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    if not vm.paused:
-        vm.pause()
-    return {"state": "paused"}
-
-
-def _resume(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    if vm.paused:
-        vm.resume()
-    return {"state": "running"}
-
-
-def _registers(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    was_paused = vm.paused
-    if not was_paused:
-        vm.pause()
-    try:
-        return {f"vcpu{v.index}": v.register_dump() for v in vm.vcpus}
-    finally:
-        if not was_paused:
-            vm.resume()
-
-
-def _iomap(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    def describe(ranges: Any) -> list[dict[str, Any]]:
-        return [{"base": r.base, "length": r.length, "owner": r.owner} for r in ranges]
-
-    return {"ports": describe(vm.pio.ranges()), "mmio": describe(vm.mmio.ranges())}
-
-
-def _poweroff(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    vm.request_exit(exitcodes.POWEROFF, "powered off by hvf ctl")
-    return {"state": "stopping"}
-
-
-def _snapshot_path(args: dict[str, Any]) -> Path:
-    path = args.get("path")
-    if not isinstance(path, str) or not path:
-        raise SnapshotError("a snapshot path is needed")
-    return Path(path)
-
-
-def _checkpoint(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    return save(vm, _snapshot_path(args), leave_paused=False, progress=args.get("_progress"))
-
-
-def _suspend(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    result = save(vm, _snapshot_path(args), leave_paused=True, progress=args.get("_progress"))
-    if args.get("exit"):
-        vm.request_exit(exitcodes.REBOOT, f"suspended to {result['path']}")
-        result["state"] = "stopping"
-    else:
-        result["state"] = "paused"
-    return result

@@ -35,7 +35,8 @@ _VCPU_STRUCTS = (
 _IRQCHIPS = (("pic_master", 0), ("pic_slave", 1), ("ioapic", 2))
 
 
-def _xsave_size(vm: Machine) -> int:
+def xsave_size(vm: Machine) -> int:
+    """Bytes of XSAVE state this VM's vCPUs have (KVM_CAP_XSAVE2, at least 4 KiB)."""
     size = vm.vmfd.check_extension(lib.KVM_CAP_XSAVE2)
     return max(size, ffi.sizeof("struct kvm_xsave"))
 
