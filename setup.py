@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""setuptools has no pyproject key for cffi modules; this file only names the binding."""
+"""setuptools has no pyproject key for cffi modules; this file only names the bindings."""
 
 from setuptools import setup
 
-setup(cffi_modules=["core/_kvm_build.py:ffibuilder"])
+setup(cffi_modules=["core/_kvm_build.py:ffibuilder", "core/_pages_build.py:ffibuilder"])

@@ -261,7 +261,7 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
     from pathlib import Path
 
     from hvf import snapshot
-    from hvf.plugins.snapshot.ramfile import map_ram
+    from hvf.plugins.snapshot.ramfile import open_ram
     from hvf.snapshot_api import StateReader
     from hvf.vm import Machine
 
@@ -276,8 +276,8 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
                           "backends and the name may change): " + "; ".join(differences))
     for key, value in given.items():
         saved.set(key, value)
-    ram = map_ram(ram_path, int(state.machine["memory_size"]))
-    vm = Machine(saved, plugins, ram=ram)
+    ram_file = open_ram(ram_path, int(state.machine["memory_size"]))
+    vm = Machine(saved, plugins, ram_file=ram_file)
     try:
         vm.build(restoring=True)
         snapshot.restore(vm, StateReader(state.chunks))

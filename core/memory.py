@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""Guest RAM: one memfd laid out as a PC, with bounds-checked guest-physical access.
+"""Guest RAM: one file laid out as a PC, with bounds-checked guest-physical access.
 
 RAM below :data:`LOWMEM_LIMIT` starts at guest address 0; whatever does not fit below
-the PCI hole is mapped from 4 GiB up. Both pieces are windows onto one memfd, so a
-snapshot backend can write or map the whole of guest RAM as a single file.
+the PCI hole is mapped from 4 GiB up. Both pieces are windows onto one file (a memfd,
+or a snapshot's RAM file), so a snapshot backend can write or map the whole of guest
+RAM as a single file.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import mmap
 import os
 import re
+from collections.abc import Iterator
 
 import attrs
 
+from hvf import extents
 from hvf._kvm import ffi
 from hvf.errors import ConfigError, GuestMemoryError
 
@@ -49,7 +52,7 @@ def parse_size(text: str) -> int:
 
 @attrs.frozen
 class Region:
-    """A contiguous piece of guest RAM: guest-physical base, size, memfd offset."""
+    """A contiguous piece of guest RAM: guest-physical base, size, file offset."""
 
     guest_base: int
     size: int
@@ -70,24 +73,35 @@ def pc_layout(size: int) -> tuple[Region, ...]:
 
 
 class GuestMemory:
-    """Guest RAM: a memfd mapped shared, or a given mapping (a snapshot's RAM file
-    mapped copy-on-write, in which case :attr:`fd` is None)."""
+    """Guest RAM: a new memfd mapped shared, or a snapshot's RAM file (``ram_file``, an
+    open descriptor this object takes over) mapped copy-on-write, so that pages load
+    from the file on first touch and the file is never modified."""
 
-    def __init__(self, size: int, backing: mmap.mmap | None = None) -> None:
+    def __init__(self, size: int, ram_file: int | None = None) -> None:
         if size % mmap.PAGESIZE:
             raise ConfigError(f"memory size {size} is not a multiple of the page size")
         self.size = size
         self.regions = pc_layout(size)
-        self.fd: int | None = None
-        if backing is None:
+        #: Whether :attr:`map` is a private (copy-on-write) mapping of :attr:`fd`.
+        self.private = ram_file is not None
+        if ram_file is None:
             self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
-            backing = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        elif len(backing) != size:
-            raise ConfigError(f"guest RAM mapping is {len(backing)} bytes, expected {size}")
-        self.map = backing
+            flags = mmap.MAP_SHARED
+        else:
+            self.fd = ram_file
+            flags = mmap.MAP_PRIVATE
+        self.map = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
+
+    def data_extents(self) -> Iterator[tuple[int, int]]:
+        """Page-aligned ``(start, end)`` offsets, sorted, outside of which guest RAM
+        is zero (see :mod:`hvf.extents`)."""
+        in_file = extents.file_extents(self.fd, self.size)
+        if not self.private:
+            return in_file
+        return extents.union(in_file, extents.private_extents(self.host_addr, self.size))
 
     @property
     def lowmem_size(self) -> int:
@@ -98,7 +112,7 @@ class GuestMemory:
         return self.regions[1].size if len(self.regions) > 1 else 0
 
     def _offset(self, gpa: int, length: int) -> int:
-        """The memfd offset of [gpa, gpa+length), which must lie inside one region."""
+        """The file offset of [gpa, gpa+length), which must lie inside one region."""
         for r in self.regions:
             if r.guest_base <= gpa and gpa + length <= r.guest_end:
                 return r.file_offset + gpa - r.guest_base

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import threading
 import time
 from collections import Counter
@@ -46,10 +45,11 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
 class Machine:
-    """One virtual machine, built from a configuration tree by the plugins."""
+    """One virtual machine, built from a configuration tree by the plugins; with
+    ``ram_file`` (a snapshot's RAM file, open) its RAM is that file, copy-on-write."""
 
     def __init__(
-        self, config: Config, plugins: Plugins, *, ram: mmap.mmap | None = None
+        self, config: Config, plugins: Plugins, *, ram_file: int | None = None
     ) -> None:
         self.config = config
         self.plugins = plugins
@@ -78,7 +78,7 @@ class Machine:
         self.vmfd.set_tss_addr(TSS_ADDR)
         self.vmfd.create_irqchip()
         self.vmfd.create_pit2()
-        self.memory = GuestMemory(memory_size, ram)
+        self.memory = GuestMemory(memory_size, ram_file)
         for slot, region in enumerate(self.memory.regions):
             self.vmfd.set_user_memory_region(
                 slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset

@@ -8,9 +8,10 @@ parent's) as JSON to ``$HVF_BENCH_MARKS``:
 - ``restore_start`` / ``restore_end``: around ``hvf.cli._restored_machine`` (load and
   check the snapshot, map its RAM, build the machine, load every chunk);
 - ``vcpus_started``: the last vCPU thread has been started (the VM runs);
-- ``t_load_state``, ``t_map_ram``, ``t_machine_init``, ``t_build``, ``t_restore_chunks``:
-  seconds spent in the steps of the restore (reading and checking the snapshot, mapping
-  its RAM, creating the KVM VM and vCPUs, building the devices, loading the chunks).
+- ``t_load_state``, ``t_open_ram``, ``t_machine_init``, ``t_build``, ``t_restore_chunks``:
+  seconds spent in the steps of the restore (reading and checking the snapshot, opening
+  its RAM file, creating the KVM VM with that file mapped as its RAM and the vCPUs,
+  building the devices, loading the chunks).
 
 It wraps a few functions at run time and changes nothing else in hvf.
 """
@@ -84,7 +85,7 @@ from hvf.plugins.snapshot import ramfile, store  # noqa: E402
 from hvf.vm import Machine  # noqa: E402
 
 _timed(store.SnapshotStore, "load", "t_load_state")
-_timed(ramfile, "map_ram", "t_map_ram")
+_timed(ramfile, "open_ram", "t_open_ram")
 _timed(Machine, "__init__", "t_machine_init")
 _timed(Machine, "build", "t_build")
 _timed(snapshot, "restore", "t_restore_chunks")

@@ -1,15 +1,17 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Guest RAM to and from a raw, sparse file.
 
-The RAM file is the guest's memfd byte for byte (low memory, then memory above 4 GiB,
+The RAM file is the guest's memory byte for byte (low memory, then memory above 4 GiB,
 as :mod:`hvf.memory` lays it out), with no header, so it can be mapped straight back.
 Zero memory becomes holes: the file's apparent size is the RAM size, its allocated
 blocks only the pages that hold data.
 
-Saving skips what the memfd never had (``SEEK_DATA``/``SEEK_HOLE`` on ``memory.fd``),
-then within the data it has compares 64 KiB blocks, and inside a non-zero block each
-4 KiB page, against zeros (a copy and a ``memcmp``), and ``pwrite``\\ s runs of non-zero
-pages from the shared mapping.
+Saving reads only where guest RAM may hold data (:meth:`GuestMemory.data_extents`:
+the memfd's data, or a restored guest's file data and private pages); there a C scan
+(:mod:`hvf._pages`) finds the runs of non-zero 4 KiB pages, which a few threads
+``pwrite`` straight from guest memory, with ``O_DIRECT`` where the file system takes
+it: the data goes to disk once, without a second copy in the page cache, and the
+closing ``fsync`` has little left to do.
 
 The checksum (``crc32-runs``) covers only what is written, so it costs no extra pass
 over memory: a CRC-32 over every maximal run of non-zero 4 KiB pages in address order,
@@ -29,23 +31,26 @@ import stat
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from hvf._pages import ffi, lib
 from hvf.errors import SnapshotError
+from hvf.extents import file_extents
 from hvf.plugins.snapshot.statefile import fsync_dir, temp_name
 
-PAGE = 4096
-BLOCK = 64 * 1024
+PAGE = lib.HVF_PAGE_SIZE
 #: Largest single pwrite; a longer run of data is written in pieces.
 WRITE_CHUNK = 8 * 1024 * 1024
+#: Threads writing pieces at once (the disk sees this queue depth).
+WRITERS = 4
 #: Progress is reported about this often (bytes of guest RAM scanned).
 PROGRESS_STEP = 64 * 1024 * 1024
 CHECKSUM_ALGORITHM = "crc32-runs"
 
-_ZERO_BLOCK = bytes(BLOCK)
-_ZERO_PAGE = bytes(PAGE)
 _RUN_TRAILER = struct.Struct("<QQ")
 
 Progress = Callable[[int, int], None]
@@ -55,39 +60,9 @@ class RamSource(Protocol):
     """What :func:`save_ram` needs of guest memory (:class:`hvf.memory.GuestMemory`)."""
 
     size: int
-    fd: int | None
     view: memoryview
 
-
-def _data_extents(fd: int | None, size: int) -> Iterator[tuple[int, int]]:
-    """Page-aligned [start, end) ranges of ``fd`` that may hold data; all if unknown."""
-    if fd is not None:
-        try:
-            pos = os.lseek(fd, 0, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data at all
-                return
-            pos = -1  # SEEK_DATA unsupported here: scan everything
-        if pos >= 0:
-            last = 0
-            while pos < size:
-                try:
-                    hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
-                except OSError:
-                    hole = size
-                start = max(pos - pos % PAGE, last)  # whole pages, each once
-                end = min(-(-hole // PAGE) * PAGE, size)
-                if end > start:
-                    yield start, end
-                    last = end
-                try:
-                    pos = os.lseek(fd, hole, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        return
-                    raise
-            return
-    yield 0, size
+    def data_extents(self) -> Iterable[tuple[int, int]]: ...
 
 
 class _Checksummer:
@@ -113,52 +88,113 @@ class _Checksummer:
         return self._crc
 
 
-class _Writer:
-    """Collects runs of non-zero pages, writes them and folds them into the CRC."""
+def _pwrite_all(fd: int, piece: memoryview, offset: int) -> None:
+    while piece:
+        n = os.pwrite(fd, piece, offset)
+        piece, offset = piece[n:], offset + n
 
-    def __init__(self, out: int | None, view: memoryview, checksum: bool = True) -> None:
+
+class _FileWriter:
+    """Writes pieces of guest RAM into a new file on :data:`WRITERS` threads.
+
+    Pieces aligned to the file system's block size go through a second descriptor
+    opened with ``O_DIRECT``; the rest, or everything where ``O_DIRECT`` is refused
+    (tmpfs, some network file systems), through the buffered one.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            os.close(self.fd)
+            os.unlink(path)
+            raise
+        self._direct_fd: int | None = None
+        try:
+            self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            pass  # not on this file system: buffered only
+        self.direct = self._direct_fd is not None
+        self.align = max(os.fstat(self.fd).st_blksize, PAGE)
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="hvf ram write")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, piece: memoryview, offset: int) -> None:
+        """Queue ``piece`` (a view the caller keeps valid) for ``offset``; raises the
+        error of an earlier write that failed."""
+        while len(self._pending) >= 2 * WRITERS:  # the scan waits for the disk, so
+            self._pending.popleft().result()  # progress is progress; errors stop it
+        self._pending.append(self._pool.submit(self._write, piece, offset))
+
+    def _write(self, piece: memoryview, offset: int) -> None:
+        if self.direct and offset % self.align == 0 and len(piece) % self.align == 0:
+            assert self._direct_fd is not None
+            try:
+                _pwrite_all(self._direct_fd, piece, offset)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False  # refused after all: buffered from now on
+        _pwrite_all(self.fd, piece, offset)
+
+    def finish(self) -> None:
+        """Wait for every write, then make the file durable."""
+        self._pool.shutdown(wait=True)
+        for f in self._pending:
+            f.result()
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd in (self.fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+class _Runs:
+    """Collects runs of non-zero pages, hands them to the writer in pieces of at most
+    :data:`WRITE_CHUNK`, and folds them into the CRC."""
+
+    def __init__(self, out: _FileWriter | None, view: memoryview, checksum: bool = True) -> None:
         self.out = out
         self.view = view
-        self.checksum = checksum
         self._summer = _Checksummer() if checksum else None
         self.data_bytes = 0
         self.run_start = -1  # start of the open run of non-zero pages, -1 if none
         self.done = 0  # the open run is written and summed up to here
         self.end = 0  # and extends to here
 
-    def page(self, start: int, end: int) -> None:
+    def add(self, start: int, end: int) -> None:
         """[start, end) is non-zero; extend the open run or start a new one."""
-        if self.run_start >= 0 and start == self.end:
-            self.end = end
-            if self.end - self.done >= WRITE_CHUNK:
-                self._flush()
-            return
-        self.close_run()
-        self.run_start = self.done = start
+        if self.run_start < 0 or start != self.end:
+            self.close_run()
+            self.run_start = self.done = start
         self.end = end
+        while self.end - self.done >= WRITE_CHUNK:
+            self._flush(self.done + WRITE_CHUNK)
 
-    def _flush(self) -> None:
-        piece = self.view[self.done:self.end]
+    def _flush(self, upto: int) -> None:
+        piece = self.view[self.done:upto]
         if self._summer is not None:
             self._summer.add(piece)
         if self.out is not None:
-            offset = self.done
-            while piece:
-                n = os.pwrite(self.out, piece, offset)
-                piece, offset = piece[n:], offset + n
-        self.data_bytes += self.end - self.done
-        self.done = self.end
+            self.out.write(piece, self.done)
+        self.data_bytes += upto - self.done
+        self.done = upto
 
     def close_run(self) -> None:
         if self.run_start < 0:
             return
-        self._flush()
+        if self.end > self.done:
+            self._flush(self.end)
         if self._summer is not None:
             self._summer.add(_RUN_TRAILER.pack(self.run_start, self.end - self.run_start))
         self.run_start = -1
 
     def discard(self) -> None:
-        """Stop the checksum thread of a write that failed."""
+        """Stop the checksum thread of a save that failed."""
         if self._summer is not None:
             self._summer.result()
 
@@ -169,47 +205,26 @@ class _Writer:
         return self._summer.result()
 
 
-def _non_zero_pages(block: bytes, base: int, writer: _Writer) -> None:
-    """Hand ``writer`` the non-zero pages of ``block`` (at guest offset ``base``).
-
-    Zero pages are found with ``bytes.find`` (a C scan) rather than page by page: a
-    block of data with no zero page costs one search.
-    """
-    n = len(block)
-    pending = cursor = 0  # pending: start of the unwritten non-zero stretch
-    while True:
-        z = block.find(_ZERO_PAGE, cursor)
-        if z < 0:
-            break
-        aligned = z + (-z % PAGE)
-        if aligned + PAGE > n:
-            break
-        if aligned == z or block.startswith(_ZERO_PAGE, aligned):
-            if aligned > pending:
-                writer.page(base + pending, base + aligned)
-            pending = cursor = aligned + PAGE
-        else:
-            cursor = aligned
-    if pending < n and block[pending:] != bytes(n - pending):
-        writer.page(base + pending, base + n)
-
-
-def _scan(fd: int | None, view: memoryview, size: int, writer: _Writer,
+def _scan(view: memoryview, extents: Iterable[tuple[int, int]], size: int, runs: _Runs,
           progress: Progress | None) -> None:
+    """Hand ``runs`` every run of non-zero pages inside ``extents`` (page-aligned)."""
+    memory = ffi.from_buffer("unsigned char[]", view)
+    run_end = ffi.new("size_t *")
     next_report = PROGRESS_STEP
     if progress:
         progress(0, size)
-    for start, end in _data_extents(fd, size):
-        for off in range(start, end, BLOCK):
-            if progress and off >= next_report:
-                progress(off, size)
-                next_report = off + PROGRESS_STEP
-            n = min(BLOCK, end - off)
-            block = view[off:off + n].tobytes()
-            if block == (_ZERO_BLOCK if n == BLOCK else bytes(n)):
-                continue
-            _non_zero_pages(block, off, writer)
-    writer.close_run()
+    for start, end in extents:
+        for lo in range(start, end, PROGRESS_STEP):
+            if progress and lo >= next_report:
+                progress(lo, size)
+                next_report = lo + PROGRESS_STEP
+            npages = (min(lo + PROGRESS_STEP, end) - lo) // PAGE
+            base = memory + lo
+            i = 0
+            while (i := lib.hvf_nonzero_run(base, npages, i, run_end)) < npages:
+                runs.add(lo + i * PAGE, lo + run_end[0] * PAGE)
+                i = run_end[0]
+    runs.close_run()
     if progress:
         progress(size, size)
 
@@ -225,24 +240,22 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
     """
     path = Path(path)
     size = memory.size
-    fd = getattr(memory, "fd", None)
     tmp = temp_name(path)
     try:
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        out = _FileWriter(tmp, size)
     except OSError as e:
         raise SnapshotError(f"cannot create RAM file in {path.parent}: {e.strerror}") from None
     try:
         try:
-            os.ftruncate(out, size)
-            writer = _Writer(out, memory.view, checksum)
+            runs = _Runs(out, memory.view, checksum)
             try:
-                _scan(fd, memory.view, size, writer, progress)
+                _scan(memory.view, memory.data_extents(), size, runs, progress)
+                out.finish()
             except BaseException:
-                writer.discard()
+                runs.discard()
                 raise
-            os.fsync(out)
         finally:
-            os.close(out)
+            out.close()
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as e:
@@ -253,9 +266,9 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
         if isinstance(e, OSError):
             raise SnapshotError(f"cannot write guest RAM to {path}: {e.strerror or e}") from None
         raise
-    info: dict[str, Any] = {"size": size, "data_bytes": writer.data_bytes, "page_size": PAGE}
+    info: dict[str, Any] = {"size": size, "data_bytes": runs.data_bytes, "page_size": PAGE}
     if checksum:
-        info["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": writer.crc}
+        info["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": runs.crc}
     return info
 
 
@@ -272,26 +285,22 @@ def _open_ram(path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def map_ram(path: Path, size: int) -> mmap.mmap:
-    """Map a RAM file copy-on-write (``MAP_PRIVATE``); the file is never modified.
+def open_ram(path: Path, size: int) -> int:
+    """Open a RAM file to run a guest from; the descriptor, read-only.
 
-    The file must be exactly ``size`` bytes: touching a page beyond the end of a
-    shorter file would kill the VM with SIGBUS. Pages load from the file on first
-    touch; nothing is read up front. The caller keeps the mapping alive.
+    :class:`hvf.memory.GuestMemory` maps it copy-on-write, so that pages load on first
+    touch and the file is never modified. The file must be exactly ``size`` bytes:
+    touching a page beyond the end of a shorter file would kill the VM with SIGBUS.
     """
     path = Path(path)
     if size <= 0 or size % mmap.PAGESIZE:
         raise SnapshotError(f"RAM file {path}: bad guest RAM size {size}")
     fd, actual = _open_ram(path)
-    try:
-        if actual != size:
-            raise SnapshotError(f"RAM file {path} is {actual} bytes but the snapshot's guest "
-                                f"RAM is {size} bytes (truncated or the wrong file)")
-        return mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as e:
-        raise SnapshotError(f"cannot map RAM file {path}: {e.strerror or e}") from None
-    finally:
+    if actual != size:
         os.close(fd)
+        raise SnapshotError(f"RAM file {path} is {actual} bytes but the snapshot's guest "
+                            f"RAM is {size} bytes (truncated or the wrong file)")
+    return fd
 
 
 def ram_checksum(path: Path, size: int) -> int:
@@ -306,9 +315,9 @@ def ram_checksum(path: Path, size: int) -> int:
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
             view = memoryview(m)
             try:
-                writer = _Writer(None, view)
-                _scan(fd, view, size, writer, None)
-                return writer.crc
+                runs = _Runs(None, view)
+                _scan(view, file_extents(fd, size), size, runs, None)
+                return runs.crc
             finally:
                 view.release()
     except OSError as e:

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import pytest
 from hvf.control import ControlClient, socket_path
+from hvf.errors import CtlError
 from hvf.plugins.snapshot.ramfile import verify_ram
 from hvf.plugins.snapshot.statefile import read_state, write_state
 from hvf.plugins.snapshot.store import SnapshotStore
@@ -295,8 +296,11 @@ def fnv1a(data: bytes) -> int:
 
 def test_counter_suspend_and_restore_continues_exactly(
         guests: dict[str, Path], tmp_path: Path) -> None:
+    """Suspend, restore, and suspend the restored VM into the snapshot it runs from (its
+    RAM is that file, copy-on-write; the save writes the file's data and the pages the
+    guest changed since): three processes print one perfect sequence."""
     name, snap = "ctr-suspend", tmp_path / "snap"
-    out1, out2 = tmp_path / "com1-a", tmp_path / "com1-b"
+    out1, out2, out3 = tmp_path / "com1-a", tmp_path / "com1-b", tmp_path / "com1-c"
     with Hvf(counter_args(guests["counter"], out1, name), tmp_path, "a") as vm:
         wait_served(name, vm)
         wait_until(lambda: lines_in(out1) >= 4, 60, "4 lines from the counter", vm)
@@ -310,9 +314,16 @@ def test_counter_suspend_and_restore_continues_exactly(
         wait_until(lambda: lines_in(out2) >= 4, 60, "4 lines after the restore", vm)
         status = ctl(name, "status")
         assert status["state"] == "running" and status["name"] == name
+        suspend_exit(name, vm, snap)
+    second, _ = check_counter(out1.read_bytes() + out2.read_bytes())
+    assert second >= first + 3
+
+    with Hvf(["-r", snap, "-l", f"com1,file={out3}"], tmp_path, "c") as vm:
+        wait_served(name, vm)
+        wait_until(lambda: lines_in(out3) >= 4, 60, "4 lines after the second restore", vm)
         poweroff(name, vm)
-    total, _ = check_counter(out1.read_bytes() + out2.read_bytes())
-    assert total >= first + 3
+    total, _ = check_counter(out1.read_bytes() + out2.read_bytes() + out3.read_bytes())
+    assert total >= second + 3
 
 
 def test_counter_smp_suspend_and_restore(guests: dict[str, Path], tmp_path: Path) -> None:
@@ -717,41 +728,64 @@ def test_restore_accepts_a_new_console_and_name(snap_copy: Path, tmp_path: Path)
         poweroff(name, vm)
 
 
+def fill_guest_ram(pid: int, start: int, length: int) -> None:
+    """Random bytes into a running guest's RAM, written through hvf's guest-RAM memfd
+    (``/proc/PID/fd``): the test guests cannot dirty hundreds of MiB themselves here."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:hvf-guest-ram"):
+            break
+    else:
+        raise AssertionError(f"hvf {pid} has no guest-RAM memfd")
+    pool = os.urandom(16 << 20)
+    ram = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR)
+    try:
+        for off in range(start, start + length, len(pool)):
+            os.pwrite(ram, pool[:start + length - off], off)
+    finally:
+        os.close(ram)
+
+
 def test_sigkill_during_a_save_leaves_the_previous_snapshot(
         guests: dict[str, Path], tmp_path: Path) -> None:
-    """Snapshot P of a 2 GiB guest; then, several times, restore P and checkpoint it to
-    P again, killing hvf at a random moment of the save (a restored VM's save reads all
-    of its RAM: seconds). P must always load, with a valid state file and a RAM file
-    that matches its checksum, and restore to a VM that continues from its count."""
+    """Snapshot P of a 2 GiB guest holding 768 MiB of data; then, several times,
+    restore P and checkpoint it to P again, killing hvf when the save has reported
+    some of its progress (the RAM file half written). P must always load, with a valid
+    state file and a RAM file that matches its checksum, and restore to a VM that
+    continues from its count."""
     guest = guests["counter"]
     count_at = guest_symbol(guest, "count")
     snap, rng = tmp_path / "P", random.Random()
     out = tmp_path / "com1-0"
     with Hvf(counter_args(guest, out, "killsrc", "-m", "2G"), tmp_path, "src") as vm:
         wait_until(lambda: lines_in(out) >= 2, 60, "2 lines", vm)
+        fill_guest_ram(vm.proc.pid, 256 << 20, 768 << 20)  # the guest never looks there
         ctl("killsrc", "checkpoint", snap)
         poweroff("killsrc", vm)
+    assert read_state(snap / "state").ram["data_bytes"] >= 768 << 20
     outcomes = []
     for i in range(1, 5):
         name, out = f"kill{i}", tmp_path / f"com1-{i}"
         ram_before = read_state(snap / "state").ram["file"]
+        kill_at = rng.randint(2, 8)  # progress lines come every 64 MiB of the 1 GiB scanned
+        seen: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            seen.append(done)
+            if len(seen) == kill_at:
+                vm.proc.kill()
         with Hvf(["-r", snap, "-l", f"com1,file={out}", name], tmp_path, f"r{i}") as vm:
             wait_served(name, vm)
             wait_until(lambda: lines_in(out) >= 1, 60, "output", vm)
             with ControlClient(socket_path(name), timeout=60) as client:
-                client.sock.sendall(json.dumps(
-                    {"id": 1, "command": "checkpoint", "args": {"path": str(snap)}}).encode()
-                    + b"\n")
-                time.sleep(rng.uniform(0.05, 2.0))
-                vm.proc.kill()
-                vm.wait(10)
+                with pytest.raises(CtlError, match="closed the control connection"):
+                    client.call("checkpoint", path=str(snap), progress=progress)
+            vm.wait(10)
         state, ram = SnapshotStore(snap).load()
         verify_ram(ram, state.ram)
         leftovers = sorted(n for n in os.listdir(snap) if n.startswith("."))
-        outcomes.append((state.ram["file"] != ram_before, leftovers))
-    print(f"kills during saves: (committed, leftovers) = {outcomes}")
-    assert any(leftovers for _new, leftovers in outcomes), (
-        f"no kill landed inside a save: {outcomes}")
+        outcomes.append((state.ram["file"] != ram_before, leftovers, seen))
+    print(f"kills during saves: (committed, leftovers, progress seen) = {outcomes}")
+    assert all(not committed and leftovers for committed, leftovers, _ in outcomes), outcomes
 
     k = ram_u32(snap, count_at)
     out = tmp_path / "com1-final"

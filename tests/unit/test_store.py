@@ -16,7 +16,7 @@ import pytest
 from hvf.errors import SnapshotError
 from hvf.memory import GuestMemory, MiB
 from hvf.plugins.snapshot import store as store_mod
-from hvf.plugins.snapshot.ramfile import map_ram
+from hvf.plugins.snapshot.ramfile import open_ram
 from hvf.plugins.snapshot.statefile import write_state
 from hvf.plugins.snapshot.store import SnapshotStore
 from hvf.snapshot_api import Chunk
@@ -44,11 +44,8 @@ def check(st: SnapshotStore, tag: bytes) -> None:
     state, ram = st.load()
     assert state.machine["tag"] == tag.decode()
     assert state.chunks == [Chunk("dev", "test", 1, {"tag": tag})]
-    m = map_ram(ram, state.ram["size"])
-    try:
-        assert m[:] == memory(tag, state.ram["size"]).map[:]
-    finally:
-        m.close()
+    size = state.ram["size"]
+    assert GuestMemory(size, open_ram(ram, size)).map[:] == memory(tag, size).map[:]
 
 
 def names(path: Path) -> list[str]:
@@ -72,16 +69,13 @@ def test_second_save_replaces_the_first(tmp_path: Path) -> None:
     st = SnapshotStore(tmp_path / "snap")
     save(st, b"AAAA")
     _, first = st.load()
-    m = map_ram(first, SIZE)  # a VM still running from the old RAM file
-    try:
-        save(st, b"BBBB")
-        _, second = st.load()
-        assert second != first and not first.exists()
-        assert names(tmp_path / "snap") == sorted(["state", second.name])
-        check(st, b"BBBB")
-        assert m[:4] == b"AAAA"  # unlinking a mapped file keeps its pages
-    finally:
-        m.close()
+    running = GuestMemory(SIZE, open_ram(first, SIZE))  # a VM still running from it
+    save(st, b"BBBB")
+    _, second = st.load()
+    assert second != first and not first.exists()
+    assert names(tmp_path / "snap") == sorted(["state", second.name])
+    check(st, b"BBBB")
+    assert running.read(0, 4) == b"AAAA"  # unlinking a mapped file keeps its pages
 
 
 def test_failure_before_commit_keeps_previous(tmp_path: Path,
