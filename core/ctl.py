@@ -134,18 +134,28 @@ def ctl_main(argv: Sequence[str]) -> int:
 
 
 def snapshot_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="hvf snapshot", description="Inspect hvf snapshots.")
+    p = argparse.ArgumentParser(prog="hvf snapshot", description="Inspect and check hvf snapshots.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print a snapshot's manifest")
     info.add_argument("path")
+    verify = sub.add_parser("verify", help="check every checksum, the RAM file's included "
+                            "(reads all its data; a restore does not)")
+    verify.add_argument("path")
     options = p.parse_args(list(argv))
+    from hvf.plugins.snapshot.ramfile import verify_ram
     from hvf.plugins.snapshot.statefile import describe
     from hvf.plugins.snapshot.store import SnapshotStore
 
     try:
         state, ram = SnapshotStore(Path(options.path)).load()
+        if options.command == "verify":
+            verify_ram(ram, state.ram)
     except HvfError as e:
         sys.stderr.write(f"hvf snapshot: {e}\n")
         return 1
-    print(describe(state))
+    if options.command == "verify":
+        print(f"{options.path}: intact ({len(state.chunks)} chunks, "
+              f"{state.ram.get('data_bytes', 0) >> 20} MiB of RAM data)")
+    else:
+        print(describe(state))
     return 0

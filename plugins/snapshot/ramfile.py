@@ -18,7 +18,7 @@ over memory: a CRC-32 over every maximal run of non-zero 4 KiB pages in address 
 each run's bytes followed by its start offset and length (u64 little-endian each).
 Zero pages contribute nothing, so it does not depend on how sparse a copy of the file
 is. Restoring maps the file lazily and does not check it (that would read it all);
-:func:`verify_ram` does, for a ``snapshot verify`` command or a test.
+:func:`verify_ram` does, for ``hvf snapshot verify``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hvf import cli
 from hvf.errors import SnapshotError
 from hvf.memory import GuestMemory, MiB
 from hvf.plugins.snapshot import store as store_mod
@@ -131,6 +132,21 @@ def test_refuses_foreign_directory_and_concurrent_save(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     check(st, b"AAAA")
+
+
+def test_snapshot_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    snap = tmp_path / "snap"
+    save(SnapshotStore(snap), b"AAAA")
+    assert cli.main(["snapshot", "verify", str(snap)]) == 0
+    assert capsys.readouterr().out == f"{snap}: intact (1 chunks, 0 MiB of RAM data)\n"
+    _, ram = SnapshotStore(snap).load()
+    with open(ram, "r+b") as f:  # one bit of guest RAM, which a restore would not notice
+        f.seek(SIZE // 2 + 100)
+        f.write(b"a")
+    assert cli.main(["snapshot", "verify", str(snap)]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert cli.main(["snapshot", "verify", str(tmp_path / "none")]) == 1
+    assert "no such snapshot" in capsys.readouterr().err
 
 
 def test_load_errors(tmp_path: Path) -> None:
