@@ -95,6 +95,19 @@ class GuestMemory:
         self.view = memoryview(self.map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
 
+    def close(self) -> None:
+        """Unmap guest RAM and close its file (again: nothing). Call it once no vCPU
+        runs; a view of it still held elsewhere keeps the mapping until it goes."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
     def data_extents(self) -> Iterator[tuple[int, int]]:
         """Page-aligned ``(start, end)`` offsets, sorted, outside of which guest RAM
         is zero (see :mod:`hvf.extents`)."""

@@ -332,7 +332,8 @@ class Machine:
                 self._cond.notify_all()
 
     def close(self) -> None:
-        """Release every device's host resources (backends flush what they can)."""
+        """Release every device's host resources (backends flush what they can), then
+        guest RAM."""
         for device in reversed(self.devices):
             try:
                 device.close()
@@ -342,3 +343,4 @@ class Machine:
         self.loop.close()
         if self.control is not None:
             self.control.close()
+        self.memory.close()

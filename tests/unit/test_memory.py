@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from hvf.errors import ConfigError, GuestMemoryError
@@ -48,3 +50,16 @@ def test_memory_is_one_memfd_seen_by_both_regions() -> None:
     assert mem.map[LOWMEM_LIMIT : LOWMEM_LIMIT + 4] == b"high"
     with pytest.raises(GuestMemoryError):
         mem.read(LOWMEM_LIMIT - 2, 4)  # RAM does not continue into the hole
+
+
+def test_close_releases_the_file_once() -> None:
+    mem = GuestMemory(16 * MiB)
+    mem.write(0, b"data")
+    fd, inode = mem.fd, os.fstat(mem.fd).st_ino
+    mem.close()
+    try:  # the memfd is closed, so its pages are freed (the number may be reused)
+        assert os.fstat(fd).st_ino != inode
+    except OSError:
+        pass
+    assert mem.map.closed
+    mem.close()  # again: nothing
