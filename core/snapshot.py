@@ -131,7 +131,7 @@ class CorePlugin:
             fields = upgrade(chunk, device.state_version, device.state_upgrades)
             try:
                 device.restore_state(fields, device.state_version)
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
         xsave_size = vmstate.xsave_size(vm)
         for vcpu in vm.vcpus:

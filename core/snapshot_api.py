@@ -85,3 +85,34 @@ def upgrade(chunk: Chunk, current: int, upgrades: Mapping[int, Upgrade]) -> Fiel
             raise SnapshotError(f"'{chunk.name}': no upgrade from state version {v} to {v + 1}")
         fields = step(fields)
     return fields
+
+
+# ---- reading fields back: a snapshot is untrusted ----
+# Each raises ValueError naming the field; the core reports it as malformed state of
+# the chunk being restored.
+
+
+def _field(fields: Fields, name: str) -> Any:
+    if name not in fields:
+        raise ValueError(f"saved field '{name}' is missing")
+    return fields[name]
+
+
+def field_int(fields: Fields, name: str, bits: int) -> int:
+    """Field ``name``: an unsigned integer of at most ``bits`` bits."""
+    value = _field(fields, name)
+    if type(value) is not int or not 0 <= value < 1 << bits:
+        raise ValueError(f"saved field '{name}' is not an unsigned integer of {bits} bits")
+    return value
+
+
+def field_bytes(fields: Fields, name: str, *, size: int | None = None,
+                max_size: int | None = None) -> bytes:
+    """Field ``name``: bytes, exactly ``size`` or at most ``max_size`` of them."""
+    value = _field(fields, name)
+    if not isinstance(value, bytes) or (size is not None and len(value) != size) or (
+            max_size is not None and len(value) > max_size):
+        limit = f" of {size} bytes" if size is not None else (
+            f" of at most {max_size} bytes" if max_size is not None else "")
+        raise ValueError(f"saved field '{name}' is not a byte string{limit}")
+    return value

@@ -104,7 +104,7 @@ def restore_vcpu(vcpu: Vcpu, fields: dict[str, Any], xsave_size: int) -> None:
         _set_msrs(vcpu, [(int(i), int(d)) for i, d in fields["msrs"]])
         fd.set_state(lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events",
                      _bytes(fields, "vcpu_events"))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise SnapshotError(f"vcpu {vcpu.index}: malformed saved state ({e})") from None
     except KvmError as e:
         if e.errno == errno.EINVAL:
@@ -131,7 +131,9 @@ def restore_vm(vm: Machine, fields: dict[str, Any]) -> None:
 
 
 def _bytes(fields: dict[str, Any], name: str) -> bytes:
-    value = fields[name]
+    value = fields.get(name)
+    if value is None:
+        raise SnapshotError(f"saved field '{name}' is missing")
     if not isinstance(value, bytes):
         raise SnapshotError(f"saved field '{name}' is not raw bytes")
     return value

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
 from hvf.device import Device
+from hvf.snapshot_api import field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
 KEYBOARD_IRQ = 1
+#: Bytes waiting for the guest to read port 0x60, at most (more are dropped).
+QUEUE_LIMIT = 64
 
 ST_OUTPUT_FULL = 0x01
 ST_SYSTEM = 0x04
@@ -68,7 +71,8 @@ class KeyboardController(Device):
     # ---- output buffer ----
 
     def _push(self, *data: int) -> None:
-        self.queue.extend(data)
+        room = QUEUE_LIMIT - len(self.queue)  # a guest that never reads cannot grow it
+        self.queue.extend(data[:max(room, 0)])
         self._update()
 
     def _update(self) -> None:
@@ -177,5 +181,5 @@ class KeyboardController(Device):
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
         for name in ("command_byte", "status", "output_port", "pending_command",
                      "kbd_pending", "scancode_set"):
-            setattr(self, name, int(fields[name]) & 0xFF)
-        self.queue = deque(bytes(fields["queue"])[:64])
+            setattr(self, name, field_int(fields, name, 8))
+        self.queue = deque(field_bytes(fields, "queue", max_size=QUEUE_LIMIT))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.device import Device
 from hvf.iobus import read_zero
+from hvf.snapshot_api import field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -96,12 +97,16 @@ class PcTestdev(Device):
                 "memory_pages": _sparse_memory(bytes(self.memory))}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.scratch = int(fields["scratch"]) & 0xFFFFFFFF
-        self.irq_levels[:] = bytes(fields["irq_levels"])[:IRQ_LINES].ljust(IRQ_LINES, b"\0")
+        self.scratch = field_int(fields, "scratch", 32)
+        self.irq_levels[:] = field_bytes(fields, "irq_levels", size=IRQ_LINES)
+        pages = fields.get("memory_pages")
+        if not isinstance(pages, dict):
+            raise ValueError("saved field 'memory_pages' is not a mapping")
         self.memory[:] = bytes(SCRATCH_MMIO_SIZE)
-        for key, page in dict(fields["memory_pages"]).items():
+        for key, page in pages.items():
             offset = int(key, 16)
-            if offset % PAGE or not 0 <= offset < SCRATCH_MMIO_SIZE or len(page) > PAGE:
+            if offset % PAGE or not 0 <= offset < SCRATCH_MMIO_SIZE or not isinstance(
+                    page, bytes) or len(page) > PAGE:
                 raise ValueError(f"pc-testdev: bad scratch page {key}")
             self.memory[offset : offset + len(page)] = page
         for line, level in enumerate(self.irq_levels):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
 from hvf.device import Device
+from hvf.snapshot_api import field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -162,10 +163,10 @@ class PowerManagement(Device):
                 "gpe_status": self.gpe_status, "gpe_enable": self.gpe_enable}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.status = int(fields["status"]) & STS_W1C
-        self.enable = int(fields["enable"]) & EN_WRITABLE
-        self.control = int(fields["control"]) & (CNT_WRITABLE | CNT_SCI_EN)
-        self.gpe_status = int(fields["gpe_status"]) & 0xFF
-        self.gpe_enable = int(fields["gpe_enable"]) & 0xFF
+        self.status = field_int(fields, "status", 16) & STS_W1C
+        self.enable = field_int(fields, "enable", 16) & EN_WRITABLE
+        self.control = field_int(fields, "control", 16) & (CNT_WRITABLE | CNT_SCI_EN)
+        self.gpe_status = field_int(fields, "gpe_status", 8)
+        self.gpe_enable = field_int(fields, "gpe_enable", 8)
         self._sci = False
         self._update_sci()

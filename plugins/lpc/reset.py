@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
 from hvf.device import Device
+from hvf.snapshot_api import field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -51,5 +52,5 @@ class ResetControl(Device):
         return {"rcr": self.rcr, "port_a": self.port_a}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.rcr = int(fields["rcr"]) & RCR_WRITABLE
-        self.port_a = int(fields["port_a"]) & PORT_A_A20
+        self.rcr = field_int(fields, "rcr", 8) & RCR_WRITABLE
+        self.port_a = field_int(fields, "port_a", 8) & PORT_A_A20

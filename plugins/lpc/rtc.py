@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hvf.device import Device
+from hvf.snapshot_api import field_bytes, field_int
 from hvf.memory import MiB
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 INDEX_PORT = 0x70
 CMOS_SIZE = 128
+#: A restored clock may differ from the host's by less than this many seconds (3000 years).
+MAX_CLOCK_OFFSET = 3000 * 366 * 86400
 NMI_DISABLE = 0x80
 
 SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
@@ -136,9 +139,12 @@ class Rtc(Device):
         return {"cmos": bytes(self.cmos), "index": self.index, "offset": self.offset}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        cmos = bytes(fields["cmos"])
-        if len(cmos) != CMOS_SIZE:
-            raise ValueError(f"rtc: CMOS image is {len(cmos)} bytes, not {CMOS_SIZE}")
+        cmos = field_bytes(fields, "cmos", size=CMOS_SIZE)
+        index = field_int(fields, "index", 7)
+        offset = fields.get("offset")
+        if type(offset) not in (int, float) or not abs(offset) < MAX_CLOCK_OFFSET:
+            raise ValueError("rtc: the saved clock offset is not a number of seconds "
+                             "within 3000 years")
         self.cmos[:] = cmos
-        self.index = int(fields["index"]) & 0x7F
-        self.offset = float(fields["offset"])
+        self.index = index
+        self.offset = float(offset)

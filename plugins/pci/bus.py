@@ -23,6 +23,7 @@ from hvf.plugins.pci.device import (
     PciDevice,
 )
 from hvf.plugins.pci.intx import IntxRouter
+from hvf.snapshot_api import field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -139,10 +140,8 @@ class PciBus(Device):
         return {"config_address": self.config_address, "pirq": bytes(self.intx.pirq)}
 
     def restore_state(self, fields: dict[str, object], version: int) -> None:
-        self.config_address = int(fields["config_address"]) & 0x80FF_FFFC  # type: ignore[call-overload]
-        pirq = fields["pirq"]
-        if not isinstance(pirq, bytes) or len(pirq) != len(self.intx.pirq):
-            raise ConfigError("saved PCI state: PIRQ routing registers are malformed")
+        self.config_address = field_int(fields, "config_address", 32) & 0x80FF_FFFC
+        pirq = field_bytes(fields, "pirq", size=len(self.intx.pirq))
         for index, value in enumerate(pirq):
             self.intx.write(index, value)
 

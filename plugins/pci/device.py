@@ -45,6 +45,12 @@ INTERRUPT_PIN = 0x3D
 CONFIG_SPACE_SIZE = 256
 FIRST_CAPABILITY = 0x40
 
+#: Registers a device's model fixes (offset, size): a restore must find them unchanged.
+_IDENTITY_REGISTERS = (
+    (VENDOR_ID, 2), (DEVICE_ID, 2), (REVISION_ID, 4), (HEADER_TYPE, 1),
+    (SUBSYSTEM_VENDOR_ID, 4), (CAPABILITIES_POINTER, 1), (INTERRUPT_PIN, 1),
+)
+
 COMMAND_IO = 1 << 0
 COMMAND_MEMORY = 1 << 1
 COMMAND_BUS_MASTER = 1 << 2
@@ -340,21 +346,46 @@ class PciDevice(Device):
         }
 
     def restore_state(self, fields: dict[str, object], version: int) -> None:
-        config = fields["config"]
+        """Load saved config space and BARs; the snapshot is untrusted, so its identity
+        registers must be this device's and every BAR address one the BAR can hold."""
+        config, addresses, level = (fields.get(k) for k in ("config", "bar_addresses",
+                                                            "intx_level"))
         if not isinstance(config, bytes) or len(config) != CONFIG_SPACE_SIZE:
             raise DeviceError(f"{self.name}: saved config space is not {CONFIG_SPACE_SIZE} bytes")
+        for offset, size in _IDENTITY_REGISTERS:
+            saved, own = (int.from_bytes(c[offset:offset + size], "little")
+                          for c in (config, self.cfg))
+            if saved != own:
+                raise DeviceError(f"{self.name}: saved config space is another device's "
+                                  f"(register {offset:#04x} is {saved:#x}, not {own:#x})")
+        if not isinstance(addresses, list) or len(addresses) != len(self.bars):
+            raise DeviceError(f"{self.name}: saved BAR addresses are not a list of "
+                              f"{len(self.bars)}")
+        for bar, address in zip(self.bars, addresses):
+            if type(address) is not int or (bar is None and address != 0) or (
+                    bar is not None and not self._bar_can_hold(bar, address)):
+                raise DeviceError(f"{self.name}: saved BAR address {address!r} is invalid")
+        if type(level) is not bool:
+            raise DeviceError(f"{self.name}: saved INTx level is not a bool")
         old_command = self.command
         self.cfg[:] = config
-        addresses = fields["bar_addresses"]
-        assert isinstance(addresses, list)
         for bar, address in zip(self.bars, addresses):
             if bar is not None:
                 if bar.range is not None:
                     bar.range.unmap()
-                bar.address = int(address)
+                bar.address = address
+                self.write_raw(BAR0 + 4 * bar.index, 4, (address & 0xFFFFFFFF) | bar.low_bits)
+                if bar.kind == BAR_MEM64:
+                    self.write_raw(BAR0 + 4 * bar.index + 4, 4, address >> 32)
         new_command = self.command
         self.write_raw(COMMAND, 2, 0)
         self._command_changed(old_command, 0)
         self.write_raw(COMMAND, 2, new_command)
         self._command_changed(0, new_command)
-        self.set_intx(bool(fields["intx_level"]))
+        self.set_intx(level)
+
+    @staticmethod
+    def _bar_can_hold(bar: Bar, address: int) -> bool:
+        """Whether a guest could have programmed ``bar`` to ``address``."""
+        limit = 1 << (64 if bar.kind == BAR_MEM64 else 32)
+        return 0 <= address < limit and address % bar.size == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hvf.errors import ConfigError
+from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.pci.device import BAR_IO, PciDevice
 from hvf.plugins.uart.port import SerialPort, open_backend
 
@@ -40,8 +40,11 @@ class PciUart(PciDevice):
         return {"pci": super().save_state(), "uart": self.port.save_state()}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        super().restore_state(fields["pci"], version)
-        self.port.restore_state(fields["uart"], version)
+        pci, uart = fields.get("pci"), fields.get("uart")
+        if not isinstance(pci, dict) or not isinstance(uart, dict):
+            raise DeviceError(f"{self.name}: saved state lacks its 'pci' or 'uart' part")
+        super().restore_state(pci, version)
+        self.port.restore_state(uart, version)
 
     def close(self) -> None:
         self.port.close()

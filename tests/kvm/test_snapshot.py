@@ -684,6 +684,52 @@ def test_restore_refuses_a_chunk_nobody_restores(snap_copy: Path, tmp_path: Path
     assert "hvf_frobnicator" in err
 
 
+def _with_field(fields: dict[str, Any], key: str, value: object) -> dict[str, Any]:
+    if value is _MISSING:
+        return {k: v for k, v in fields.items() if k != key}
+    return {**fields, key: value}
+
+
+def _vendor_changed(fields: dict[str, Any]) -> dict[str, Any]:
+    config = bytearray(fields["config"])
+    config[0] ^= 0xFF
+    return {**fields, "config": bytes(config)}
+
+
+_MISSING = object()
+
+
+@pytest.mark.parametrize(("chunk_name", "change", "message"), [
+    ("vm", lambda f: _with_field(f, "pic_master", _MISSING), "'pic_master' is missing"),
+    ("vcpu.0", lambda f: _with_field(f, "mp_state", -1), "vcpu 0: malformed saved state"),
+    ("vcpu.0", lambda f: _with_field(f, "msrs", [[1 << 40, 0]]), "vcpu 0: malformed"),
+    ("device.hostbridge@pci.0.0.0", _vendor_changed, "another device's"),
+    ("device.hostbridge@pci.0.0.0", lambda f: _with_field(f, "bar_addresses", None),
+     "BAR addresses are not a list"),
+    ("device.lpc@pci.0.31.0", lambda f: _with_field(f, "bar_addresses", [0x1000] * 6),
+     "BAR address 4096 is invalid"),
+    ("device.rtc", lambda f: _with_field(f, "cmos", 1 << 70),
+     "device.rtc: malformed saved state (saved field 'cmos' is not a byte string of 128"),
+    ("device.rtc", lambda f: _with_field(f, "offset", float("nan")), "clock offset"),
+    ("device.kbc", lambda f: _with_field(f, "status", 3.5), "'status' is not an unsigned integer of 8 bits"),
+    ("device.pm", lambda f: _with_field(f, "control", -1), "'control' is not an unsigned integer of 16 bits"),
+    ("device.com1", lambda f: _with_field(f, "rx_fifo", b"x" * 100), "rx_fifo"),
+])
+def test_restore_refuses_hostile_device_state(
+        snap_copy: Path, tmp_path: Path, chunk_name: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]], message: str) -> None:
+    """A snapshot is untrusted: a well-formed state file whose fields no hvf could have
+    written gets an error naming the chunk or device, never a traceback or a VM."""
+    state = snap_copy / "state"
+    parsed = read_state(state)
+    assert chunk_name in [c.name for c in parsed.chunks]
+    chunks = [Chunk(c.name, c.owner, c.version, change(c.fields)) if c.name == chunk_name
+              else c for c in parsed.chunks]
+    write_state(state, machine=parsed.machine, ram=parsed.ram, chunks=chunks)
+    err = refused_restore(snap_copy, tmp_path, "hostile")
+    assert message in err, err
+
+
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """An environment whose Python path holds the third-party test plugin."""

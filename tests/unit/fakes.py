@@ -60,6 +60,10 @@ class FakeVm:
         self.irqs.append((gsi, bool(level)))
         self.events.append(("irq", gsi, bool(level)))
 
+    def pulse_irq(self, gsi: int) -> None:
+        self.set_irq(gsi, True)
+        self.set_irq(gsi, False)
+
 
 _MEMORY: list[GuestMemory] = []
 

@@ -323,3 +323,17 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
         "rtc", "kbc", "reset", "pm", "legacy", lpc.name,  # a PC's fixed devices come first
     ]
     assert vm.pio.lookup(0x402).owner == "legacy"  # type: ignore[union-attr]
+
+
+def test_kbc_output_queue_is_bounded() -> None:
+    """A guest that issues commands and never reads the answers cannot grow it."""
+    from hvf.plugins.lpc.kbc import QUEUE_LIMIT, KeyboardController
+
+    vm = fakes.FakeVm()
+    kbc = KeyboardController()
+    vm.attach(kbc)
+    for _ in range(10 * QUEUE_LIMIT):
+        fakes.outp(vm, 0x64, 1, 0xAA)  # self test: answers 0x55
+    assert len(kbc.queue) == QUEUE_LIMIT
+    assert [fakes.inp(vm, 0x60, 1) for _ in range(QUEUE_LIMIT)] == [0x55] * QUEUE_LIMIT
+    assert fakes.inp(vm, 0x64, 1) & 0x01 == 0  # output buffer empty
