@@ -22,7 +22,6 @@ size_t hvf_private_run(const uint64_t *entries, size_t n, size_t from, size_t *e
 SOURCE = r"""
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #define HVF_PAGE_SIZE 4096
 /* /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hvf._kvm import ffi, lib
 from hvf.errors import KvmError, SnapshotError
 from hvf.kvm import ioctl
+from hvf.snapshot_api import field_bytes
 
 if TYPE_CHECKING:
     from hvf.vcpu import Vcpu
@@ -98,12 +99,12 @@ def restore_vcpu(vcpu: Vcpu, fields: dict[str, Any], xsave_size: int) -> None:
         for name, _get, set_, ctype in _VCPU_STRUCTS:
             if name == "lapic":
                 continue
-            fd.set_state(getattr(lib, set_), ctype, _bytes(fields, name))
-        _restore_xsave(vcpu, _bytes(fields, "xsave"), xsave_size)
-        fd.set_state(lib.KVM_SET_LAPIC, "struct kvm_lapic_state", _bytes(fields, "lapic"))
+            fd.set_state(getattr(lib, set_), ctype, field_bytes(fields, name))
+        _restore_xsave(vcpu, field_bytes(fields, "xsave"), xsave_size)
+        fd.set_state(lib.KVM_SET_LAPIC, "struct kvm_lapic_state", field_bytes(fields, "lapic"))
         _set_msrs(vcpu, [(int(i), int(d)) for i, d in fields["msrs"]])
         fd.set_state(lib.KVM_SET_VCPU_EVENTS, "struct kvm_vcpu_events",
-                     _bytes(fields, "vcpu_events"))
+                     field_bytes(fields, "vcpu_events"))
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise SnapshotError(f"vcpu {vcpu.index}: malformed saved state ({e})") from None
     except KvmError as e:
@@ -123,17 +124,10 @@ def save_vm(vm: Machine) -> dict[str, Any]:
 def restore_vm(vm: Machine, fields: dict[str, Any]) -> None:
     try:
         for name, _chip in _IRQCHIPS:
-            vm.vmfd.set_irqchip(_bytes(fields, name))
-        vm.vmfd.set_pit2(_bytes(fields, "pit2"))
-        vm.vmfd.set_clock(_bytes(fields, "clock"))
+            vm.vmfd.set_irqchip(field_bytes(fields, name))
+        vm.vmfd.set_pit2(field_bytes(fields, "pit2"))
+        vm.vmfd.set_clock(field_bytes(fields, "clock"))
+    except ValueError as e:
+        raise SnapshotError(f"vm: malformed saved state ({e})") from None
     except KvmError as e:
         raise SnapshotError(f"KVM rejected the saved interrupt controller or clock state: {e}") from None
-
-
-def _bytes(fields: dict[str, Any], name: str) -> bytes:
-    value = fields.get(name)
-    if value is None:
-        raise SnapshotError(f"saved field '{name}' is missing")
-    if not isinstance(value, bytes):
-        raise SnapshotError(f"saved field '{name}' is not raw bytes")
-    return value

@@ -16,8 +16,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hvf.device import Device
-from hvf.snapshot_api import field_bytes, field_int
 from hvf.memory import MiB
+from hvf.snapshot_api import field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine

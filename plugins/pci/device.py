@@ -21,6 +21,7 @@ import attrs
 from hvf.device import Device
 from hvf.errors import DeviceError, ResourceConflict
 from hvf.iobus import Range, ReadFn, WriteFn
+from hvf.snapshot_api import field_bytes
 
 if TYPE_CHECKING:
     from hvf.plugins.pci.bus import PciBus
@@ -348,10 +349,8 @@ class PciDevice(Device):
     def restore_state(self, fields: dict[str, object], version: int) -> None:
         """Load saved config space and BARs; the snapshot is untrusted, so its identity
         registers must be this device's and every BAR address one the BAR can hold."""
-        config, addresses, level = (fields.get(k) for k in ("config", "bar_addresses",
-                                                            "intx_level"))
-        if not isinstance(config, bytes) or len(config) != CONFIG_SPACE_SIZE:
-            raise DeviceError(f"{self.name}: saved config space is not {CONFIG_SPACE_SIZE} bytes")
+        config = field_bytes(fields, "config", size=CONFIG_SPACE_SIZE)
+        addresses, level = fields.get("bar_addresses"), fields.get("intx_level")
         for offset, size in _IDENTITY_REGISTERS:
             saved, own = (int.from_bytes(c[offset:offset + size], "little")
                           for c in (config, self.cfg))

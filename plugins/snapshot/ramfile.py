@@ -39,10 +39,9 @@ from typing import Any, Protocol
 
 from hvf._pages import ffi, lib
 from hvf.errors import SnapshotError
-from hvf.extents import file_extents
+from hvf.extents import PAGE, file_extents
 from hvf.plugins.snapshot.statefile import fsync_dir, temp_name
 
-PAGE = lib.HVF_PAGE_SIZE
 #: Largest single pwrite; a longer run of data is written in pieces.
 WRITE_CHUNK = 8 * 1024 * 1024
 #: Threads writing pieces at once (the disk sees this queue depth).

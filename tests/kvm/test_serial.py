@@ -167,6 +167,16 @@ def guest_args(guest: Path, append: str, *extra: str, base: Sequence[str] = BASE
     return [*base, *extra, "--kernel", str(guest), "--append", append, "serialvm"]
 
 
+def read_some(fd: int, n: int) -> bytes:
+    """``os.read``, with EIO (a pty whose other side has closed) read as end of file."""
+    try:
+        return os.read(fd, n)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            return b""
+        raise
+
+
 def read_exactly(fd: int, n: int, timeout: float) -> bytes:
     """Read from ``fd`` until ``n`` bytes, EOF/EIO or ``timeout``; whatever came."""
     data = bytearray()
@@ -175,12 +185,7 @@ def read_exactly(fd: int, n: int, timeout: float) -> bytes:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             break
-        try:
-            chunk = os.read(fd, max(65536, n - len(data)))
-        except OSError as e:
-            if e.errno == errno.EIO:
-                break
-            raise
+        chunk = read_some(fd, max(65536, n - len(data)))
         if not chunk:
             break
         data += chunk
@@ -191,12 +196,7 @@ def read_pending(fd: int) -> bytes:
     """Everything that can be read from ``fd`` right now, without waiting."""
     data = bytearray()
     while select.select([fd], [], [], 0)[0]:
-        try:
-            chunk = os.read(fd, 1 << 20)
-        except OSError as e:
-            if e.errno == errno.EIO:
-                break
-            raise
+        chunk = read_some(fd, 1 << 20)
         if not chunk:
             break
         data += chunk
