@@ -59,6 +59,9 @@ IOCTLS = (
     "KVM_SET_GSI_ROUTING",
     "KVM_KVMCLOCK_CTRL",
     "KVM_GET_XSAVE2",
+    "KVM_IRQFD",
+    "KVM_IOEVENTFD",
+    "KVM_SIGNAL_MSI",
 )
 
 # Ioctls whose third argument points to a struct: (ioctl, struct). A test checks that
@@ -100,6 +103,9 @@ STRUCT_IOCTLS = (
     ("KVM_GET_MSR_INDEX_LIST", "struct kvm_msr_list"),
     ("KVM_SET_SIGNAL_MASK", "struct kvm_signal_mask"),
     ("KVM_SET_GSI_ROUTING", "struct kvm_irq_routing"),
+    ("KVM_IRQFD", "struct kvm_irqfd"),
+    ("KVM_IOEVENTFD", "struct kvm_ioeventfd"),
+    ("KVM_SIGNAL_MSI", "struct kvm_msi"),
 )
 
 CONSTANTS = (
@@ -127,6 +133,11 @@ CONSTANTS = (
     "KVM_CAP_XSAVE2",
     "KVM_CAP_READONLY_MEM",
     "KVM_MEM_READONLY",
+    "KVM_CAP_IRQFD", "KVM_CAP_IRQFD_RESAMPLE", "KVM_CAP_IOEVENTFD", "KVM_CAP_SIGNAL_MSI",
+    "KVM_CAP_IOEVENTFD_ANY_LENGTH",
+    "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IRQFD_FLAG_RESAMPLE",
+    "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO", "KVM_IOEVENTFD_FLAG_DEASSIGN",
+    "KVM_IRQ_ROUTING_IRQCHIP", "KVM_IRQ_ROUTING_MSI",
 )
 
 CDEF = """
@@ -209,6 +220,12 @@ struct kvm_cpuid_entry2 {
 struct kvm_cpuid2 { __u32 nent; __u32 padding; struct kvm_cpuid_entry2 entries[]; };
 struct kvm_signal_mask { __u32 len; __u8 sigset[]; };
 struct kvm_irq_routing { __u32 nr; __u32 flags; ...; };
+struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
+struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
+struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; ...; };
+/* One GSI route: irqchip (a = chip, b = pin) or MSI (a, b = address lo/hi, c = data). */
+typedef struct { __u32 gsi; __u32 type; __u32 a; __u32 b; __u32 c; } hvf_route;
+int hvf_set_gsi_routing(int vmfd, const hvf_route *routes, unsigned int n);
 
 int hvf_ioctl(int fd, unsigned long request, void *arg);
 int hvf_ioctl_int(int fd, unsigned long request, unsigned long arg);
@@ -222,6 +239,7 @@ static const int HVF_PIO_DATA_OFFSET;
 SOURCE = r"""
 #include <errno.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
 
@@ -244,6 +262,35 @@ static int hvf_ioctl_int(int fd, unsigned long request, unsigned long arg)
 {
     int r = ioctl(fd, request, arg);
     return r < 0 ? -errno : r;
+}
+
+typedef struct { __u32 gsi; __u32 type; __u32 a; __u32 b; __u32 c; } hvf_route;
+
+/* KVM_SET_GSI_ROUTING with the whole table; the union is filled here, in C. */
+static int hvf_set_gsi_routing(int vmfd, const hvf_route *routes, unsigned int n)
+{
+    struct kvm_irq_routing *table =
+        calloc(1, sizeof(*table) + n * sizeof(struct kvm_irq_routing_entry));
+    if (table == NULL)
+        return -ENOMEM;
+    table->nr = n;
+    for (unsigned int i = 0; i < n; i++) {
+        struct kvm_irq_routing_entry *e = &table->entries[i];
+        e->gsi = routes[i].gsi;
+        e->type = routes[i].type;
+        if (e->type == KVM_IRQ_ROUTING_IRQCHIP) {
+            e->u.irqchip.irqchip = routes[i].a;
+            e->u.irqchip.pin = routes[i].b;
+        } else {
+            e->u.msi.address_lo = routes[i].a;
+            e->u.msi.address_hi = routes[i].b;
+            e->u.msi.data = routes[i].c;
+        }
+    }
+    int r = ioctl(vmfd, KVM_SET_GSI_ROUTING, table);
+    r = r < 0 ? -errno : r;
+    free(table);
+    return r;
 }
 
 /* KVM_RUN; cffi releases the GIL around this call. */

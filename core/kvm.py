@@ -201,6 +201,52 @@ class VmFd:
         pic.elcr = (pic.elcr | bit) if level else (pic.elcr & ~bit)
         ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip)
 
+    def set_gsi_routing(self, routes: list[tuple[int, int, int, int, int]]) -> None:
+        """KVM_SET_GSI_ROUTING: the whole table, each route ``(gsi, type, a, b, c)``
+        (irqchip: chip, pin; MSI: address low, address high, data)."""
+        table = ffi.new("hvf_route[]", max(len(routes), 1))
+        for i, route in enumerate(routes):
+            table[i] = route
+        r = lib.hvf_set_gsi_routing(self.fd, table, len(routes))
+        if r < 0:
+            raise KvmError("KVM_SET_GSI_ROUTING", -r)
+
+    def irqfd(self, fd: int, gsi: int, *, resample_fd: int | None = None,
+              deassign: bool = False) -> None:
+        """KVM_IRQFD: writes to eventfd ``fd`` raise ``gsi`` in the kernel; with
+        ``resample_fd`` the line stays asserted until the guest's EOI, which KVM then
+        reports on ``resample_fd`` (level-triggered interrupts)."""
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resample_fd is not None and not deassign:
+            flags |= lib.KVM_IRQFD_FLAG_RESAMPLE
+        arg = ffi.new("struct kvm_irqfd *", {
+            "fd": fd, "gsi": gsi, "flags": flags,
+            "resamplefd": resample_fd if resample_fd is not None else 0,
+        })
+        ioctl(self.fd, lib.KVM_IRQFD, arg)
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, datamatch: int | None = None,
+                  pio: bool = False, deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes at ``addr`` (MMIO, or a
+        port with ``pio``), equal to ``datamatch`` when given, signals eventfd ``fd``
+        inside the kernel instead of exiting to user space."""
+        flags = (lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (
+            lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        arg = ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd,
+            "flags": flags,
+        })
+        ioctl(self.fd, lib.KVM_IOEVENTFD, arg)
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: deliver one MSI message now; >0 delivered, 0 blocked."""
+        msi = ffi.new("struct kvm_msi *", {
+            "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data,
+        })
+        return ioctl(self.fd, lib.KVM_SIGNAL_MSI, msi)
+
     def get_pit2(self) -> bytes:
         return _get_struct(self.fd, lib.KVM_GET_PIT2, "struct kvm_pit_state2")
 

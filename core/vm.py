@@ -24,7 +24,7 @@ from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
 from hvf.eventloop import EventLoop
 from hvf.iobus import MmioBus, PortBus
-from hvf.irq import SharedLine
+from hvf.interrupts import InterruptController
 from hvf.kvm import Kvm, is_pvm
 from hvf.memory import GuestMemory, parse_size
 from hvf.vcpu import RateLimitedLog, Vcpu
@@ -64,7 +64,6 @@ class Machine:
         self.pio = PortBus()
         self.mmio = MmioBus()
         self.loop = EventLoop()
-        self._lines: dict[int, SharedLine] = {}
         self.ncpus = config.get_int("cpus", 1)
         memory_size = parse_size(config.get("memory.size") or "256M")
 
@@ -78,6 +77,9 @@ class Machine:
         self.vmfd.set_tss_addr(TSS_ADDR)
         self.vmfd.create_irqchip()
         self.vmfd.create_pit2()
+        #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
+        self.interrupts = InterruptController(
+            self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
         self.memory = GuestMemory(memory_size, ram_file)
         for slot, region in enumerate(self.memory.regions):
             self.vmfd.set_user_memory_region(
@@ -168,23 +170,6 @@ class Machine:
             )
         elif not self.config.get("lpc.bootrom"):
             raise ConfigError("virtual machine cannot be booted: give --kernel or -l bootrom,ROM")
-
-    # ---- interrupts ----
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        """Raise or lower interrupt line ``gsi`` (ISA IRQs reach both PIC and IOAPIC)."""
-        self.vmfd.irq_line(gsi, 1 if level else 0)
-
-    def shared_line(self, gsi: int) -> SharedLine:
-        """The wired-OR line for ``gsi``, for devices that share an interrupt."""
-        if gsi not in self._lines:
-            self._lines[gsi] = SharedLine(gsi, self.set_irq)
-        return self._lines[gsi]
-
-    def pulse_irq(self, gsi: int) -> None:
-        """An edge on ``gsi``: raise, then lower."""
-        self.vmfd.irq_line(gsi, 1)
-        self.vmfd.irq_line(gsi, 0)
 
     # ---- running ----
 

@@ -36,9 +36,8 @@ class ComPort(Device):
         self.spec = spec
 
     def attach(self, vm: Machine) -> None:
-        line = vm.shared_line(self.irq)
-        self.port = SerialPort(self.name, None, lambda level: line.set(self.name, level),
-                               gate_with_out2=True)
+        irq = vm.interrupts.line(self.irq).source(self.name)
+        self.port = SerialPort(self.name, None, irq.set, gate_with_out2=True)
         open_backend(vm, self.spec, f"LPC device {self.name}", self.port)
         vm.pio.register(self.base, PORT_COUNT, self.name, self.port.read, self.port.write)
 

@@ -65,6 +65,7 @@ class KeyboardController(Device):
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
+        self.irq = vm.interrupts.line(KEYBOARD_IRQ).source(self.name)
         vm.pio.register(DATA_PORT, 1, "kbc data", self._read_data, self._write_data)
         vm.pio.register(COMMAND_PORT, 1, "kbc command", self._read_status, self._write_command)
 
@@ -79,7 +80,7 @@ class KeyboardController(Device):
         full = bool(self.queue)
         self.status = (self.status | ST_OUTPUT_FULL) if full else (self.status & ~ST_OUTPUT_FULL)
         if full and self.command_byte & CB_KBD_INT:
-            self.vm.pulse_irq(KEYBOARD_IRQ)
+            self.irq.pulse()
 
     def _read_data(self, offset: int, size: int) -> int:
         value = self.queue.popleft() if self.queue else 0

@@ -16,6 +16,7 @@ from hvf.iobus import read_zero
 from hvf.snapshot_api import field_bytes, field_int
 
 if TYPE_CHECKING:
+    from hvf.interrupts import LineSource
     from hvf.vm import Machine
 
 DEBUG_EXIT_PORT = 0xF4
@@ -53,6 +54,7 @@ class PcTestdev(Device):
         super().__init__("pc-testdev")
         self.scratch = 0
         self.irq_levels = bytearray(IRQ_LINES)
+        self._lines: list[LineSource | None] = [None] * IRQ_LINES
         self.memory = bytearray(SCRATCH_MMIO_SIZE)
 
     def attach(self, vm: Machine) -> None:
@@ -83,7 +85,7 @@ class PcTestdev(Device):
         level = 1 if value & 0xFF else 0
         if self.irq_levels[offset] != level:
             self.irq_levels[offset] = level
-            self.vm.set_irq(offset, bool(level))
+            self._line(offset).set(bool(level))
 
     def _mem_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.memory[offset : offset + size], "little")
@@ -110,7 +112,15 @@ class PcTestdev(Device):
                 raise ValueError(f"pc-testdev: bad scratch page {key}")
             self.memory[offset : offset + len(page)] = page
         for line, level in enumerate(self.irq_levels):
-            self.vm.set_irq(line, bool(level))
+            self._line(line).set(bool(level))
+
+    def _line(self, gsi: int) -> LineSource:
+        """This device's input on ``gsi`` (made on first use)."""
+        if self._lines[gsi] is None:
+            self._lines[gsi] = self.vm.interrupts.line(gsi).source(self.name)
+        source = self._lines[gsi]
+        assert source is not None
+        return source
 
 
 def create(*, vm: Machine, config: Any) -> PcTestdev | None:

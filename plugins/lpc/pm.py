@@ -71,7 +71,7 @@ class PowerManagement(Device):
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
-        vm.vmfd.set_level_triggered(SCI_IRQ)
+        self.sci = vm.interrupts.line(SCI_IRQ, level_triggered=True).source("acpi sci")
         vm.pio.register(SMI_CMD, 1, "acpi smi_cmd", lambda o, s: 0, self._smi_cmd)
         vm.pio.register(PM1A_EVT, PM1A_EVT_LEN, "acpi pm1a_evt", self._evt_read, self._evt_write)
         vm.pio.register(PM1A_CNT, PM1A_CNT_LEN, "acpi pm1a_cnt", self._cnt_read, self._cnt_write)
@@ -87,7 +87,7 @@ class PowerManagement(Device):
             (self.status & self.enable) or (self.gpe_status & self.gpe_enable))
         if level != self._sci:
             self._sci = level
-            self.vm.set_irq(SCI_IRQ, level)
+            self.sci.set(level)
 
     def press_power_button(self) -> bool:
         """Raise the power-button event; False when the guest has not enabled ACPI."""

@@ -56,7 +56,7 @@ class PciBus(Device):
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
-        self.intx = IntxRouter(vm)
+        self.intx = IntxRouter(vm.interrupts)
         vm.pio.register(CONFIG_ADDRESS, 1, "pci config address",
                         self._address_read, self._address_write)
         vm.pio.register(CONFIG_DATA, 4, "pci config data", self._data_read, self._data_write)

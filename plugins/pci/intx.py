@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from hvf.errors import ConfigError
 
 if TYPE_CHECKING:
+    from hvf.interrupts import InterruptController, LineSource
     from hvf.plugins.pci.device import PciDevice
-    from hvf.vm import Machine
 
 PIRQ_COUNT = 8
 PIRQ_DISABLED = 0x80
@@ -36,8 +36,12 @@ def pirq_for(slot: int, pin: int) -> int:
 class IntxRouter:
     """The PIRQ routing registers and the per-PIRQ shared line state."""
 
-    def __init__(self, vm: Machine) -> None:
-        self.vm = vm
+    def __init__(self, interrupts: InterruptController) -> None:
+        self.interrupts = interrupts
+        #: PIRQ n's input on IOAPIC pin 16 + n, and on the ISA IRQ it is routed to.
+        self.ioapic = [interrupts.line(IOAPIC_FIRST_PCI_PIN + n, level_triggered=True)
+                       .source(f"pirq {n}") for n in range(PIRQ_COUNT)]
+        self.isa: list[LineSource | None] = [None] * PIRQ_COUNT
         self.pirq = bytearray([PIRQ_DISABLED] * PIRQ_COUNT)
         self.reserved: set[int] = set()
         self.irq_use: Counter[int] = Counter()
@@ -85,10 +89,10 @@ class IntxRouter:
             self.active[pirq] += 1 if level else -1
             high = self.active[pirq] > 0
             if high != was_high:
-                self.vm.set_irq(self.gsi(pirq), high)
-                irq = self.isa_irq(pirq)
-                if irq is not None:
-                    self.vm.set_irq(irq, high)
+                self.ioapic[pirq].set(high)
+                isa = self.isa[pirq]
+                if isa is not None:
+                    isa.set(high)
 
     def read(self, pirq: int) -> int:
         return self.pirq[pirq]
@@ -101,9 +105,12 @@ class IntxRouter:
             new = self.isa_irq(pirq)
             if new == old:
                 return
-            if self.active[pirq] and old is not None:
-                self.vm.set_irq(old, False)
+            isa = self.isa[pirq]
+            if isa is not None:
+                isa.set(False)
+            self.isa[pirq] = None
             if new is not None:
-                self.vm.vmfd.set_level_triggered(new)
+                isa = self.interrupts.line(new, level_triggered=True).source(f"pirq {pirq}")
+                self.isa[pirq] = isa
                 if self.active[pirq]:
-                    self.vm.set_irq(new, True)
+                    isa.set(True)

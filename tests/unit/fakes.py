@@ -10,6 +10,7 @@ import types
 from typing import Any
 
 from hvf.config import Config
+from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
 from hvf.plugins.pci.bus import ECAM_BASE
@@ -18,13 +19,38 @@ from hvf.plugins.pci.bus import ECAM_BASE
 
 
 class FakeVmfd:
-    def __init__(self, events: list[tuple[Any, ...]]) -> None:
+    """KVM's interrupt side (what :class:`hvf.interrupts.InterruptController` drives),
+    recorded: line levels in ``irqs``, and everything in order in ``events``."""
+
+    def __init__(self, events: list[tuple[Any, ...]], irqs: list[tuple[int, bool]]) -> None:
         self.events = events
+        self.irqs = irqs
         self.level_triggered: list[Any] = []
+        self.routes: list[tuple[int, int, int, int, int]] = []
+        self.irqfds: dict[int, int] = {}  # eventfd -> GSI
+        self.msis: list[tuple[int, int]] = []
 
     def set_level_triggered(self, irq: int, level: bool = True) -> None:
         self.level_triggered.append((irq, level))
         self.events.append(("level", irq))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        self.irqs.append((irq, bool(level)))
+        self.events.append(("irq", irq, bool(level)))
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int, int, int]]) -> None:
+        self.routes = list(routes)
+
+    def irqfd(self, fd: int, gsi: int, *, resample_fd: int | None = None,
+              deassign: bool = False) -> None:
+        if deassign:
+            del self.irqfds[fd]
+        else:
+            self.irqfds[fd] = gsi
+
+    def signal_msi(self, address: int, data: int) -> int:
+        self.msis.append((address, data))
+        return 1
 
 
 class FakeVm:
@@ -41,7 +67,8 @@ class FakeVm:
         self.logged: list[str] = []
         self.events: list[tuple[Any, ...]] = []  # set_irq and set_level_triggered, in order
         self.irqs: list[tuple[int, bool]] = []
-        self.vmfd = self.vmfd_type(self.events)
+        self.vmfd = self.vmfd_type(self.events, self.irqs)
+        self.interrupts = InterruptController(self.vmfd)
         self.config = Config(config or {})
         self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices), pci_devices={})
 
@@ -55,14 +82,6 @@ class FakeVm:
 
     def unhandled_log(self, message: str) -> None:
         self.logged.append(message)
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        self.irqs.append((gsi, bool(level)))
-        self.events.append(("irq", gsi, bool(level)))
-
-    def pulse_irq(self, gsi: int) -> None:
-        self.set_irq(gsi, True)
-        self.set_irq(gsi, False)
 
 
 _MEMORY: list[GuestMemory] = []

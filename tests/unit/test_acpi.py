@@ -32,8 +32,8 @@ from hvf.acpi.builder import (
 )
 from hvf.config import Config
 from hvf.errors import ConfigError
+from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
-from hvf.irq import SharedLine
 from hvf.memory import GuestMemory, MiB
 from hvf.pluginmanager import Plugins
 from hvf.plugins.lpc import com
@@ -58,6 +58,9 @@ class FakeVmfd:
     def set_level_triggered(self, irq: int, level: bool = True) -> None:
         pass
 
+    def irq_line(self, irq: int, level: int) -> None:
+        pass
+
 
 class FakeVm:
     """What the PCI, LPC and ACPI code touch, with the real plugin manager."""
@@ -72,7 +75,7 @@ class FakeVm:
         self.config = Config(config)
         self.plugins = Plugins()
         self.hook = self.plugins.hook
-        self._lines: dict[int, SharedLine] = {}
+        self.interrupts = InterruptController(self.vmfd)  # type: ignore[arg-type]
 
     def attach(self, device: Any) -> None:
         device.attach(self)
@@ -80,12 +83,6 @@ class FakeVm:
 
     def device(self, name: str) -> Any:
         return next((d for d in self.devices if d.name == name), None)
-
-    def set_irq(self, gsi: int, level: bool) -> None:
-        pass
-
-    def shared_line(self, gsi: int) -> SharedLine:
-        return self._lines.setdefault(gsi, SharedLine(gsi, self.set_irq))
 
     def unhandled_log(self, message: str) -> None:
         pass
