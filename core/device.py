@@ -3,26 +3,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from hvf.snapshot_api import Upgrade
     from hvf.vm import Machine
 
 
 class Device:
     """A device model: attaches once, answers I/O through handlers it registers.
 
-    Subclasses keep their guest-visible state in a plain record and expose it through
-    :meth:`save_state` / :meth:`restore_state` (named fields plus :attr:`state_version`),
-    so that a snapshot needs nothing else from them.
+    A subclass keeps its guest-visible state in a plain record (an attrs class with
+    ``to_fields()`` and a validating ``from_fields()``, as
+    :class:`hvf.plugins.uart.model.UartState`) and its behaviour around it. The core
+    snapshots every attached device itself: it saves :meth:`save_state` as one chunk,
+    ``device.NAME``, tagged with :attr:`state_version`; on restore it brings that
+    chunk's fields from the version they were written with to :attr:`state_version`
+    through :attr:`state_upgrades` (refusing a newer chunk) and hands them to
+    :meth:`restore_state`. A device needs no snapshot hook of its own.
     """
 
     #: Version of the fields returned by :meth:`save_state`; bump on incompatible change.
-    state_version = 1
+    state_version: ClassVar[int] = 1
     #: ``{v: f}``: ``f(fields)`` turns version-v fields into version v+1 fields, so that
-    #: snapshots made by earlier versions of the device still restore.
-    state_upgrades: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+    #: snapshots made by earlier versions of the device still restore. The fields are
+    #: untrusted: ``f`` raises ``ValueError`` naming a field it cannot convert.
+    state_upgrades: ClassVar[Mapping[int, Upgrade]] = {}
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,7 +42,12 @@ class Device:
         return {}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        """Load state saved by :meth:`save_state`; older versions arrive upgraded."""
+        """Load fields of :attr:`state_version` into a device attached but not running.
+
+        ``version`` is always :attr:`state_version`: older chunks arrive upgraded.
+        Raise ``ValueError`` naming the field for anything :meth:`save_state` could not
+        have written; the core reports it as malformed state of this device's chunk.
+        """
 
     def close(self) -> None:
         """Release host resources; called once when the VM stops."""

@@ -161,10 +161,15 @@ def hvf_vm_stop(vm: Machine, status: int) -> None:
 
 @hookspec
 def hvf_state_save(vm: Machine, state: StateWriter) -> None:
-    """Save the state of the devices this plugin owns while the VM is paused.
+    """Save state this plugin keeps outside its devices, while the VM is paused.
 
-    Add one chunk per device with ``state.add(name=, owner=, version=, fields=)``;
-    ``fields`` maps field names to plain values (ints, bools, bytes, str, lists, dicts).
+    Devices need no hook: the core saves every attached device, whichever plugin made
+    it, as one chunk named ``device.NAME``, owned by the module of the device's class,
+    tagged with its ``state_version`` and holding its ``save_state()`` (see
+    :class:`hvf.device.Device`). A plugin implements this hook only for other state,
+    adding a chunk with ``state.add(name=, owner=, version=, fields=)`` under a name
+    of its own (never ``device.*``); ``fields`` maps field names to plain values (ints,
+    bools, bytes, str, lists, dicts).
 
     :param vm: the paused machine.
     :param state: where chunks are collected.
@@ -173,11 +178,16 @@ def hvf_state_save(vm: Machine, state: StateWriter) -> None:
 
 @hookspec
 def hvf_state_restore(vm: Machine, state: StateReader) -> None:
-    """Restore the devices this plugin owns from their chunks.
+    """Restore the state this plugin saved in :func:`hvf_state_save`.
 
-    Take each chunk with ``state.take(name)``, which marks it consumed; a chunk that no
-    plugin takes makes the restore fail, naming it. Older chunk versions are upgraded by
-    the device's own upgrade functions.
+    The core restores every attached device from its ``device.NAME`` chunk: the fields
+    written with the chunk's version are upgraded through the device's
+    ``state_upgrades`` to its ``state_version`` and handed to its ``restore_state()``;
+    a chunk newer than the device knows is refused, and a device the snapshot has no
+    chunk for starts from reset. A plugin takes each of its own chunks with
+    ``state.take(name)``, which marks it consumed, and brings older versions up with
+    :func:`hvf.snapshot_api.upgrade`; a chunk that nobody takes makes the restore
+    fail, naming it.
 
     :param vm: the machine, rebuilt from the snapshot's configuration, not yet running.
     :param state: the snapshot's chunks.

@@ -3,10 +3,11 @@
 
 Saving: every vCPU is stopped outside ``KVM_RUN`` (pending port or MMIO accesses
 completed), the I/O thread is suspended so no backend touches a device, then the core
-saves KVM's VM and vCPU state and every attached device's fields, and the snapshot
-backend writes RAM and state. Restoring rebuilds the machine from the snapshot's own
-configuration, maps its RAM copy-on-write and loads every chunk; a chunk nobody takes
-makes the restore fail.
+saves KVM's VM and vCPU state and every attached device's fields (one chunk per
+device, at its state version), and the snapshot backend writes RAM and state.
+Restoring rebuilds the machine from the snapshot's own configuration, maps its RAM
+copy-on-write and loads every chunk, each device's upgraded from the version it was
+written with; a chunk nobody takes makes the restore fail.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import hvf
 from hvf import vmstate
 from hvf.config import Config
 from hvf.errors import SnapshotError
-from hvf.snapshot_api import StateReader, StateWriter, upgrade
+from hvf.snapshot_api import Chunk, StateReader, StateWriter, upgrade
 
 if TYPE_CHECKING:
+    from hvf.device import Device
     from hvf.vm import Machine
 
 log = logging.getLogger("hvf.snapshot")
@@ -98,6 +100,25 @@ def restore(vm: Machine, chunks: StateReader) -> None:
         raise SnapshotError(f"the snapshot holds state that no installed plugin restores: {names}")
 
 
+def chunk_name(device: Device) -> str:
+    """The name of ``device``'s chunk (owned by the module of its class)."""
+    return f"device.{device.name}"
+
+
+def restore_device(device: Device, chunk: Chunk) -> None:
+    """Load ``chunk``, written with any state version ``device`` knows, into it.
+
+    Fields of an older version go through the device's ``state_upgrades`` first; a
+    chunk newer than the device's ``state_version`` and fields the device refuses are
+    errors naming the chunk.
+    """
+    try:
+        fields = upgrade(chunk, device.state_version, device.state_upgrades)
+        device.restore_state(fields, device.state_version)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
+
+
 class CorePlugin:
     """The core's snapshot hooks: KVM's VM and vCPU state, and every device's fields."""
 
@@ -112,35 +133,21 @@ class CorePlugin:
                       version=vmstate.VCPU_STATE_VERSION,
                       fields=vmstate.save_vcpu(vcpu, msrs, xsave_size))
         for device in vm.devices:
-            state.add(name=f"device.{device.name}", owner=type(device).__module__,
+            state.add(name=chunk_name(device), owner=type(device).__module__,
                       version=device.state_version, fields=device.save_state())
 
     @hvf.hookimpl
     def hvf_state_restore(self, vm: Machine, state: StateReader) -> None:
-        vm_chunk = state.take("vm")
-        _check_version(vm_chunk.name, vm_chunk.version, vmstate.VM_STATE_VERSION)
-        vmstate.restore_vm(vm, vm_chunk.fields)
+        vmstate.restore_vm(vm, upgrade(state.take("vm"), vmstate.VM_STATE_VERSION, {}))
         for device in vm.devices:
-            name = f"device.{device.name}"
+            name = chunk_name(device)
             if not state.has(name):
                 # A device that did not exist when the snapshot was made (added by a
                 # later hvf): it starts from its reset state.
                 log.warning("the snapshot has no state for %s; it starts from reset", device.name)
                 continue
-            chunk = state.take(name)
-            fields = upgrade(chunk, device.state_version, device.state_upgrades)
-            try:
-                device.restore_state(fields, device.state_version)
-            except (KeyError, TypeError, ValueError, OverflowError) as e:
-                raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
+            restore_device(device, state.take(name))
         xsave_size = vmstate.xsave_size(vm)
         for vcpu in vm.vcpus:
-            chunk = state.take(f"vcpu.{vcpu.index}")
-            _check_version(chunk.name, chunk.version, vmstate.VCPU_STATE_VERSION)
-            vmstate.restore_vcpu(vcpu, chunk.fields, xsave_size)
-
-
-def _check_version(name: str, version: int, current: int) -> None:
-    if version > current:
-        raise SnapshotError(f"'{name}' was saved by a newer hvf (state version {version}; "
-                            f"this hvf reads up to {current})")
+            fields = upgrade(state.take(f"vcpu.{vcpu.index}"), vmstate.VCPU_STATE_VERSION, {})
+            vmstate.restore_vcpu(vcpu, fields, xsave_size)

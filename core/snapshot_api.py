@@ -1,16 +1,21 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """What plugins see of a snapshot: named, owned, versioned chunks of plain fields.
 
-Saving, each plugin adds a :class:`Chunk` per device it owns to a :class:`StateWriter`;
-restoring, each takes its chunks back from a :class:`StateReader`, which knows which
-chunks nobody took (a snapshot holding state for a device no installed plugin has must
-not restore silently without it). How chunks reach the disk is the snapshot backends'
-business.
+Saving, the core adds one :class:`Chunk` per attached device (and its own KVM state)
+to a :class:`StateWriter`, and a plugin adds chunks only for state it keeps outside
+any device; restoring, each takes its chunks back from a :class:`StateReader`, which
+knows which chunks nobody took (a snapshot holding state for a device no installed
+plugin has must not restore silently without it). A chunk carries the version its
+fields were written with; :func:`upgrade` brings them to the reader's. How chunks
+reach the disk is the snapshot backends' business.
+
+The ``field_*`` readers and :func:`check_fields` are for a device's state record: a
+snapshot is untrusted, so every field is checked before a device uses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -72,7 +77,11 @@ class StateReader:
 
 
 def upgrade(chunk: Chunk, current: int, upgrades: Mapping[int, Upgrade]) -> Fields:
-    """Bring ``chunk``'s fields to version ``current`` with ``upgrades[v]`` (v → v+1)."""
+    """Bring ``chunk``'s fields to version ``current`` with ``upgrades[v]`` (v → v+1).
+
+    A chunk newer than ``current`` is refused, naming it and both versions. The steps
+    get untrusted fields: they raise ``ValueError`` naming a field they cannot read.
+    """
     if chunk.version > current:
         raise SnapshotError(
             f"'{chunk.name}' was saved by a newer hvf (state version {chunk.version}; this "
@@ -98,11 +107,28 @@ def _field(fields: Fields, name: str) -> Any:
     return fields[name]
 
 
+def check_fields(fields: Fields, names: Collection[str]) -> None:
+    """Refuse ``fields`` unless its names are exactly ``names``."""
+    unknown = sorted(str(n) for n in fields if n not in names)
+    if unknown:
+        raise ValueError(f"saved field '{unknown[0]}' is unknown")
+    for name in names:
+        _field(fields, name)
+
+
 def field_int(fields: Fields, name: str, bits: int) -> int:
     """Field ``name``: an unsigned integer of at most ``bits`` bits."""
     value = _field(fields, name)
     if type(value) is not int or not 0 <= value < 1 << bits:
         raise ValueError(f"saved field '{name}' is not an unsigned integer of {bits} bits")
+    return value
+
+
+def field_flags(fields: Fields, name: str, bits: int, allowed: int) -> int:
+    """Field ``name``: an unsigned integer of ``bits`` bits with none outside ``allowed``."""
+    value = field_int(fields, name, bits)
+    if value & ~allowed:
+        raise ValueError(f"saved field '{name}' has bits outside {allowed:#x} set ({value:#x})")
     return value
 
 

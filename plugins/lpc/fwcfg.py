@@ -40,8 +40,11 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
+import attrs
+
 from hvf.device import Device
-from hvf.errors import ConfigError, DeviceError, GuestMemoryError, SnapshotError
+from hvf.errors import ConfigError, DeviceError, GuestMemoryError
+from hvf.snapshot_api import Fields, check_fields, field_int
 
 if TYPE_CHECKING:
     from hvf.config import Config
@@ -119,10 +122,31 @@ def _bswap32(value: int) -> int:
     return int.from_bytes((value & _U32_MAX).to_bytes(4, "little"), "big")
 
 
-class FwCfg(Device):
-    """The fw_cfg device: a keyed table of items read through ports or DMA."""
+@attrs.define
+class FwCfgState:
+    """The selected key, the read position in its item, the latched DMA high half."""
 
-    state_version = 1
+    selector: int = 0
+    offset: int = 0
+    dma_high: int = 0
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> FwCfgState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field out of range."""
+        check_fields(fields, attrs.fields_dict(cls))
+        return cls(field_int(fields, "selector", 16), field_int(fields, "offset", 32),
+                   field_int(fields, "dma_high", 32))
+
+
+class FwCfg(Device):
+    """The fw_cfg device: a keyed table of items read through ports or DMA.
+
+    The guest-visible state is :attr:`state` (a :class:`FwCfgState`); the selected
+    item's contents are evaluated from it on selection and on restore.
+    """
 
     def __init__(self, name: str = "fwcfg") -> None:
         super().__init__(name)
@@ -132,10 +156,7 @@ class FwCfg(Device):
         self._files: dict[str, ItemData] = {}
         self._sorted_names: list[str] | None = []
         self._vm: Machine | None = None
-        # Guest-visible state: selected key, read position, latched DMA high half.
-        self._key = 0
-        self._offset = 0
-        self._dma_high = 0
+        self.state = FwCfgState()
         #: Contents of the selected item, evaluated when it was selected.
         self._data = b""
         #: Serialises selection and DMA transfers between vCPUs (data reads need none).
@@ -165,7 +186,7 @@ class FwCfg(Device):
             SELECTOR_PORT, COMB_LENGTH, self.name, read=self._comb_read, write=self._comb_write
         )
         vm.pio.register(DMA_PORT, DMA_LENGTH, self.name, read=self._dma_read, write=self._dma_write)
-        self._data = self._lookup(self._key)
+        self._data = self._lookup(self.state.selector)
 
     def add_file(self, name: str, data: ItemData) -> None:
         """Add the file ``name`` (at most 55 bytes of UTF-8); a name used twice is refused.
@@ -263,8 +284,8 @@ class FwCfg(Device):
     def _select(self, key: int) -> None:
         key &= 0xFFFF
         data = self._lookup(key)
-        self._key = key
-        self._offset = 0
+        self.state.selector = key
+        self.state.offset = 0
         self._data = data
 
     # ---- port handlers (per access: keep cheap) ----
@@ -273,9 +294,10 @@ class FwCfg(Device):
         if size != 1:
             return 0
         data = self._data
-        pos = self._offset
+        state = self.state
+        pos = state.offset
         if pos < len(data):
-            self._offset = pos + 1
+            state.offset = pos + 1
             return data[pos]
         return 0
 
@@ -290,15 +312,16 @@ class FwCfg(Device):
         return int.from_bytes(DMA_SIGNATURE[offset : offset + size], "little")
 
     def _dma_write(self, offset: int, size: int, value: int) -> None:
+        state = self.state
         if size == 4:
             if offset == 0:
-                self._dma_high = _bswap32(value)
+                state.dma_high = _bswap32(value)
             elif offset == 4:
-                address = (self._dma_high << 32) | _bswap32(value)
-                self._dma_high = 0  # as in QEMU: the address resets after each transfer
+                address = (state.dma_high << 32) | _bswap32(value)
+                state.dma_high = 0  # as in QEMU: the address resets after each transfer
                 self._dma_transfer(address)
         elif size == 8 and offset == 0:
-            self._dma_high = 0
+            state.dma_high = 0
             address = int.from_bytes((value & (1 << 64) - 1).to_bytes(8, "little"), "big")
             self._dma_transfer(address)
 
@@ -333,7 +356,7 @@ class FwCfg(Device):
         if not length:
             return 0
         data = self._data
-        pos = self._offset
+        pos = self.state.offset
         count = min(length, max(len(data) - pos, 0))
         if count:
             # The part the item covers. As in QEMU the position moves on even when the
@@ -346,7 +369,7 @@ class FwCfg(Device):
                     failed = True
             elif op == DMA_CTL_WRITE:
                 failed = True  # no item is writable
-            self._offset = pos + count
+            self.state.offset = pos + count
             if failed:
                 return DMA_CTL_ERROR
             address += count
@@ -364,24 +387,13 @@ class FwCfg(Device):
     # ---- state ----
 
     def save_state(self) -> dict[str, Any]:
-        return {"selector": self._key, "offset": self._offset, "dma_high": self._dma_high}
+        return self.state.to_fields()
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        if version != self.state_version:
-            raise SnapshotError(
-                f"{self.name}: state version {version} is not supported "
-                f"(this hvf writes version {self.state_version})"
-            )
-        values: dict[str, int] = {}
-        for field, limit in (("selector", 0xFFFF), ("offset", _U32_MAX), ("dma_high", _U32_MAX)):
-            value = fields.get(field)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-                raise SnapshotError(f"{self.name}: saved field '{field}' is invalid: {value!r}")
-            values[field] = value
+        state = FwCfgState.from_fields(fields)
         with self._lock:
-            self._select(values["selector"])
-            self._offset = values["offset"]
-            self._dma_high = values["dma_high"]
+            self._data = self._lookup(state.selector)
+            self.state = state
 
 
 def _check_data(owner: str, what: str, data: object) -> ItemData:

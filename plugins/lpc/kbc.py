@@ -12,12 +12,13 @@ hvf's consoles are serial.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from hvf import exitcodes
 from hvf.device import Device
-from hvf.snapshot_api import field_bytes, field_int
+from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -33,6 +34,8 @@ ST_SYSTEM = 0x04
 ST_COMMAND = 0x08
 ST_UNLOCKED = 0x10
 ST_AUX_DATA = 0x20
+#: The status bits this controller ever sets (no mouse: never AUX_DATA).
+ST_USED = ST_OUTPUT_FULL | ST_SYSTEM | ST_COMMAND | ST_UNLOCKED
 
 CB_KBD_INT = 0x01
 CB_SYSTEM = 0x04
@@ -52,16 +55,60 @@ _WITH_ARGUMENT = {0x60, 0xD1, 0xD2, 0xD3, 0xD4}
 _KBD_WITH_ARGUMENT = {0xED, 0xF0, 0xF3}
 
 
+@attrs.define
+class KbcState:
+    """The controller's registers and output queue, as after power-on.
+
+    ``queue`` holds the bytes waiting at port 0x60, oldest first (at most
+    :data:`QUEUE_LIMIT`; the status's OUTPUT_FULL bit says whether any wait);
+    ``pending_command`` and ``kbd_pending`` are the controller and keyboard commands
+    waiting for their data byte (0: none).
+    """
+
+    command_byte: int = CB_KBD_INT | CB_SYSTEM | CB_TRANSLATE
+    status: int = ST_UNLOCKED
+    output_port: int = OUT_RESET | OUT_A20
+    queue: bytearray = attrs.field(factory=bytearray)
+    pending_command: int = 0
+    kbd_pending: int = 0
+    scancode_set: int = 2
+
+    def to_fields(self) -> Fields:
+        fields = attrs.asdict(self)
+        fields["queue"] = bytes(self.queue)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> KbcState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field the i8042 could
+        not hold."""
+        check_fields(fields, attrs.fields_dict(cls))
+        state = cls(
+            command_byte=field_int(fields, "command_byte", 8),
+            status=field_flags(fields, "status", 8, ST_USED),
+            output_port=field_int(fields, "output_port", 8),
+            queue=bytearray(field_bytes(fields, "queue", max_size=QUEUE_LIMIT)),
+            pending_command=field_int(fields, "pending_command", 8),
+            kbd_pending=field_int(fields, "kbd_pending", 8),
+            scancode_set=field_int(fields, "scancode_set", 8),
+        )
+        if bool(state.status & ST_OUTPUT_FULL) != bool(state.queue):
+            raise ValueError("saved field 'status' disagrees with the queue about output full")
+        if state.pending_command and state.pending_command not in _WITH_ARGUMENT:
+            raise ValueError("saved field 'pending_command' is not a command taking data")
+        if state.kbd_pending and state.kbd_pending not in _KBD_WITH_ARGUMENT:
+            raise ValueError("saved field 'kbd_pending' is not a keyboard command taking data")
+        if state.scancode_set not in (1, 2, 3):
+            raise ValueError("saved field 'scancode_set' is not 1, 2 or 3")
+        return state
+
+
 class KeyboardController(Device):
+    """The i8042; its registers and queue live in :attr:`state` (a :class:`KbcState`)."""
+
     def __init__(self) -> None:
         super().__init__("kbc")
-        self.command_byte = CB_KBD_INT | CB_SYSTEM | CB_TRANSLATE
-        self.status = ST_UNLOCKED
-        self.output_port = OUT_RESET | OUT_A20
-        self.queue: deque[int] = deque()
-        self.pending_command = 0  # controller command waiting for its data byte
-        self.kbd_pending = 0  # keyboard command waiting for its data byte
-        self.scancode_set = 2
+        self.state = KbcState()
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
@@ -72,67 +119,74 @@ class KeyboardController(Device):
     # ---- output buffer ----
 
     def _push(self, *data: int) -> None:
-        room = QUEUE_LIMIT - len(self.queue)  # a guest that never reads cannot grow it
-        self.queue.extend(data[:max(room, 0)])
+        queue = self.state.queue
+        room = QUEUE_LIMIT - len(queue)  # a guest that never reads cannot grow it
+        queue.extend(data[:max(room, 0)])
         self._update()
 
     def _update(self) -> None:
-        full = bool(self.queue)
-        self.status = (self.status | ST_OUTPUT_FULL) if full else (self.status & ~ST_OUTPUT_FULL)
-        if full and self.command_byte & CB_KBD_INT:
-            self.irq.pulse()
+        state = self.state
+        if state.queue:
+            state.status |= ST_OUTPUT_FULL
+            if state.command_byte & CB_KBD_INT:
+                self.irq.pulse()
+        else:
+            state.status &= ~ST_OUTPUT_FULL
 
     def _read_data(self, offset: int, size: int) -> int:
-        value = self.queue.popleft() if self.queue else 0
-        self.status &= ~ST_OUTPUT_FULL
-        if self.queue:
+        state = self.state
+        value = state.queue.pop(0) if state.queue else 0
+        state.status &= ~ST_OUTPUT_FULL
+        if state.queue:
             self._update()
         return value
 
     def _read_status(self, offset: int, size: int) -> int:
-        return self.status
+        return self.state.status
 
     # ---- writes ----
 
     def _write_command(self, offset: int, size: int, value: int) -> None:
+        state = self.state
         value &= 0xFF
-        self.status |= ST_COMMAND
-        self.pending_command = 0
+        state.status |= ST_COMMAND
+        state.pending_command = 0
         if value in _WITH_ARGUMENT:
-            self.pending_command = value
+            state.pending_command = value
         elif value == 0x20:
-            self._push(self.command_byte)
+            self._push(state.command_byte)
         elif value == 0xA7:
-            self.command_byte |= CB_AUX_DISABLED
+            state.command_byte |= CB_AUX_DISABLED
         elif value == 0xA8:
-            self.command_byte &= ~CB_AUX_DISABLED
+            state.command_byte &= ~CB_AUX_DISABLED
         elif value == 0xA9:
             self._push(0x01)  # auxiliary interface test: clock line stuck low (no mouse)
         elif value == 0xAA:
-            self.status |= ST_SYSTEM
+            state.status |= ST_SYSTEM
             self._push(SELF_TEST_OK)
         elif value == 0xAB:
             self._push(0x00)  # keyboard interface test passed
         elif value == 0xAD:
-            self.command_byte |= CB_KBD_DISABLED
+            state.command_byte |= CB_KBD_DISABLED
         elif value == 0xAE:
-            self.command_byte &= ~CB_KBD_DISABLED
+            state.command_byte &= ~CB_KBD_DISABLED
         elif value == 0xC0:
             self._push(0x00)  # input port
         elif value == 0xD0:
-            self._push(self.output_port)
+            self._push(state.output_port)
         elif 0xF0 <= value <= 0xFF and not value & 0x01:
             self._reset("pulsed the reset line")
 
     def _write_data(self, offset: int, size: int, value: int) -> None:
+        state = self.state
         value &= 0xFF
-        self.status &= ~ST_COMMAND
-        command, self.pending_command = self.pending_command, 0
+        state.status &= ~ST_COMMAND
+        command, state.pending_command = state.pending_command, 0
         if command == 0x60:
-            self.command_byte = value
-            self.status = (self.status & ~ST_SYSTEM) | (value & CB_SYSTEM)
+            state.command_byte = value
+            state.status = (state.status & ~ST_SYSTEM) | (value & CB_SYSTEM)
         elif command == 0xD1:
-            self.output_port = value
+            state.output_port = value
             if not value & OUT_RESET:
                 self._reset("cleared the reset bit of its output port")
         elif command == 0xD2:
@@ -144,20 +198,21 @@ class KeyboardController(Device):
 
     def _keyboard(self, value: int) -> None:
         """A byte for the keyboard itself."""
-        if self.kbd_pending:
-            command, self.kbd_pending = self.kbd_pending, 0
+        state = self.state
+        if state.kbd_pending:
+            command, state.kbd_pending = state.kbd_pending, 0
             if command == 0xF0 and value == 0:
-                self._push(ACK, self.scancode_set)
+                self._push(ACK, state.scancode_set)
             else:
                 if command == 0xF0 and value in (1, 2, 3):
-                    self.scancode_set = value
+                    state.scancode_set = value
                 self._push(ACK)
             return
         if value in _KBD_WITH_ARGUMENT:
-            self.kbd_pending = value
+            state.kbd_pending = value
             self._push(ACK)
         elif value == 0xFF:
-            self.scancode_set = 2
+            state.scancode_set = 2
             self._push(ACK, KBD_BAT_OK)
         elif value == 0xF2:
             self._push(ACK, 0xAB, 0x83)
@@ -172,15 +227,7 @@ class KeyboardController(Device):
     # ---- state ----
 
     def save_state(self) -> dict[str, Any]:
-        return {
-            "command_byte": self.command_byte, "status": self.status,
-            "output_port": self.output_port, "queue": bytes(self.queue),
-            "pending_command": self.pending_command, "kbd_pending": self.kbd_pending,
-            "scancode_set": self.scancode_set,
-        }
+        return self.state.to_fields()
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        for name in ("command_byte", "status", "output_port", "pending_command",
-                     "kbd_pending", "scancode_set"):
-            setattr(self, name, field_int(fields, name, 8))
-        self.queue = deque(field_bytes(fields, "queue", max_size=QUEUE_LIMIT))
+        self.state = KbcState.from_fields(fields)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from hvf.device import Device
 from hvf.iobus import read_zero
-from hvf.snapshot_api import field_bytes, field_int
+from hvf.snapshot_api import Fields, check_fields, field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.interrupts import LineSource
@@ -28,34 +30,71 @@ SCRATCH_MMIO_SIZE = 64 * 1024
 PAGE = 4096
 
 
-def _sparse_memory(memory: bytes) -> dict[str, bytes]:
+#: Saved page keys (hex offsets, as :func:`_sparse_memory` writes them) to offsets.
+_PAGE_KEYS = {f"{offset:#x}": offset for offset in range(0, SCRATCH_MMIO_SIZE, PAGE)}
+
+
+def _sparse_memory(memory: bytes | bytearray) -> dict[str, bytes]:
     """The non-zero 4 KiB pages of the scratch memory, keyed by hex offset."""
     return {
-        f"{offset:#x}": memory[offset : offset + PAGE]
-        for offset in range(0, len(memory), PAGE)
+        key: bytes(memory[offset : offset + PAGE])
+        for key, offset in _PAGE_KEYS.items()
         if any(memory[offset : offset + PAGE])
     }
 
 
-def _upgrade_v1(fields: dict[str, Any]) -> dict[str, Any]:
+def _upgrade_v1(fields: Fields) -> Fields:
     """Version 1 saved the whole 64 KiB scratch memory; version 2 only non-zero pages."""
-    fields = dict(fields)
-    fields["memory_pages"] = _sparse_memory(bytes(fields.pop("memory")))
-    return fields
+    memory = field_bytes(fields, "memory", size=SCRATCH_MMIO_SIZE)
+    upgraded = {name: value for name, value in fields.items() if name != "memory"}
+    upgraded["memory_pages"] = _sparse_memory(memory)
+    return upgraded
+
+
+@attrs.define
+class PcTestdevState:
+    """The scratch register, the level written to each IRQ port (0 or 1), and the
+    scratch memory."""
+
+    scratch: int = 0
+    irq_levels: bytearray = attrs.field(factory=lambda: bytearray(IRQ_LINES))
+    memory: bytearray = attrs.field(factory=lambda: bytearray(SCRATCH_MMIO_SIZE))
+
+    def to_fields(self) -> Fields:
+        return {"scratch": self.scratch, "irq_levels": bytes(self.irq_levels),
+                "memory_pages": _sparse_memory(self.memory)}
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> PcTestdevState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field the device
+        could not hold."""
+        check_fields(fields, ("scratch", "irq_levels", "memory_pages"))
+        irq_levels = field_bytes(fields, "irq_levels", size=IRQ_LINES)
+        if max(irq_levels) > 1:
+            raise ValueError("saved field 'irq_levels' holds a level other than 0 and 1")
+        pages = fields["memory_pages"]
+        if not isinstance(pages, dict):
+            raise ValueError("saved field 'memory_pages' is not a mapping")
+        memory = bytearray(SCRATCH_MMIO_SIZE)
+        for key, page in pages.items():
+            offset = _PAGE_KEYS.get(key)
+            if offset is None or not isinstance(page, bytes) or len(page) != PAGE:
+                raise ValueError(f"saved field 'memory_pages' has a bad page {str(key)[:20]!r}")
+            memory[offset : offset + PAGE] = page
+        return cls(field_int(fields, "scratch", 32), bytearray(irq_levels), memory)
 
 
 class PcTestdev(Device):
-    """Test-kernel helper ports (``-l pc-testdev``)."""
+    """Test-kernel helper ports (``-l pc-testdev``); the guest-visible state lives in
+    :attr:`state` (a :class:`PcTestdevState`)."""
 
     state_version = 2
     state_upgrades = {1: _upgrade_v1}
 
     def __init__(self) -> None:
         super().__init__("pc-testdev")
-        self.scratch = 0
-        self.irq_levels = bytearray(IRQ_LINES)
+        self.state = PcTestdevState()
         self._lines: list[LineSource | None] = [None] * IRQ_LINES
-        self.memory = bytearray(SCRATCH_MMIO_SIZE)
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
@@ -71,48 +110,38 @@ class PcTestdev(Device):
         self.vm.request_exit(((value << 1) | 1) & 0xFF, f"guest wrote {value:#x} to debug exit")
 
     def _scratch_read(self, offset: int, size: int) -> int:
-        return (self.scratch >> (8 * offset)) & ((1 << (8 * size)) - 1)
+        return (self.state.scratch >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def _scratch_write(self, offset: int, size: int, value: int) -> None:
         size = min(size, 4 - offset)
         mask = ((1 << (8 * size)) - 1) << (8 * offset)
-        self.scratch = (self.scratch & ~mask) | ((value << (8 * offset)) & mask)
+        self.state.scratch = (self.state.scratch & ~mask) | ((value << (8 * offset)) & mask)
 
     def _irq_read(self, offset: int, size: int) -> int:
-        return self.irq_levels[offset]
+        return self.state.irq_levels[offset]
 
     def _irq_write(self, offset: int, size: int, value: int) -> None:
         level = 1 if value & 0xFF else 0
-        if self.irq_levels[offset] != level:
-            self.irq_levels[offset] = level
+        levels = self.state.irq_levels
+        if levels[offset] != level:
+            levels[offset] = level
             self._line(offset).set(bool(level))
 
     def _mem_read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.memory[offset : offset + size], "little")
+        return int.from_bytes(self.state.memory[offset : offset + size], "little")
 
     def _mem_write(self, offset: int, size: int, value: int) -> None:
         size = min(size, SCRATCH_MMIO_SIZE - offset)
-        self.memory[offset : offset + size] = value.to_bytes(8, "little")[:size]
+        self.state.memory[offset : offset + size] = value.to_bytes(8, "little")[:size]
 
     def save_state(self) -> dict[str, Any]:
-        return {"scratch": self.scratch, "irq_levels": bytes(self.irq_levels),
-                "memory_pages": _sparse_memory(bytes(self.memory))}
+        return self.state.to_fields()
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.scratch = field_int(fields, "scratch", 32)
-        self.irq_levels[:] = field_bytes(fields, "irq_levels", size=IRQ_LINES)
-        pages = fields.get("memory_pages")
-        if not isinstance(pages, dict):
-            raise ValueError("saved field 'memory_pages' is not a mapping")
-        self.memory[:] = bytes(SCRATCH_MMIO_SIZE)
-        for key, page in pages.items():
-            offset = int(key, 16)
-            if offset % PAGE or not 0 <= offset < SCRATCH_MMIO_SIZE or not isinstance(
-                    page, bytes) or len(page) > PAGE:
-                raise ValueError(f"pc-testdev: bad scratch page {key}")
-            self.memory[offset : offset + len(page)] = page
-        for line, level in enumerate(self.irq_levels):
-            self._line(line).set(bool(level))
+        self.state = PcTestdevState.from_fields(fields)
+        for gsi, level in enumerate(self.state.irq_levels):
+            if level or self._lines[gsi] is not None:
+                self._line(gsi).set(bool(level))
 
     def _line(self, gsi: int) -> LineSource:
         """This device's input on ``gsi`` (made on first use)."""

@@ -17,9 +17,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from hvf import exitcodes
 from hvf.device import Device
-from hvf.snapshot_api import field_int
+from hvf.snapshot_api import Fields, check_fields, field_flags, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -58,15 +60,38 @@ CNT_WRITABLE = 0x1C07 & ~CNT_SCI_EN  # BM_RLD, GBL_RLS, SLP_TYP; SCI_EN via SMI_
 SLP_TYP_S5 = 5
 
 
+@attrs.define
+class PmState:
+    """The PM1a status, enable and control registers and GPE0's, as after reset."""
+
+    status: int = 0
+    enable: int = 0
+    control: int = 0
+    gpe_status: int = 0
+    gpe_enable: int = 0
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> PmState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field no PM holds."""
+        check_fields(fields, attrs.fields_dict(cls))
+        return cls(
+            status=field_flags(fields, "status", 16, STS_W1C),
+            enable=field_flags(fields, "enable", 16, EN_WRITABLE),
+            control=field_flags(fields, "control", 16, CNT_WRITABLE | CNT_SCI_EN),
+            gpe_status=field_int(fields, "gpe_status", 8),
+            gpe_enable=field_int(fields, "gpe_enable", 8),
+        )
+
+
 class PowerManagement(Device):
+    """ACPI fixed hardware; its registers live in :attr:`state` (a :class:`PmState`)."""
+
     def __init__(self) -> None:
         super().__init__("pm")
-        self.status = 0
-        self.enable = 0
-        self.control = 0
-        self.gpe_status = 0
-        self.gpe_enable = 0
-        self._sci = False
+        self.state = PmState()
         self._lock = threading.Lock()
 
     def attach(self, vm: Machine) -> None:
@@ -80,21 +105,20 @@ class PowerManagement(Device):
 
     @property
     def acpi_enabled(self) -> bool:
-        return bool(self.control & CNT_SCI_EN)
+        return bool(self.state.control & CNT_SCI_EN)
 
     def _update_sci(self) -> None:
-        level = self.acpi_enabled and bool(
-            (self.status & self.enable) or (self.gpe_status & self.gpe_enable))
-        if level != self._sci:
-            self._sci = level
-            self.sci.set(level)
+        """Drive the SCI: high while an enabled event is pending and ACPI is on."""
+        state = self.state
+        self.sci.set(self.acpi_enabled and bool(
+            (state.status & state.enable) or (state.gpe_status & state.gpe_enable)))
 
     def press_power_button(self) -> bool:
         """Raise the power-button event; False when the guest has not enabled ACPI."""
         with self._lock:
             if not self.acpi_enabled:
                 return False
-            self.status |= STS_PWRBTN
+            self.state.status |= STS_PWRBTN
             self._update_sci()
             return True
 
@@ -103,34 +127,36 @@ class PowerManagement(Device):
     def _smi_cmd(self, offset: int, size: int, value: int) -> None:
         with self._lock:
             if value & 0xFF == ACPI_ENABLE:
-                self.control |= CNT_SCI_EN
+                self.state.control |= CNT_SCI_EN
             elif value & 0xFF == ACPI_DISABLE:
-                self.control &= ~CNT_SCI_EN
+                self.state.control &= ~CNT_SCI_EN
             self._update_sci()
 
     def _evt_read(self, offset: int, size: int) -> int:
-        block = self.status | self.enable << 16
+        block = self.state.status | self.state.enable << 16
         return (block >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def _evt_write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
+            state = self.state
             block = (value & ((1 << (8 * size)) - 1)) << (8 * offset)
             touched = ((1 << (8 * size)) - 1) << (8 * offset)
             if touched & 0xFFFF:
-                self.status &= ~(block & STS_W1C)
+                state.status &= ~(block & STS_W1C)
             if touched & 0xFFFF0000:
-                keep = self.enable & ~(touched >> 16)
-                self.enable = (keep | (block >> 16)) & EN_WRITABLE
+                keep = state.enable & ~(touched >> 16)
+                state.enable = (keep | (block >> 16)) & EN_WRITABLE
             self._update_sci()
 
     def _cnt_read(self, offset: int, size: int) -> int:
-        return (self.control >> (8 * offset)) & ((1 << (8 * size)) - 1)
+        return (self.state.control >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def _cnt_write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
             value = (value << (8 * offset)) & 0xFFFF
             touched = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFF
-            self.control = (self.control & ~(touched & CNT_WRITABLE)) | (value & CNT_WRITABLE)
+            control = self.state.control
+            self.state.control = (control & ~(touched & CNT_WRITABLE)) | (value & CNT_WRITABLE)
         if value & CNT_SLP_EN:
             sleep_type = (value & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT
             if sleep_type == SLP_TYP_S5:
@@ -143,7 +169,7 @@ class PowerManagement(Device):
         return (ticks >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def _gpe_read(self, offset: int, size: int) -> int:
-        block = self.gpe_status | self.gpe_enable << 8
+        block = self.state.gpe_status | self.state.gpe_enable << 8
         return (block >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def _gpe_write(self, offset: int, size: int, value: int) -> None:
@@ -151,22 +177,18 @@ class PowerManagement(Device):
             for i in range(size):
                 byte = (value >> (8 * i)) & 0xFF
                 if offset + i == 0:
-                    self.gpe_status &= ~byte
+                    self.state.gpe_status &= ~byte
                 elif offset + i == 1:
-                    self.gpe_enable = byte
+                    self.state.gpe_enable = byte
             self._update_sci()
 
     # ---- state ----
 
     def save_state(self) -> dict[str, Any]:
-        return {"status": self.status, "enable": self.enable, "control": self.control,
-                "gpe_status": self.gpe_status, "gpe_enable": self.gpe_enable}
+        return self.state.to_fields()
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.status = field_int(fields, "status", 16) & STS_W1C
-        self.enable = field_int(fields, "enable", 16) & EN_WRITABLE
-        self.control = field_int(fields, "control", 16) & (CNT_WRITABLE | CNT_SCI_EN)
-        self.gpe_status = field_int(fields, "gpe_status", 8)
-        self.gpe_enable = field_int(fields, "gpe_enable", 8)
-        self._sci = False
-        self._update_sci()
+        state = PmState.from_fields(fields)
+        with self._lock:
+            self.state = state
+            self._update_sci()

@@ -7,6 +7,10 @@ guest that sets the clock keeps its offset from the host's. CMOS bytes 0x10-0x3F
 0x5B-0x5D carry the memory sizes PC firmware reads. Update, alarm and periodic
 interrupts are not generated (register C reads 0); register A never shows an update in
 progress, so a guest polling UIP proceeds at once.
+
+The state (:class:`RtcState`) keeps the guest's clock as its offset from the host's in
+integer nanoseconds (state version 2: exact, with no NaN or infinity to guard
+against); version 1 kept float seconds, which a restore converts.
 """
 
 from __future__ import annotations
@@ -15,17 +19,22 @@ import calendar
 import time
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from hvf.device import Device
 from hvf.memory import MiB
-from hvf.snapshot_api import field_bytes, field_int
+from hvf.snapshot_api import Fields, check_fields, field_bytes, field_int
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
 
 INDEX_PORT = 0x70
 CMOS_SIZE = 128
-#: A restored clock may differ from the host's by less than this many seconds (3000 years).
-MAX_CLOCK_OFFSET = 3000 * 366 * 86400
+NS = 1_000_000_000
+#: A saved clock differs from the host's by less than this many seconds: 30000 years,
+#: beyond any date a guest can set (year 0 to binary century 255, year 255, plus what
+#: out-of-range months and days add).
+MAX_CLOCK_OFFSET = 30_000 * 366 * 86400
 NMI_DISABLE = 0x80
 
 SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
@@ -36,63 +45,113 @@ B_24H = 0x02
 B_BINARY = 0x04
 B_SET = 0x80
 D_VALID = 0x80
+A_UIP = 0x80
 TIME_REGISTERS = (SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY)
 
 
+def _power_on_cmos() -> bytearray:
+    cmos = bytearray(CMOS_SIZE)
+    cmos[REG_A] = 0x26  # 32.768 kHz time base, 1024 Hz rate
+    cmos[REG_B] = B_24H
+    cmos[REG_D] = D_VALID
+    return cmos
+
+
+@attrs.define
+class RtcState:
+    """CMOS RAM (the registers included), the index latch, and the guest's clock.
+
+    ``offset`` is the guest clock minus the host clock in nanoseconds. Registers C and
+    D are read-only (0 and VRT) and A never holds UIP; the time registers hold what
+    the guest wrote while register B's SET bit freezes the clock.
+    """
+
+    cmos: bytearray = attrs.field(factory=_power_on_cmos)
+    index: int = 0
+    offset: int = 0
+
+    def to_fields(self) -> Fields:
+        return {"cmos": bytes(self.cmos), "index": self.index, "offset": self.offset}
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> RtcState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field no RTC holds."""
+        check_fields(fields, attrs.fields_dict(cls))
+        cmos = field_bytes(fields, "cmos", size=CMOS_SIZE)
+        if cmos[REG_A] & A_UIP or cmos[REG_C] or cmos[REG_D] != D_VALID:
+            raise ValueError("saved field 'cmos' holds impossible status registers A, C or D")
+        offset = fields["offset"]
+        if type(offset) is not int or not abs(offset) < MAX_CLOCK_OFFSET * NS:
+            raise ValueError("saved field 'offset' is not a clock offset in nanoseconds "
+                             "within 30000 years")
+        return cls(bytearray(cmos), field_int(fields, "index", 7), offset)
+
+
+def _upgrade_v1(fields: Fields) -> Fields:
+    """Version 1 kept the clock offset in float seconds; version 2 in integer ns."""
+    offset = fields.get("offset")
+    if type(offset) not in (int, float) or not abs(offset) < MAX_CLOCK_OFFSET:
+        raise ValueError("saved field 'offset' is not a clock offset in seconds "
+                         "within 30000 years")
+    return {**fields, "offset": round(offset * NS)}
+
+
 class Rtc(Device):
+    """The MC146818; its CMOS and clock offset live in :attr:`state` (:class:`RtcState`)."""
+
+    state_version = 2
+    state_upgrades = {1: _upgrade_v1}
+
     def __init__(self, use_localtime: bool) -> None:
         super().__init__("rtc")
-        self.cmos = bytearray(CMOS_SIZE)
-        self.index = 0
-        self.offset = 0.0  # guest clock minus host clock, seconds
+        self.state = RtcState()
         self.use_localtime = use_localtime
-        self.cmos[REG_A] = 0x26  # 32.768 kHz time base, 1024 Hz rate
-        self.cmos[REG_B] = B_24H
-        self.cmos[REG_D] = D_VALID
 
     def attach(self, vm: Machine) -> None:
         self._store_memory_sizes(vm.memory.lowmem_size, vm.memory.highmem_size)
         vm.pio.register(INDEX_PORT, 2, "rtc", self._read, self._write)
 
     def _store_memory_sizes(self, low: int, high: int) -> None:
-        self.cmos[0x15:0x17] = (640).to_bytes(2, "little")  # base memory, KiB
+        cmos = self.state.cmos
+        cmos[0x15:0x17] = (640).to_bytes(2, "little")  # base memory, KiB
         ext_kib = min(max(low - MiB, 0) // 1024, 0xFFFF)  # above 1 MiB, up to 64 MiB
-        self.cmos[0x17:0x19] = self.cmos[0x30:0x32] = ext_kib.to_bytes(2, "little")
+        cmos[0x17:0x19] = cmos[0x30:0x32] = ext_kib.to_bytes(2, "little")
         ext2 = min(max(low - 16 * MiB, 0) // (64 * 1024), 0xFFFF)  # above 16 MiB, 64 KiB units
-        self.cmos[0x34:0x36] = ext2.to_bytes(2, "little")
-        self.cmos[0x5B:0x5E] = min(high // (64 * 1024), 0xFFFFFF).to_bytes(3, "little")
+        cmos[0x34:0x36] = ext2.to_bytes(2, "little")
+        cmos[0x5B:0x5E] = min(high // (64 * 1024), 0xFFFFFF).to_bytes(3, "little")
 
     # ---- ports ----
 
     def _read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF  # the index port is write-only on a PC (firmware probes it)
-        return self.read_register(self.index)
+        return self.read_register(self.state.index)
 
     def _write(self, offset: int, size: int, value: int) -> None:
         if offset == 0:
-            self.index = value & 0x7F  # bit 7 masks NMI; nothing to mask here
+            self.state.index = value & 0x7F  # bit 7 masks NMI; nothing to mask here
         else:
-            self.write_register(self.index, value & 0xFF)
+            self.write_register(self.state.index, value & 0xFF)
 
     # ---- registers ----
 
     def _now(self) -> time.struct_time:
-        t = time.time() + self.offset
+        t = (time.time_ns() + self.state.offset) // NS
         return time.localtime(t) if self.use_localtime else time.gmtime(t)
 
     def _encode(self, value: int) -> int:
-        return value if self.cmos[REG_B] & B_BINARY else (value // 10) << 4 | value % 10
+        return value if self.state.cmos[REG_B] & B_BINARY else (value // 10) << 4 | value % 10
 
     def _decode(self, value: int) -> int:
-        return value if self.cmos[REG_B] & B_BINARY else (value >> 4) * 10 + (value & 0xF)
+        return value if self.state.cmos[REG_B] & B_BINARY else (value >> 4) * 10 + (value & 0xF)
 
     def read_register(self, index: int) -> int:
-        if index in TIME_REGISTERS and not self.cmos[REG_B] & B_SET:
+        cmos = self.state.cmos
+        if index in TIME_REGISTERS and not cmos[REG_B] & B_SET:
             now = self._now()
             if index == HOURS:
                 hour = now.tm_hour
-                if not self.cmos[REG_B] & B_24H:
+                if not cmos[REG_B] & B_24H:
                     pm = hour >= 12
                     return self._encode(hour % 12 or 12) | (0x80 if pm else 0)
                 return self._encode(hour)
@@ -104,22 +163,23 @@ class Rtc(Device):
             return self._encode(values[index])
         if index == REG_C:
             return 0
-        return self.cmos[index]
+        return cmos[index]
 
     def write_register(self, index: int, value: int) -> None:
         if index in (REG_C, REG_D):
             return  # read-only
-        if index == REG_B and self.cmos[REG_B] & B_SET and not value & B_SET:
+        cmos = self.state.cmos
+        if index == REG_B and cmos[REG_B] & B_SET and not value & B_SET:
             self._set_clock_from_registers()
-        if index == REG_B and value & B_SET and not self.cmos[REG_B] & B_SET:
+        if index == REG_B and value & B_SET and not cmos[REG_B] & B_SET:
             for reg in TIME_REGISTERS:  # freeze the current time for the guest to edit
-                self.cmos[reg] = self.read_register(reg)
+                cmos[reg] = self.read_register(reg)
         if index == REG_A:
-            value &= 0x7F  # UIP is read-only
-        self.cmos[index] = value
+            value &= ~A_UIP  # UIP is read-only
+        cmos[index] = value
 
     def _set_clock_from_registers(self) -> None:
-        c = self.cmos
+        c = self.state.cmos
         hour_byte = c[HOURS]
         hour = self._decode(hour_byte & 0x7F)
         if not c[REG_B] & B_24H:
@@ -131,20 +191,12 @@ class Rtc(Device):
             target = time.mktime(fields) if self.use_localtime else calendar.timegm(fields)
         except (OverflowError, ValueError):
             return  # an impossible date: keep the clock as it was
-        self.offset = target - time.time()
+        self.state.offset = int(target) * NS - time.time_ns()
 
     # ---- state ----
 
     def save_state(self) -> dict[str, Any]:
-        return {"cmos": bytes(self.cmos), "index": self.index, "offset": self.offset}
+        return self.state.to_fields()
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        cmos = field_bytes(fields, "cmos", size=CMOS_SIZE)
-        index = field_int(fields, "index", 7)
-        offset = fields.get("offset")
-        if type(offset) not in (int, float) or not abs(offset) < MAX_CLOCK_OFFSET:
-            raise ValueError("rtc: the saved clock offset is not a number of seconds "
-                             "within 3000 years")
-        self.cmos[:] = cmos
-        self.index = index
-        self.offset = float(offset)
+        self.state = RtcState.from_fields(fields)

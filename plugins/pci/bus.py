@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import attrs
+
 from hvf.device import Device
 from hvf.errors import ConfigError
 from hvf.memory import HIGHMEM_BASE, GiB, MiB
@@ -22,8 +24,8 @@ from hvf.plugins.pci.device import (
     Bar,
     PciDevice,
 )
-from hvf.plugins.pci.intx import IntxRouter
-from hvf.snapshot_api import field_bytes, field_int
+from hvf.plugins.pci.intx import PIRQ_COUNT, PIRQ_WRITABLE, IntxRouter
+from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -32,6 +34,8 @@ CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
 ECAM_BASE = 0xE000_0000
 ECAM_SIZE = 256 * MiB
+#: The bits of CONFIG_ADDRESS that hold: enable, bus, device, function, dword register.
+CONFIG_ADDRESS_MASK = 0x80FF_FFFC
 
 IO_WINDOW = (0x2000, 0x10000)
 MEM32_WINDOW = (0xC000_0000, 0xE000_0000)
@@ -41,6 +45,29 @@ MEM64_WINDOW_SIZE = 32 * GiB
 MEM64_IN_MEM32_LIMIT = 128 * MiB
 
 Bdf = tuple[int, int, int]
+
+
+@attrs.frozen
+class PciBusState:
+    """What the root bus itself saves: mechanism #1's address latch and the PIRQ
+    routing registers (which the bus's :class:`IntxRouter` holds)."""
+
+    config_address: int
+    pirq: bytes
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> PciBusState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a field the bus could not
+        hold."""
+        check_fields(fields, attrs.fields_dict(cls))
+        config_address = field_flags(fields, "config_address", 32, CONFIG_ADDRESS_MASK)
+        pirq = field_bytes(fields, "pirq", size=PIRQ_COUNT)
+        if any(value & ~PIRQ_WRITABLE for value in pirq):
+            raise ValueError(f"saved field 'pirq' has bits outside {PIRQ_WRITABLE:#x} set")
+        return cls(config_address, pirq)
 
 
 class PciBus(Device):
@@ -78,7 +105,7 @@ class PciBus(Device):
 
     def _address_write(self, offset: int, size: int, value: int) -> None:
         if size == 4:
-            self.config_address = value & 0x80FF_FFFC
+            self.config_address = value & CONFIG_ADDRESS_MASK
 
     def _data_read(self, offset: int, size: int) -> int:
         addr = self.config_address
@@ -137,12 +164,12 @@ class PciBus(Device):
     # ---- state ----
 
     def save_state(self) -> dict[str, object]:
-        return {"config_address": self.config_address, "pirq": bytes(self.intx.pirq)}
+        return PciBusState(self.config_address, bytes(self.intx.pirq)).to_fields()
 
     def restore_state(self, fields: dict[str, object], version: int) -> None:
-        self.config_address = field_int(fields, "config_address", 32) & 0x80FF_FFFC
-        pirq = field_bytes(fields, "pirq", size=len(self.intx.pirq))
-        for index, value in enumerate(pirq):
+        state = PciBusState.from_fields(fields)
+        self.config_address = state.config_address
+        for index, value in enumerate(state.pirq):
             self.intx.write(index, value)
 
     # ---- BAR allocation and INTx routing, once every device exists ----

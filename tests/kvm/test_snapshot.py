@@ -672,6 +672,12 @@ def test_restore_refuses_newer_versions(snap_copy: Path, tmp_path: Path) -> None
     write_state(state, machine=parsed.machine, ram=parsed.ram, chunks=chunks)
     err = refused_restore(snap_copy, tmp_path, "newer2")
     assert "vcpu.0" in err and "newer hvf" in err and "99" in err
+    # a device chunk newer than the device: named, with both versions
+    chunks = [Chunk(c.name, c.owner, 3 if c.name == "device.rtc" else c.version, c.fields)
+              for c in parsed.chunks]
+    write_state(state, machine=parsed.machine, ram=parsed.ram, chunks=chunks)
+    err = refused_restore(snap_copy, tmp_path, "newer3")
+    assert "'device.rtc' was saved by a newer hvf (state version 3; this hvf reads up to 2)" in err
 
 
 def test_restore_refuses_a_chunk_nobody_restores(snap_copy: Path, tmp_path: Path) -> None:
@@ -711,6 +717,8 @@ _MISSING = object()
     ("device.rtc", lambda f: _with_field(f, "cmos", 1 << 70),
      "device.rtc: malformed saved state (saved field 'cmos' is not a byte string of 128"),
     ("device.rtc", lambda f: _with_field(f, "offset", float("nan")), "clock offset"),
+    ("device.rtc", lambda f: _with_field(f, "offset", 1.5), "device.rtc: malformed saved state "
+     "(saved field 'offset' is not a clock offset in nanoseconds"),
     ("device.kbc", lambda f: _with_field(f, "status", 3.5), "'status' is not an unsigned integer of 8 bits"),
     ("device.pm", lambda f: _with_field(f, "control", -1), "'control' is not an unsigned integer of 16 bits"),
     ("device.com1", lambda f: _with_field(f, "rx_fifo", b"x" * 100), "rx_fifo"),
@@ -861,6 +869,8 @@ def test_checked_in_v1_snapshot_restores_and_upgrades(tmp_path: Path) -> None:
     assert info.returncode == 0, info.stderr
     row = re.search(r"^\s*device\.pc-testdev\s+\S+\s+(\d+)\s+\d+$", info.stdout, re.M)
     assert row and row[1] == "1", info.stdout
+    v1_rtc = chunk(snap, "device.rtc")
+    assert v1_rtc.version == 1 and type(v1_rtc.fields["offset"]) is float
 
     name, out, ck = "v1vm-restored", tmp_path / "com1", tmp_path / "ck"
     with Hvf(["-r", snap, "-l", f"com1,file={out}", name], tmp_path, "v1") as vm:
@@ -872,6 +882,9 @@ def test_checked_in_v1_snapshot_restores_and_upgrades(tmp_path: Path) -> None:
     info = run_hvf(["snapshot", "info", str(ck)])
     row = re.search(r"^\s*device\.pc-testdev\s+\S+\s+(\d+)\s+\d+$", info.stdout, re.M)
     assert row and row[1] == "2", info.stdout
+    rtc = chunk(ck, "device.rtc")  # upgraded by the RTC: integer nanoseconds
+    assert rtc.version == 2 and rtc.fields["offset"] == 0
+    assert type(rtc.fields["offset"]) is int and rtc.fields["cmos"] == v1_rtc.fields["cmos"]
     assert tree_digest(original) == digest, "the checked-in snapshot was modified"
 
 

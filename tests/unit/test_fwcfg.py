@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from typing import Any
@@ -30,6 +31,8 @@ from hvf.plugins.lpc.fwcfg import (
     KEY_UUID,
     FwCfg,
 )
+from hvf.snapshot import restore_device
+from hvf.snapshot_api import Chunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -385,18 +388,23 @@ def test_restore_keeps_dma_high_half(vm: FakeVm, dev: FwCfg) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fields", "version"),
+    ("fields", "version", "message"),
     [
-        ({"selector": 0, "offset": 0, "dma_high": 0}, 2),
-        ({"selector": 0x10000, "offset": 0, "dma_high": 0}, 1),
-        ({"selector": 0, "offset": -1, "dma_high": 0}, 1),
-        ({"selector": 0, "offset": 0}, 1),
-        ({"selector": "0", "offset": 0, "dma_high": 0}, 1),
+        ({"selector": 0, "offset": 0, "dma_high": 0}, 2, "newer hvf (state version 2; this "
+                                                          "hvf reads up to 1)"),
+        ({"selector": 0x10000, "offset": 0, "dma_high": 0}, 1, "'selector' is not an unsigned"),
+        ({"selector": 0, "offset": -1, "dma_high": 0}, 1, "'offset' is not an unsigned"),
+        ({"selector": 0, "offset": 0}, 1, "'dma_high' is missing"),
+        ({"selector": "0", "offset": 0, "dma_high": 0}, 1, "'selector' is not an unsigned"),
+        ({"selector": 0, "offset": 0, "dma_high": 0, "key": 0}, 1, "'key' is unknown"),
     ],
 )
-def test_restore_rejects_bad_state(dev: FwCfg, fields: dict[str, Any], version: int) -> None:
-    with pytest.raises(SnapshotError):
-        dev.restore_state(fields, version)
+def test_restore_rejects_bad_state(dev: FwCfg, fields: dict[str, Any], version: int,
+                                   message: str) -> None:
+    before = dev.save_state()
+    with pytest.raises(SnapshotError, match=r"device\.fwcfg.*" + re.escape(message)):
+        restore_device(dev, Chunk("device.fwcfg", "hvf.plugins.lpc.fwcfg", version, fields))
+    assert dev.save_state() == before
 
 
 # ---- API checks ----

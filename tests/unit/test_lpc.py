@@ -335,6 +335,6 @@ def test_kbc_output_queue_is_bounded() -> None:
     vm.attach(kbc)
     for _ in range(10 * QUEUE_LIMIT):
         fakes.outp(vm, 0x64, 1, 0xAA)  # self test: answers 0x55
-    assert len(kbc.queue) == QUEUE_LIMIT
+    assert len(kbc.state.queue) == QUEUE_LIMIT
     assert [fakes.inp(vm, 0x60, 1) for _ in range(QUEUE_LIMIT)] == [0x55] * QUEUE_LIMIT
     assert fakes.inp(vm, 0x64, 1) & 0x01 == 0  # output buffer empty
