@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Build the hvf multiboot test guests.
 
-Each guest ``NAME`` is ``tests/guests/NAME.S``; it is assembled with
-``as --32``, linked together with the shared runtime ``common.S`` using
-``ld -m elf_i386 -T link.ld`` and written to ``out_dir/NAME.elf``.
+Each guest ``NAME`` is ``tests/guests/NAME.S``, assembled with ``as --32``,
+or ``tests/guests/NAME.c``, compiled freestanding with ``gcc -m32`` together
+with the shared C runtime (``libc.c``, ``virtio_lib.c``).  Either way it is
+linked with the shared runtime ``common.S`` using ``ld -m elf_i386 -T
+link.ld`` and written to ``out_dir/NAME.elf``.
 
 Usable as a library (``build_guest``) or as a script::
 
@@ -39,6 +41,8 @@ GUESTS: tuple[str, ...] = (
     "counter_rep",
     "mmioexec",
     "power",
+    "virtio_rng",
+    "virtio_console",
 )
 
 # Files every guest depends on besides its own NAME.S.
@@ -53,19 +57,44 @@ _EXTRA_SOURCES.update(
     {name: ("counter_lib.S",) for name in ("counter", "counter_smp", "counter_rep")}
 )
 
+# C guests (NAME.c): compiled with these shared sources and headers.
+_C_SHARED_SOURCES: tuple[str, ...] = ("libc.c", "virtio_lib.c")
+_C_HEADERS: tuple[str, ...] = ("libc.h", "virtio.h")
+
 AS = os.environ.get("HVF_GUEST_AS", "as")
 LD = os.environ.get("HVF_GUEST_LD", "ld")
+CC = os.environ.get("HVF_GUEST_CC", "gcc")
+
+# Freestanding 32-bit code with no FPU/SSE state (KVM's instruction emulator,
+# which runs these guests on kvm_pvm hosts, has no x87/SSE state instructions),
+# no CET markers, and no loops turned into library calls.
+CFLAGS: tuple[str, ...] = (
+    "-m32", "-march=i686", "-ffreestanding", "-fno-builtin", "-nostdlib",
+    "-fno-pic", "-fno-pie", "-fno-stack-protector", "-fcf-protection=none",
+    "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
+    "-mno-sse", "-mno-mmx", "-mno-80387", "-mgeneral-regs-only",
+    "-fno-tree-loop-distribute-patterns", "-O2", "-Wall", "-Wextra",
+)
 
 
 class GuestBuildError(RuntimeError):
     """Raised when a guest cannot be assembled or linked."""
 
 
+def _main_source(name: str) -> pathlib.Path:
+    """``NAME.c`` if there is one, else ``NAME.S``."""
+    c_src = GUEST_DIR / f"{name}.c"
+    return c_src if c_src.is_file() else GUEST_DIR / f"{name}.S"
+
+
 def guest_sources(name: str) -> list[pathlib.Path]:
     """All files ``NAME.elf`` depends on (sources, linker script, this file)."""
+    main_src = _main_source(name)
+    c_extra = _C_SHARED_SOURCES + _C_HEADERS if main_src.suffix == ".c" else ()
     return (
-        [GUEST_DIR / f"{name}.S"]
+        [main_src]
         + [GUEST_DIR / s for s in _EXTRA_SOURCES.get(name, ())]
+        + [GUEST_DIR / s for s in c_extra]
         + [GUEST_DIR / s for s in _COMMON_SOURCES]
         + [pathlib.Path(__file__).resolve()]
     )
@@ -77,7 +106,7 @@ def _run(cmd: list[str]) -> None:
     except FileNotFoundError as exc:
         raise GuestBuildError(
             f"guest toolchain not found: {cmd[0]!r} ({exc}); "
-            "install GNU binutils with i386 support"
+            "install GNU binutils with i386 support (and gcc for C guests)"
         ) from exc
     except subprocess.CalledProcessError as exc:
         output = "\n".join(s for s in (exc.stdout, exc.stderr) if s)
@@ -118,10 +147,17 @@ def build_guest(name: str, out_dir: pathlib.Path) -> pathlib.Path:
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as tmp:
         tmpdir = pathlib.Path(tmp)
         objs = []
-        for src in (GUEST_DIR / f"{name}.S", GUEST_DIR / "common.S"):
+        main_src = _main_source(name)
+        asm = [main_src] if main_src.suffix == ".S" else []
+        for src in asm + [GUEST_DIR / "common.S"]:
             obj = tmpdir / (src.stem + ".o")
             _run([AS, "--32", "-I", str(GUEST_DIR), "-o", str(obj), str(src)])
             objs.append(str(obj))
+        if main_src.suffix == ".c":
+            for src in [main_src] + [GUEST_DIR / s for s in _C_SHARED_SOURCES]:
+                obj = tmpdir / (src.stem + ".o")
+                _run([CC, *CFLAGS, "-I", str(GUEST_DIR), "-c", "-o", str(obj), str(src)])
+                objs.append(str(obj))
         tmp_elf = tmpdir / elf.name
         _run(
             [LD, "-m", "elf_i386", "-T", str(GUEST_DIR / "link.ld"),
