@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Check the virtio test guests against QEMU's virtio devices (test-only tool).
 
-    python3 tests/guests/virtio_qemu.py rng [--accel kvm] [--append "n=65536"]
-    python3 tests/guests/virtio_qemu.py console [--ports 2] [--tx N] [--rx N]
+    .venv/bin/python tests/guests/virtio_qemu.py rng [--accel kvm] [--append "n=65536"]
+    .venv/bin/python tests/guests/virtio_qemu.py console [--ports 2] [--tx N] [--rx N]
         [--append "buf=65536 msix=0"] [--max-ports 1] [--mode verify|bench|counter]
 
 ``console`` gives port 0 (a virtconsole) a pipe chardev whose ``.out`` is a

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PVM, PVM_REASON, popen_hvf, stop, wait_for_text
-from hvf import guestkit
 from hvf.memory import GuestMemory, parse_size
+from hvf.testing import guestkit
 
 pytestmark = pytest.mark.kvm
 

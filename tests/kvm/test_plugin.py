@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,20 @@ def test_guest_finds_and_drives_the_plugin_device(
         "mem moved c0100000 new 21465648 old ffffffff",
         "io decode off ffffffff",
     ]
+
+
+def test_the_plugins_own_tests_pass(plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """The distribution's tests (tests/plugin_dist/tests) use only hvf's public API and
+    hvf.testing, whose fixtures pytest loads through hvf's ``pytest11`` entry point."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs",
+         "--basetemp", str(tmp_path / "tmp"), str(PLUGIN_DIST / "tests")],
+        cwd=tmp_path, env=plugin_env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    loaded = rf"^plugins: .*\bhvf-{re.escape(version('hvf'))}\b"  # by its entry point
+    assert re.search(loaded, r.stdout, re.M), r.stdout
+    assert re.search(r"^=+ \d+ passed", r.stdout.splitlines()[-1]), r.stdout
 
 
 def test_disabling_a_plugin(plugin_env: dict[str, str]) -> None:

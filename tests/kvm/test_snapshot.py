@@ -526,7 +526,7 @@ def test_linux_guest_suspend_and_restore(tmp_path: Path) -> None:
     """The guest kit's Debian kernel and busybox initramfs (``hvf.action=counter``: a
     ``tick N`` line a second from a shell loop) on two vCPUs, suspended once it ticks
     and restored: the ticks go on, none missing or repeated."""
-    from hvf import guestkit
+    from hvf.testing import guestkit
 
     try:
         kit = guestkit.ensure_guest()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from hvf import guestkit
 from hvf.errors import HvfError
-from hvf.guestkit import CpioEntry, GuestKitError, newc_archive, parse_cpio
+from hvf.testing import guestkit
+from hvf.testing.guestkit import CpioEntry, GuestKitError, newc_archive, parse_cpio
 
 ONLINE = os.environ.get("HVF_GUESTKIT_ONLINE") == "1"
 
@@ -284,7 +284,7 @@ def test_cache_dir_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("HVF_CACHE", str(tmp_path))
     assert guestkit.cache_dir() == tmp_path / "guest-kit"
     monkeypatch.delenv("HVF_CACHE")
-    repo = Path(guestkit.__file__).resolve().parent.parent
+    repo = Path(guestkit.__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():
         assert guestkit.cache_dir() == repo / ".cache" / "guest-kit"
 

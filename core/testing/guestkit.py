@@ -23,8 +23,8 @@ Cache layout (``cache_dir()``)::
 
 Everything is written under a temporary name and renamed into place, so a reader never
 sees a half-written file, and a second call, once everything is cached, runs no apt
-command at all.  ``refresh=True`` (``python -m hvf.guestkit --refresh``) resolves the
-package versions again.
+command at all.  ``refresh=True`` (``python -m hvf.testing.guestkit --refresh``)
+resolves the package versions again.
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def cache_dir() -> Path:
     env = os.environ.get("HVF_CACHE")
     if env:
         return Path(env).expanduser() / "guest-kit"
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():
         return repo / ".cache" / "guest-kit"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -705,9 +705,10 @@ def ensure_guest(*, refresh: bool = False) -> Guest:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hvf.guestkit [--refresh] [--json]``: fetch the kit and print its paths."""
+    """``python -m hvf.testing.guestkit [--refresh] [--json]``: fetch the kit and print
+    its paths."""
     parser = argparse.ArgumentParser(
-        prog="python -m hvf.guestkit",
+        prog="python -m hvf.testing.guestkit",
         description="Fetch and cache the Linux guest (Debian cloud kernel + busybox "
         "initramfs) that hvf's tests and demo boot.",
     )
@@ -717,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         guest = ensure_guest(refresh=args.refresh)
     except HvfError as exc:
-        print(f"hvf.guestkit: {exc}", file=sys.stderr)
+        print(f"hvf.testing.guestkit: {exc}", file=sys.stderr)
         return 1
     info = {
         "kernel": str(guest.kernel),
