@@ -79,18 +79,18 @@ class GuestBuilder:
         ``NAME`` + ``suffix``, ``.S`` or ``.c``) or its file (a path, built where it
         lies, so that its own includes are found; ``depends`` lists them). The program
         defines ``main`` and may include ``guest.inc``, ``libc.h`` and ``virtio.h``."""
-        if isinstance(source, str):
-            key = f"{name}{suffix}\0{source}"
-        else:
-            key = str(Path(source).resolve())
-        out = self.out / hashlib.sha256(key.encode()).hexdigest()[:16]
-        if isinstance(source, str):
-            source_file = out / f"{name}{suffix}"
-            if not source_file.exists():  # the directory's name is its content's hash
-                out.mkdir(parents=True, exist_ok=True)
-                source_file.write_text(source)
-            source = source_file
-        return build_guest(source, out, depends=depends)
+        if not isinstance(source, str):
+            path = Path(source).resolve()
+            return build_guest(path, self._dir(str(path)), depends=depends)
+        out = self._dir(f"{name}{suffix}\0{source}")
+        path = out / f"{name}{suffix}"
+        if not path.exists():  # the directory is named after the source's hash
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(source)
+        return build_guest(path, out, depends=depends)
+
+    def _dir(self, key: str) -> Path:
+        return self.out / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
