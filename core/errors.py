@@ -10,6 +10,7 @@
     ├── DeviceError       a device refused its configuration or a resource clash
     │   └── ResourceConflict   an I/O port or MMIO range is already owned
     ├── GuestMemoryError  an access outside guest RAM
+    ├── VirtqueueError    a guest's virtqueue is malformed (the device needs a reset)
     ├── LoaderError       a kernel or firmware image cannot be loaded
     ├── SnapshotError     a snapshot cannot be written or read
     └── CtlError          a control-socket request failed
@@ -69,6 +70,10 @@ class ResourceConflict(DeviceError):
 
 class GuestMemoryError(HvfError):
     """A guest-physical access falls outside guest RAM."""
+
+
+class VirtqueueError(HvfError):
+    """A virtqueue the guest driver set up or filled in breaks the virtio rules."""
 
 
 class LoaderError(HvfError):
