@@ -7,21 +7,26 @@ Each ``run.py`` runs as a script and puts this folder on ``sys.path`` to import 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 import pathlib
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GUEST_BUILD = REPO / "tests" / "guests" / "build.py"
+#: How often a file backend's size is polled.
+POLL_SECONDS = 0.001
 
 
 class BenchError(RuntimeError):
@@ -137,6 +142,240 @@ def reap(proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> int 
     return exited
 
 
+def hvf_command(memory_mib: int, kernel: pathlib.Path, append: str,
+                devices: Iterable[str]) -> list[str]:
+    """hvf with the machine the throughput benchmarks use: one vCPU, hostbridge, LPC,
+    pc-testdev (port 0xF4 exits), the debug console (0x402) on stdout, ``devices``
+    (``-l``/``-s`` options) and a multiboot kernel."""
+    return [
+        sys.executable, "-m", "hvf", "-m", f"{memory_mib}M", "-c", "1",
+        "-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev", "-l", "debugcon,stdio",
+        *devices, "--kernel", str(kernel), "--append", append, "bench",
+    ]
+
+
+def qemu_command(qemu: str, accel: str, memory_mib: int, kernel: pathlib.Path, append: str,
+                 devices: Iterable[str]) -> list[str]:
+    """QEMU with the same machine shape as :func:`hvf_command`: one vCPU, no default
+    devices, isa-debug-exit at 0xF4, isa-debugcon at 0x402 on stdout, ``devices``."""
+    return [
+        qemu, "-accel", accel, "-m", str(memory_mib), "-smp", "1",
+        "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-chardev", "stdio,id=dc", "-device", "isa-debugcon,iobase=0x402,chardev=dc",
+        *devices, "-kernel", str(kernel), "-append", append,
+    ]
+
+
+def choose_qemu_accel(requested: str, probe: Callable[[str], str | None]) -> tuple[str, str | None]:
+    """The accelerator for ``--qemu-accel requested`` (auto, kvm or tcg) and why KVM
+    failed (None if it worked or was not tried); ``probe(accel)`` runs the guest briefly
+    and returns None or what went wrong. auto falls back to TCG."""
+    accel, kvm_failure = requested, None
+    if accel in ("auto", "kvm"):
+        kvm_failure = probe("kvm")
+        if kvm_failure is not None and accel == "kvm":
+            raise BenchError(f"QEMU with KVM does not run the guest: {kvm_failure}")
+        accel = "kvm" if kvm_failure is None else "tcg"
+    if accel == "tcg":
+        tcg_failure = probe("tcg")
+        if tcg_failure is not None:
+            raise BenchError(f"QEMU does not run the guest: {tcg_failure}")
+    return accel, kvm_failure
+
+
+class Backend:
+    """Where a guest's output goes: a regular file, or a UNIX socket (``kind`` ``unix``)
+    that the benchmark connects to as soon as the VMM listens and reads all along.
+
+    With ``expect`` (the bytes the run should deliver) it also records, from
+    :meth:`attach` on, when the first bytes arrived (:attr:`first_at`, how many:
+    :attr:`first_size`) and when the ``expect``-th did (:attr:`complete_at`), with the
+    VMM's CPU time at both (:attr:`first_cpu`, :attr:`complete_cpu`); a file's size is
+    then polled every :data:`POLL_SECONDS` by a thread.
+    """
+
+    def __init__(self, kind: str, work: pathlib.Path, tag: str,
+                 expect: int | None = None) -> None:
+        self.kind = kind
+        self.path = work / (f"{tag}.out" if kind == "file" else f"{tag}.sock")
+        self.expect = expect
+        self.received = bytearray()
+        self.last_byte_at = 0.0
+        self.first_at: float | None = None
+        self.first_size = 0
+        self.first_cpu: float | None = None
+        self.complete_at: float | None = None
+        self.complete_cpu: float | None = None
+        self._pid = 0
+        self._seen = 0
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._stop = threading.Event()
+        if self.path.exists():
+            self.path.unlink()
+
+    def attach(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        """Connect the reader (socket backends) as soon as the VMM listens; start
+        watching a file when ``expect`` was given."""
+        self._pid = proc.pid
+        if self.kind != "unix":
+            if self.expect is not None:
+                self._thread = threading.Thread(target=self._poll, daemon=True)
+                self._thread.start()
+            return
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(self.path))
+                break
+            except OSError:
+                s.close()
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise BenchError(f"nothing listens on {self.path}") from None
+                time.sleep(0.0005)
+        self._sock = s
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _arrived(self, total: int, now: float) -> None:
+        """``total`` bytes have reached the backend by ``now``."""
+        if total > self._seen:
+            self._seen = total
+            self.last_byte_at = now
+            if self.first_at is None:
+                self.first_at, self.first_size = now, total
+                self.first_cpu = process_cpu_s(self._pid)
+            if self.expect is not None and total >= self.expect and self.complete_at is None:
+                self.complete_at = now
+                self.complete_cpu = process_cpu_s(self._pid)
+
+    def _read(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                chunk = self._sock.recv(1 << 20)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.received += chunk
+            self._arrived(len(self.received), time.perf_counter())
+
+    def _poll(self) -> None:
+        while self.complete_at is None and not self._stop.wait(POLL_SECONDS):
+            self._arrived(self.size(), time.perf_counter())
+
+    def size(self) -> int:
+        """Bytes delivered so far."""
+        if self.kind == "file":
+            try:
+                return self.path.stat().st_size
+            except FileNotFoundError:
+                return 0
+        return len(self.received)
+
+    def finish(self) -> bytes:
+        """Stop reading or watching (once the VMM has exited); everything delivered."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._sock is not None:
+            self._sock.close()
+        if self.kind == "file":
+            self._arrived(self.size(), time.perf_counter())  # a last byte the poll missed
+            data = self.path.read_bytes() if self.path.exists() else b""
+            self.path.unlink(missing_ok=True)
+            return data
+        self.path.unlink(missing_ok=True)
+        return bytes(self.received)
+
+
+@dataclasses.dataclass
+class VmmRun:
+    """One VMM run as :func:`run_vmm` saw it (times are ``time.perf_counter()``)."""
+
+    lines: list[tuple[float, str]]  #: debug-console lines with their arrival times
+    cpu_at: dict[str, float | None]  #: the VMM's CPU time when the marked lines arrived
+    returncode: int
+    stderr: str
+    data: bytes  #: everything the backend received
+    t0: float  #: just before the VMM was started
+    t_exit: float  #: when it was seen to have exited
+    samples: list[tuple[float, int]]  #: (time, backend size) polled after the done line
+
+    def line_at(self, text: str) -> float | None:
+        """When the first line equal to ``text`` arrived; None if none did."""
+        return next((t for t, line in self.lines if line == text), None)
+
+    def require(self, what: str, *texts: str) -> None:
+        """Raise BenchError unless the guest exited with status 1 (wrote 0 to port
+        0xF4) after printing each of ``texts``."""
+        if self.returncode != 1 or any(self.line_at(t) is None for t in texts):
+            stdout = [line for _, line in self.lines]
+            raise BenchError(f"{what}: the guest did not finish (exit status "
+                             f"{self.returncode}, want 1)\nstdout: {stdout}\n"
+                             f"stderr: {self.stderr[-2000:]}")
+
+
+def run_vmm(cmd: list[str], backend: Backend, done_line: str, cpu_lines: Iterable[str],
+            what: str, timeout: float) -> VmmRun:
+    """Run one VMM whose debug console is its stdout until it exits: timestamp every
+    line (and take its CPU time when a line of ``cpu_lines`` or ``done_line``
+    arrives), attach ``backend``, wait for ``done_line``, then poll the backend's size
+    every :data:`POLL_SECONDS` until the VMM exits (or ``timeout`` runs out)."""
+    lines: list[tuple[float, str]] = []
+    seen = threading.Condition()
+    marked = {done_line, *cpu_lines}
+    cpu_at: dict[str, float | None] = {}
+    t0 = time.perf_counter()
+    deadline = t0 + timeout
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            now = time.perf_counter()
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line in marked and line not in cpu_at:
+                cpu_at[line] = process_cpu_s(proc.pid)
+            with seen:
+                lines.append((now, line))
+                seen.notify_all()
+
+    errors: list[bytes] = []
+    readers = start_threads(read_stdout,
+                            lambda: errors.append(proc.stderr.read()))  # type: ignore[union-attr]
+
+    def done_seen() -> bool:
+        return any(line == done_line for _, line in lines)
+
+    samples: list[tuple[float, int]] = []
+    try:
+        backend.attach(proc, deadline)
+        with seen:
+            while not done_seen() and proc.poll() is None:
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"{what}: no `{done_line}` within {timeout:.0f} s; "
+                                     f"stdout ended {[line for _, line in lines][-4:]}, "
+                                     f"the backend had {backend.size()} bytes")
+                seen.wait(0.05)
+        # The guest is done; poll how much has reached the backend until the VMM exits.
+        while proc.poll() is None:
+            samples.append((time.perf_counter(), backend.size()))
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{what}: did not exit within {timeout:.0f} s")
+            time.sleep(POLL_SECONDS)
+        t_exit = time.perf_counter()
+    finally:
+        reap(proc, readers)
+        data = backend.finish()
+    return VmmRun(lines=lines, cpu_at=cpu_at, returncode=proc.returncode,
+                  stderr=b"".join(errors).decode(errors="replace"), data=data, t0=t0,
+                  t_exit=t_exit, samples=samples)
+
+
 # ---- reporting ----
 
 
@@ -213,6 +452,13 @@ def add_qemu_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install qemu-system-x86 when QEMU is missing")
+
+
+def add_qemu_accel_option(parser: argparse.ArgumentParser) -> None:
+    """--qemu-accel auto|kvm|tcg (see :func:`choose_qemu_accel`)."""
+    parser.add_argument("--qemu-accel", choices=("auto", "kvm", "tcg"), default="auto",
+                        help="QEMU's accelerator; auto: KVM if it runs the guest here, "
+                        "else TCG, which the report then says (default auto)")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -43,33 +43,33 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
 from common import (
+    Backend,
     BenchError,
     Log,
     add_output_options,
+    add_qemu_accel_option,
     add_qemu_options,
     add_rounds_options,
     add_verdict_options,
     build_guest,
+    choose_qemu_accel,
     find_qemu,
-    process_cpu_s,
+    hvf_command,
+    qemu_command,
     qemu_host_info,
     ratio_stats,
-    reap,
     require_hvf,
     require_kvm,
-    start_threads,
+    run_vmm,
     write_json,
 )
 
@@ -79,7 +79,6 @@ DEFAULT_TARGET = 1.0
 WARMUP_BYTES = 16 << 10
 MEMORY_MIB = 256
 RUN_TIMEOUT = 600.0
-POLL_SECONDS = 0.001
 VMMS = ("hvf", "qemu")
 #: Clocks the throughput is measured by; the one --metric names decides the verdict.
 METRICS = ("cpu", "wall")
@@ -106,152 +105,24 @@ def qemu_backend_args(kind: str, path: pathlib.Path) -> list[str]:
             "-serial", "chardev:com1"]
 
 
-class Backend:
-    """Where the UART's output goes: a file, or a UNIX socket the benchmark reads."""
-
-    def __init__(self, kind: str, work: pathlib.Path, tag: str) -> None:
-        self.kind = kind
-        self.path = work / (f"{tag}.out" if kind == "file" else f"{tag}.sock")
-        self.received = bytearray()
-        self.last_byte_at = 0.0
-        self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
-        if self.path.exists():
-            self.path.unlink()
-
-    def hvf_spec(self) -> str:
-        return hvf_backend_spec(self.kind, self.path)
-
-    def qemu_args(self) -> list[str]:
-        return qemu_backend_args(self.kind, self.path)
-
-    def attach(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
-        """Connect the reader (socket backends) as soon as the VMM listens."""
-        if self.kind != "unix":
-            return
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(str(self.path))
-                break
-            except OSError:
-                s.close()
-                if proc.poll() is not None or time.perf_counter() > deadline:
-                    raise BenchError(f"nothing listens on {self.path}") from None
-                time.sleep(0.0005)
-        self._sock = s
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                chunk = self._sock.recv(1 << 20)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.received += chunk
-            self.last_byte_at = time.perf_counter()
-
-    def size(self) -> int:
-        if self.kind == "file":
-            try:
-                return self.path.stat().st_size
-            except FileNotFoundError:
-                return 0
-        return len(self.received)
-
-    def finish(self) -> bytes:
-        if self._thread is not None:
-            self._thread.join(30)
-        if self._sock is not None:
-            self._sock.close()
-        if self.kind == "file":
-            data = self.path.read_bytes() if self.path.exists() else b""
-            self.path.unlink(missing_ok=True)
-            return data
-        self.path.unlink(missing_ok=True)
-        return bytes(self.received)
+def hvf_serial_command(elf: pathlib.Path, n: int, backend_spec: str) -> list[str]:
+    return hvf_command(MEMORY_MIB, elf, f"n={n} mode=byte", ["-l", f"com1,{backend_spec}"])
 
 
-def hvf_command(elf: pathlib.Path, n: int, backend_spec: str) -> list[str]:
-    return [
-        sys.executable, "-m", "hvf", "-m", f"{MEMORY_MIB}M", "-c", "1",
-        "-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev", "-l", "debugcon,stdio",
-        "-l", f"com1,{backend_spec}",
-        "--kernel", str(elf), "--append", f"n={n} mode=byte", "bench",
-    ]
-
-
-def qemu_command(qemu: str, accel: str, elf: pathlib.Path, n: int,
-                 backend_args: list[str]) -> list[str]:
-    return [
-        qemu, "-accel", accel, "-m", str(MEMORY_MIB), "-smp", "1",
-        "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
-        "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-chardev", "stdio,id=dc", "-device", "isa-debugcon,iobase=0x402,chardev=dc",
-        *backend_args,
-        "-kernel", str(elf), "-append", f"n={n} mode=byte",
-    ]
+def qemu_serial_command(qemu: str, accel: str, elf: pathlib.Path, n: int,
+                        backend_args: list[str]) -> list[str]:
+    return qemu_command(qemu, accel, MEMORY_MIB, elf, f"n={n} mode=byte", backend_args)
 
 
 def run_once(cmd: list[str], backend: Backend, n: int, what: str,
              timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
     """Run one VMM to completion; returns its timings after checking its output."""
-    lines: list[tuple[float, str]] = []
-    seen = threading.Condition()
-    t0 = time.perf_counter()
-    deadline = t0 + timeout
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-
     done_line = f"tx done {n}"
-    cpu_at: dict[str, float | None] = {}
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            now = time.perf_counter()
-            line = raw.decode(errors="replace").rstrip("\n")
-            if line in (UART_LINE, done_line):
-                cpu_at[line] = process_cpu_s(proc.pid)
-            with seen:
-                lines.append((now, line))
-                seen.notify_all()
-
-    errors: list[bytes] = []
-    readers = start_threads(read_stdout,
-                            lambda: errors.append(proc.stderr.read()))  # type: ignore[union-attr]
-
-    def line_at(text: str) -> float | None:
-        return next((t for t, line in lines if line == text), None)
-
-    try:
-        backend.attach(proc, deadline)
-        with seen:
-            while line_at(done_line) is None and proc.poll() is None:
-                if time.perf_counter() > deadline:
-                    raise BenchError(f"{what}: no `{done_line}` within {timeout:.0f} s")
-                seen.wait(0.05)
-        # The guest is done; poll how much has reached the backend until the VMM exits.
-        samples = []
-        while proc.poll() is None:
-            samples.append((time.perf_counter(), backend.size()))
-            if time.perf_counter() > deadline:
-                raise BenchError(f"{what}: did not exit within {timeout:.0f} s")
-            time.sleep(POLL_SECONDS)
-        t_exit = time.perf_counter()
-    finally:
-        reap(proc, readers)
-    data = backend.finish()
-    stdout = [line for _, line in lines]
-    stderr = b"".join(errors).decode(errors="replace")
-    t_uart, t_done = line_at(UART_LINE), line_at(done_line)
-    if proc.returncode != 1 or t_uart is None or t_done is None:
-        raise BenchError(f"{what}: the guest did not finish (exit status {proc.returncode}, "
-                         f"want 1)\nstdout: {stdout}\nstderr: {stderr[-2000:]}")
+    run = run_vmm(cmd, backend, done_line, (UART_LINE,), what, timeout)
+    run.require(what, UART_LINE, done_line)
+    data, stderr, samples = run.data, run.stderr, run.samples
+    t_uart, t_done = run.line_at(UART_LINE), run.line_at(done_line)
+    assert t_uart is not None and t_done is not None
     want = pattern(n)
     lost_before_connect = 0
     if backend.kind == "unix" and data and not data.startswith(want[:64]):
@@ -273,9 +144,9 @@ def run_once(cmd: list[str], backend: Backend, n: int, what: str,
     elif not samples or samples[0][1] >= final:
         t_end = t_done  # complete when first looked at, right after `tx done`
     else:
-        t_end = next((t for t, size in samples if size >= final), t_exit)
+        t_end = next((t for t, size in samples if size >= final), run.t_exit)
     transfer = t_end - t_uart
-    cpu0, cpu1 = cpu_at.get(UART_LINE), cpu_at.get(done_line)
+    cpu0, cpu1 = run.cpu_at.get(UART_LINE), run.cpu_at.get(done_line)
     return {
         "bytes": n,
         "transfer_s": transfer,
@@ -285,8 +156,8 @@ def run_once(cmd: list[str], backend: Backend, n: int, what: str,
         # insensitive to other load on the host, unlike the elapsed time.
         "cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
         "delivery_lag_s": t_end - t_done,
-        "startup_s": t_uart - t0,
-        "wall_s": t_exit - t0,
+        "startup_s": t_uart - run.t0,
+        "wall_s": run.t_exit - run.t0,
         "lost_before_connect": lost_before_connect,
     }
 
@@ -298,8 +169,9 @@ def probe_qemu(qemu: str, accel: str, elf: pathlib.Path, work: pathlib.Path) -> 
     """None if QEMU runs the guest with ``accel``; else why not."""
     backend = Backend("file", work, "probe")
     try:
-        run_once(qemu_command(qemu, accel, elf, 64, backend.qemu_args()), backend, 64,
-                 f"QEMU -accel {accel} probe", timeout=120)
+        run_once(qemu_serial_command(qemu, accel, elf, 64,
+                                     qemu_backend_args("file", backend.path)),
+                 backend, 64, f"QEMU -accel {accel} probe", timeout=120)
     except BenchError as e:
         return str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[-2:])
     return None
@@ -427,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("file", "unix"), default="file",
                         help="where COM1's output goes on both (default file)")
     add_qemu_options(parser)
-    parser.add_argument("--qemu-accel", choices=("auto", "kvm", "tcg"), default="auto",
-                        help="QEMU's accelerator; auto: KVM if it runs the guest here, "
-                        "else TCG, which the report then says (default auto)")
+    add_qemu_accel_option(parser)
     add_verdict_options(parser, DEFAULT_TARGET, "PASS when the median ratio hvf/QEMU is at "
                         "least this", METRICS, "cpu")
     add_output_options(parser)
@@ -445,27 +315,20 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="hvf-serial-bench-") as tmp:
             work = pathlib.Path(tmp)
             elf = build_guest("serial_tx", work)
-            accel, kvm_failure = args.qemu_accel, None
-            if accel in ("auto", "kvm"):
-                kvm_failure = probe_qemu(qemu, "kvm", elf, work)
-                if kvm_failure is not None and accel == "kvm":
-                    raise BenchError(f"QEMU with KVM does not run the guest: {kvm_failure}")
-                accel = "kvm" if kvm_failure is None else "tcg"
-            if accel == "tcg":
-                tcg_failure = probe_qemu(qemu, "tcg", elf, work)
-                if tcg_failure is not None:
-                    raise BenchError(f"QEMU does not run the guest: {tcg_failure}")
+            accel, kvm_failure = choose_qemu_accel(
+                args.qemu_accel, lambda a: probe_qemu(qemu, a, elf, work))
             qemu_label = f"QEMU ({accel.upper()})"
             host = qemu_host_info(qemu)
 
             def run_hvf(n: int, what: str) -> dict[str, Any]:
                 backend = Backend(args.backend, work, "hvf")
-                return run_once(hvf_command(elf, n, backend.hvf_spec()), backend, n, what)
+                return run_once(hvf_serial_command(elf, n, hvf_backend_spec(
+                    backend.kind, backend.path)), backend, n, what)
 
             def run_qemu(n: int, what: str) -> dict[str, Any]:
                 backend = Backend(args.backend, work, "qemu")
-                return run_once(qemu_command(qemu, accel, elf, n, backend.qemu_args()),
-                                backend, n, what)
+                return run_once(qemu_serial_command(qemu, accel, elf, n, qemu_backend_args(
+                    backend.kind, backend.path)), backend, n, what)
 
             log.note(f"N={args.n}, backend {args.backend}, {qemu_label}, "
                      f"{args.rounds} rounds (+{args.warmup} warm-up)")
@@ -497,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             f"runs; verdict on the median per-round ratio hvf/QEMU by {args.metric} time",
             **{k: v for k, v in config.items() if k != "backend_desc"},
             "host": host,
-            "hvf_command": hvf_command(pathlib.Path("serial_tx.elf"), args.n,
-                                       hvf_backend_spec(args.backend, out_path)),
-            "qemu_command": qemu_command(qemu, accel, pathlib.Path("serial_tx.elf"), args.n,
-                                         qemu_backend_args(args.backend, out_path)),
+            "hvf_command": hvf_serial_command(pathlib.Path("serial_tx.elf"), args.n,
+                                              hvf_backend_spec(args.backend, out_path)),
+            "qemu_command": qemu_serial_command(qemu, accel, pathlib.Path("serial_tx.elf"),
+                                                args.n, qemu_backend_args(args.backend,
+                                                                          out_path)),
             "summary": summary,
             "per_round": rows,
         }
