@@ -105,6 +105,7 @@ class PciDevice(Device):
         self.intx_asserted = False  # what the interrupt router has been told
         self._intx_route: Callable[[PciDevice, bool], None] | None = None
         self._capabilities: dict[int, int] = {}  # offset -> length
+        self._capability_writers: dict[int, Callable[[int, int], None]] = {}
         for offset, mask in ((CACHE_LINE_SIZE, 0xFF), (LATENCY_TIMER, 0xFF), (INTERRUPT_LINE, 0xFF)):
             self.wmask[offset] = mask
         self.cfg[INTERRUPT_LINE] = 0xFF
@@ -160,10 +161,19 @@ class PciDevice(Device):
         lower = self.bars[index - 1] if index > 0 else None
         return lower is not None and lower.kind == BAR_MEM64
 
-    def add_capability(self, cap_id: int, body: bytes, *, writable: bytes = b"") -> int:
+    def add_capability(
+        self,
+        cap_id: int,
+        body: bytes,
+        *,
+        writable: bytes = b"",
+        on_write: Callable[[int, int], None] | None = None,
+    ) -> int:
         """Append a capability (ID, next pointer, then ``body``); returns its offset.
 
-        ``writable`` gives per-byte guest-writable masks for ``body``.
+        ``writable`` gives per-byte guest-writable masks for ``body``; ``on_write``,
+        when given, is called as ``on_write(offset, size)`` (offset from the
+        capability's start) after each guest write that touches the capability.
         """
         last = max(self._capabilities, default=0)
         start = (last + self._capabilities[last] + 3) & ~3 if last else FIRST_CAPABILITY
@@ -180,6 +190,8 @@ class PciDevice(Device):
             self.cfg[CAPABILITIES_POINTER] = start
             self.cfg[STATUS] |= STATUS_CAPABILITIES
         self._capabilities[start] = 2 + len(body)
+        if on_write is not None:
+            self._capability_writers[start] = on_write
         return start
 
     def request_intx(self, pin: int = 1) -> None:
@@ -226,6 +238,9 @@ class PciDevice(Device):
                 self.cfg[offset + i] = (self.cfg[offset + i] & ~mask) | (byte & mask)
         if offset < COMMAND + 2 and offset + size > COMMAND:
             self._command_changed(old_command, self.command)
+        for start, on_write in self._capability_writers.items():
+            if offset < start + self._capabilities[start] and start < offset + size:
+                on_write(offset - start, size)
 
     # ---- BARs ----
 
@@ -253,7 +268,7 @@ class PciDevice(Device):
         if r is None:
             return
         decoding = bool(self.command & bar.decode_bit)
-        r.unmap()
+        self._unmap_bar(bar)
         r.base = address
         if decoding:
             self._map_bar(bar)
@@ -263,13 +278,26 @@ class PciDevice(Device):
         (and retried by :meth:`decode_pending_bars` when ranges move)."""
         assert bar.range is not None
         bar.range.base = bar.address
+        was_mapped = bar.range.mapped
         try:
             bar.range.map()
+            if not was_mapped:
+                self.bar_decoding_changed(bar)
         except ResourceConflict as e:
             sizing = bar.address + bar.size > (0x10000 if bar.kind == BAR_IO else 1 << 64) or (
                 bar.address | (bar.size - 1)) & 0xFFFFFFFF == 0xFFFFFFFF
             if self.bus is not None and not quiet and not sizing:
                 self.bus.vm.unhandled_log(f"{self.name}: BAR {bar.index} not decoded: {e}")
+
+    def _unmap_bar(self, bar: Bar) -> None:
+        assert bar.range is not None
+        if bar.range.mapped:
+            bar.range.unmap()
+            self.bar_decoding_changed(bar)
+
+    def bar_decoding_changed(self, bar: Bar) -> None:
+        """``bar`` started decoding at ``bar.address`` (``bar.range.mapped``) or
+        stopped; a device with state tied to guest addresses (ioeventfds) rebinds it."""
 
     def decode_pending_bars(self) -> None:
         """Map BARs whose decoding is on but whose address clashed when last tried."""
@@ -287,7 +315,7 @@ class PciDevice(Device):
                         if new & bit:
                             self._map_bar(bar)
                         else:
-                            bar.range.unmap()
+                            self._unmap_bar(bar)
         if (old ^ new) & COMMAND_INTX_DISABLE:
             self._update_intx()
 
@@ -371,7 +399,7 @@ class PciDevice(Device):
         for bar, address in zip(self.bars, addresses):
             if bar is not None:
                 if bar.range is not None:
-                    bar.range.unmap()
+                    self._unmap_bar(bar)
                 bar.address = address
                 self.write_raw(BAR0 + 4 * bar.index, 4, (address & 0xFFFFFFFF) | bar.low_bits)
                 if bar.kind == BAR_MEM64:
