@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from hvf.eventloop import EventLoop
@@ -81,6 +81,9 @@ class ConsoleBackend:
         self._writer_armed = False
         self._reading = False
         self._held = b""  # host bytes read but not yet taken by the receiver
+        #: Called on the I/O thread when queued output has all reached the host (a
+        #: device that holds guest buffers back while :attr:`backlog` is high).
+        self.on_drained: Callable[[], None] | None = None
 
     # ---- life cycle ----
 
@@ -141,6 +144,11 @@ class ConsoleBackend:
 
     # ---- guest output (vCPU threads) ----
 
+    @property
+    def backlog(self) -> int:
+        """Bytes of guest output queued for the host, not yet written."""
+        return len(self._out)
+
     def write(self, data: bytes) -> None:
         """Send guest output; never blocks.
 
@@ -199,6 +207,8 @@ class ConsoleBackend:
         elif not pending and self._writer_armed:
             self._writer_armed = False
             self.loop.remove_writer(self.wfd)
+        if not pending and self.on_drained is not None:
+            self.on_drained()
 
     def _writable(self) -> None:
         self._flush()
@@ -252,7 +262,9 @@ class ConsoleBackend:
         data = self.filter_input(data)
         taken = receiver.push(data)
         self._held = data[taken:]
-        if len(data) < room:
+        if self._held:  # the receiver took less than it had room for: wait for it
+            self._stop_reading()
+        elif len(data) < room:
             receiver.idle()
         elif receiver.room() == 0:
             self._stop_reading()
@@ -267,7 +279,27 @@ class ConsoleBackend:
             self.loop.call_soon(self._resume)
 
     def _resume(self) -> None:
-        if self.rfd is not None and self.receiver is not None and self.receiver.room() > 0:
+        receiver = self.receiver
+        if self.rfd is None or receiver is None or receiver.room() <= 0:
+            return
+        if self._held:
+            self._held = self._held[receiver.push(self._held):]
             if self._held:
-                self._readable()
-            self._start_reading()
+                return  # still no room: the next input_wanted() tries again
+        self._start_reading()
+
+
+def open_console(vm: Any, spec: str, owner: str, receiver: Receiver) -> ConsoleBackend:
+    """Create and open the console backend ``spec`` for ``owner`` (a device), from the
+    backends plugins registered; host input goes to ``receiver``."""
+    from hvf.errors import ConfigError
+
+    entry = vm.plugins.console_backends.get(backend_name(spec))
+    if entry is None:
+        known = ", ".join(vm.plugins.console_backends.names())
+        raise ConfigError(f"Unable to initialize backend '{spec}' for {owner}: "
+                          f"unknown backend (known: {known})")
+    backend: ConsoleBackend = entry.factory(spec, owner)
+    backend.on_quit = lambda: vm.request_exit(130, "quit from the console (Ctrl-A x)")
+    backend.open(vm.loop, receiver)
+    return backend

@@ -11,6 +11,7 @@ import types
 from typing import Any, Protocol
 
 from hvf.config import Config
+from hvf.eventloop import EventLoop
 from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
@@ -33,6 +34,7 @@ class FakeVmfd:
         self.routes: list[tuple[int, int, int, int, int]] = []
         self.irqfds: dict[int, int] = {}  # eventfd -> GSI
         self.msis: list[tuple[int, int]] = []
+        self.ioeventfds: dict[int, tuple[int, int]] = {}  # eventfd -> (address, length)
 
     def set_level_triggered(self, irq: int, level: bool = True) -> None:
         self.level_triggered.append((irq, level))
@@ -56,6 +58,14 @@ class FakeVmfd:
         self.msis.append((address, data))
         return 1
 
+    def ioeventfd(self, fd: int, addr: int, length: int, *, datamatch: int | None = None,
+                  pio: bool = False, deassign: bool = False) -> None:
+        if deassign:
+            del self.ioeventfds[fd]
+        else:
+            assert fd not in self.ioeventfds
+            self.ioeventfds[fd] = (addr, length)
+
 
 class FakeVm:
     """Buses, guest memory, devices, interrupt lines (recorded), configuration."""
@@ -73,8 +83,16 @@ class FakeVm:
         self.irqs: list[tuple[int, bool]] = []
         self.vmfd = self.vmfd_type(self.events, self.irqs)
         self.interrupts = InterruptController(self.vmfd)
+        self._loop: EventLoop | None = None
         self.config = Config(config or {})
         self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices), pci_devices={})
+
+    @property
+    def loop(self) -> EventLoop:
+        """The I/O thread's loop, not started: a test runs what it would run."""
+        if self._loop is None:
+            self._loop = EventLoop()
+        return self._loop
 
     def attach(self, device: Any) -> None:
         # The same order as hvf.vm.Machine.attach: the device attaches, then is listed.

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from hvf.console import ConsoleBackend
+from hvf.console import ConsoleBackend, open_console
 from hvf.plugins.uart.model import IIR_FCR, MCR, RBR_THR, Uart16550, UartState
 
 #: Accesses after which host input may be wanted again: an RBR read, an FCR write
@@ -120,17 +120,5 @@ class SerialPort:
 
 def open_backend(vm: Any, spec: str | None, owner: str, port: SerialPort) -> None:
     """Create, open and attach the console backend ``spec`` (None: no backend)."""
-    if not spec:
-        return
-    from hvf.console import backend_name
-    from hvf.errors import ConfigError
-
-    entry = vm.plugins.console_backends.get(backend_name(spec))
-    if entry is None:
-        known = ", ".join(vm.plugins.console_backends.names())
-        raise ConfigError(f"Unable to initialize backend '{spec}' for {owner}: "
-                          f"unknown backend (known: {known})")
-    backend: ConsoleBackend = entry.factory(spec, owner)
-    backend.on_quit = lambda: vm.request_exit(130, "quit from the console (Ctrl-A x)")
-    backend.open(vm.loop, port)
-    port.backend = backend
+    if spec:
+        port.backend = open_console(vm, spec, owner, port)

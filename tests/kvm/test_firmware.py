@@ -68,3 +68,31 @@ def test_bootrom_errors(tmp_path: Path) -> None:
     assert r.returncode == 4 and "cannot read boot ROM" in r.stderr
     r = run_hvf(["-s", "31,lpc", "-l", "bootrom", "vm-x"])
     assert r.returncode == 64 and 'invalid bootrom option "bootrom"' in r.stderr
+
+
+def test_seabios_maps_the_virtio_bars_where_hvf_routes_them(seabios: Path, tmp_path: Path) -> None:
+    console, debug = tmp_path / "com1.log", tmp_path / "debug.log"
+    name = "seabios-virtio"
+    proc = popen_hvf(["-s", "0,hostbridge", "-s", "4,virtio-rnd",
+                      "-s", f"5,virtio-console,port0=file={tmp_path / 'port0'}",
+                      "-s", "31,lpc", "-l", f"com1,file={console}", "-l", f"debugcon,{debug}",
+                      "-l", f"bootrom,{seabios}", name])
+    try:
+        wait_for_text(console, "No bootable device", proc, timeout=120)
+        log = debug.read_text(errors="replace")
+        for bdf, ids in (("00:04.0", "1af4:1044"), ("00:05.0", "1af4:1043")):
+            assert f"PCI: init bdf={bdf} id={ids}" in log
+        assigned = {
+            m["bdf"]: int(m["addr"], 16)
+            for m in re.finditer(r"PCI: map device bdf=(?P<bdf>\S+)\s+bar 4, "
+                                 r"addr (?P<addr>[0-9a-f]+), size 00008000 \[mem\]", log)
+        }
+        assert set(assigned) == {"00:04.0", "00:05.0"}, log
+        ctl = subprocess.run([sys.executable, "-m", "hvf", "ctl", "--vm", name, "--json",
+                              "call", "iomap"], capture_output=True, text=True, timeout=30)
+        assert ctl.returncode == 0, ctl.stderr
+        mmio = {r["owner"]: r["base"] for r in json.loads(ctl.stdout)["mmio"]}
+        assert mmio["virtio-rnd@pci.0.4.0 BAR4"] == assigned["00:04.0"]
+        assert mmio["virtio-console@pci.0.5.0 BAR4"] == assigned["00:05.0"]
+    finally:
+        stop(proc, signal.SIGTERM, timeout=30)
