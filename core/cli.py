@@ -261,14 +261,14 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
     from pathlib import Path
 
     from hvf import snapshot
-    from hvf.plugins.snapshot.ramfile import open_ram
     from hvf.snapshot_api import StateReader
     from hvf.vm import Machine
 
     backend = plugins.snapshot_backends.get("directory")
     if backend is None:
         raise ConfigError("-r: no snapshot backend is installed (the 'snapshot' plugin)")
-    state, ram_path = backend.factory(Path(path)).load()
+    store = backend.factory(Path(path))
+    state, ram_path = store.load()
     saved = Config(state.machine.get("config", {}))
     differences = snapshot.config_differences(saved, given)
     if differences:
@@ -276,7 +276,7 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
                           "backends and the name may change): " + "; ".join(differences))
     for key, value in given.items():
         saved.set(key, value)
-    ram_file = open_ram(ram_path, int(state.machine["memory_size"]))
+    ram_file = store.open_ram(ram_path, int(state.machine["memory_size"]))
     vm = Machine(saved, plugins, ram_file=ram_file)
     try:
         vm.build(restoring=True)

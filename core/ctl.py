@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hvf.control import ControlClient, is_live, runtime_dir, socket_path
-from hvf.errors import CtlError, HvfError
+from hvf.errors import CtlError, HvfError, SnapshotError
 
 def running_vms() -> list[str]:
     """Names of the VMs answering in the runtime directory (stale sockets skipped)."""
@@ -142,14 +142,14 @@ def snapshot_main(argv: Sequence[str]) -> int:
                             "(reads all its data; a restore does not)")
     verify.add_argument("path")
     options = p.parse_args(list(argv))
-    from hvf.plugins.snapshot.ramfile import verify_ram
-    from hvf.plugins.snapshot.statefile import describe
-    from hvf.plugins.snapshot.store import SnapshotStore
+    from hvf.pluginmanager import Plugins
 
     try:
-        state, ram = SnapshotStore(Path(options.path)).load()
-        if options.command == "verify":
-            verify_ram(ram, state.ram)
+        backend = Plugins().snapshot_backends.get("directory")
+        if backend is None:
+            raise SnapshotError("no snapshot backend is installed (the 'snapshot' plugin)")
+        store = backend.factory(Path(options.path))
+        state = store.verify() if options.command == "verify" else store.load()[0]
     except HvfError as e:
         sys.stderr.write(f"hvf snapshot: {e}\n")
         return 1
@@ -157,5 +157,5 @@ def snapshot_main(argv: Sequence[str]) -> int:
         print(f"{options.path}: intact ({len(state.chunks)} chunks, "
               f"{state.ram.get('data_bytes', 0) >> 20} MiB of RAM data)")
     else:
-        print(describe(state))
+        print(store.describe(state))
     return 0

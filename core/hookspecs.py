@@ -107,6 +107,16 @@ def hvf_machine_ready(vm: Machine) -> None:
 
 
 @hookspec
+def hvf_firmware_setup(vm: Machine) -> None:
+    """After every ``hvf_machine_ready`` (PCI resources are assigned): hand the firmware
+    what it reads at boot, e.g. ACPI tables through fw_cfg's table loader. Called on
+    restore too, so that what the firmware selected is there again.
+
+    :param vm: the machine.
+    """
+
+
+@hookspec
 def hvf_acpi_tables(vm: Machine, acpi: Any) -> None:
     """Describe the hardware this plugin owns in the guest's ACPI tables.
 

@@ -148,15 +148,8 @@ class Machine:
         self.control = ControlServer(self)  # refuses a second VM of the same name
         self.hook.hvf_machine_build(vm=self)
         self.hook.hvf_machine_ready(vm=self)
+        self.hook.hvf_firmware_setup(vm=self)
         kernel = self.config.get("boot.kernel")
-        if not kernel and self.config.get("lpc.bootrom"):
-            from hvf.acpi import build_for
-            from hvf.plugins.lpc.fwcfg import find
-
-            firmware_config = find(self)
-            if firmware_config is not None:  # the firmware installs our ACPI tables
-                # (also on restore: fw_cfg's file selectors must be what they were)
-                build_for(self).to_fw_cfg(firmware_config)
         if restoring:
             return
         if kernel:

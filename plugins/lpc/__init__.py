@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 import hvf
 from hvf import smbios
+from hvf.acpi import build_for as build_acpi
 from hvf.errors import ConfigError
-import struct
-
 from hvf.plugins.lpc import bootrom, bridge, com, debugcon, fwcfg, pctestdev
 from hvf.plugins.lpc.acpi import describe as describe_acpi
 from hvf.plugins.lpc.pm import PowerManagement
@@ -77,6 +77,13 @@ def hvf_machine_ready(vm: Machine) -> None:
                 f"LPC device(s) {', '.join(devices)} configured, but there is no LPC bridge "
                 "(add -s 31,lpc)"
             )
+
+
+@hvf.hookimpl
+def hvf_firmware_setup(vm: Machine) -> None:
+    firmware_config = fwcfg.find(vm)
+    if firmware_config is not None and not vm.config.get("boot.kernel"):
+        build_acpi(vm).to_fw_cfg(firmware_config)  # the firmware installs our ACPI tables
 
 
 @hvf.hookimpl

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from hvf.errors import SnapshotError
-from hvf.plugins.snapshot.ramfile import Progress, RamSource, save_ram
+from hvf.plugins.snapshot.ramfile import Progress, RamSource, open_ram, save_ram, verify_ram
 from hvf.plugins.snapshot.statefile import (
+    describe,
     StateFile,
     encode_fields,
     fsync_dir,
@@ -189,6 +190,21 @@ class SnapshotStore:
             raise SnapshotError(f"{self.path}: not an hvf snapshot (it has no '{STATE}' file)")
         state = read_state(state_path)
         return state, self._ram_path(state, state_path)
+
+    def open_ram(self, ram: Path, size: int) -> int:
+        """The RAM file ``load`` named, opened for a restored VM to map."""
+        return open_ram(ram, size)
+
+    def verify(self) -> StateFile:
+        """Load the snapshot and check every checksum, the RAM file's data included."""
+        state, ram = self.load()
+        verify_ram(ram, state.ram)
+        return state
+
+    @staticmethod
+    def describe(state: StateFile) -> str:
+        """A snapshot's manifest as text (``hvf snapshot info``)."""
+        return describe(state)
 
     def _ram_path(self, state: StateFile, state_path: Path) -> Path:
         ram = state.ram
