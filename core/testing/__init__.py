@@ -8,6 +8,8 @@
 * :mod:`hvf.testing.process`: running hvf as a user would (re-exported here);
 * :mod:`hvf.testing.fakes`: a fake machine, and the guest's port, MMIO and PCI
   configuration accesses, for driving a device's registers from the host side;
+* :mod:`hvf.testing.virtio`: the guest's side of virtio (a split virtqueue's driver,
+  a virtio-pci function's registers), on top of those accesses;
 * :mod:`hvf.testing.guestkit`: a real Linux guest (``python -m hvf.testing.guestkit``).
 """
 

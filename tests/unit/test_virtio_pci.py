@@ -8,14 +8,11 @@ import os
 import struct
 
 import pytest
-from virtq_driver import VirtqDriver
 
 from fakes import FakeVm, cfg_read, cfg_write, mmio_read, mmio_write
 from hvf.plugins.pci.bus import PciBus
-from hvf.plugins.pci.msix import CAP_ID_MSIX
 from hvf.plugins.virtio import console, rng
 from hvf.plugins.virtio.pci import (
-    CAP_VENDOR,
     CFG_COMMON,
     CFG_DEVICE,
     CFG_ISR,
@@ -33,75 +30,9 @@ from hvf.plugins.virtio.spec import (
     FEATURES_OK,
     NO_VECTOR,
 )
+from hvf.testing.virtio import GF, GFSELECT, NUM_QUEUES, Q_MSIX, STATUS, Driver, VirtqDriver
 
 BDF = (0, 4, 0)
-# Common configuration offsets.
-DFSELECT, DF, GFSELECT, GF, MSIX_CONFIG, NUM_QUEUES, STATUS, GENERATION = (
-    0x00, 0x04, 0x08, 0x0C, 0x10, 0x12, 0x14, 0x15)
-Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF, Q_DESC, Q_DRIVER, Q_DEVICE = (
-    0x16, 0x18, 0x1A, 0x1C, 0x1E, 0x20, 0x28, 0x30)
-
-
-class Driver:
-    """The guest's view of one virtio-pci function: capabilities, then registers."""
-
-    def __init__(self, vm: FakeVm, bdf: tuple[int, int, int] = BDF) -> None:
-        self.vm = vm
-        self.caps: dict[int, tuple[int, int, int]] = {}  # cfg_type -> (bar, offset, cap)
-        pointer = cfg_read(vm, bdf, 0x34, 1)
-        while pointer:
-            cap_id = cfg_read(vm, bdf, pointer, 1)
-            if cap_id == CAP_VENDOR:
-                cfg_type, bar = cfg_read(vm, bdf, pointer + 3, 1), cfg_read(vm, bdf, pointer + 4, 1)
-                self.caps[cfg_type] = (bar, cfg_read(vm, bdf, pointer + 8, 4), pointer)
-            elif cap_id == CAP_ID_MSIX:
-                self.msix_cap = pointer
-            pointer = cfg_read(vm, bdf, pointer + 1, 1)
-        self.bdf = bdf
-        bar = self.caps[CFG_COMMON][0]
-        self.bar = (cfg_read(vm, bdf, 0x10 + 4 * bar, 4) & ~0xF) | cfg_read(
-            vm, bdf, 0x14 + 4 * bar, 4) << 32
-        self.multiplier = cfg_read(vm, bdf, self.caps[CFG_NOTIFY][2] + 16, 4)
-
-    def addr(self, cfg_type: int, offset: int) -> int:
-        return self.bar + self.caps[cfg_type][1] + offset
-
-    def read(self, offset: int, size: int) -> int:
-        return mmio_read(self.vm, self.addr(CFG_COMMON, offset), size)
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        mmio_write(self.vm, self.addr(CFG_COMMON, offset), size, value)
-
-    def features(self) -> int:
-        self.write(DFSELECT, 4, 0)
-        low = self.read(DF, 4)
-        self.write(DFSELECT, 4, 1)
-        return low | self.read(DF, 4) << 32
-
-    def negotiate(self, features: int) -> int:
-        self.write(STATUS, 1, 0)
-        self.write(STATUS, 1, ACKNOWLEDGE | DRIVER)
-        for half in (0, 1):
-            self.write(GFSELECT, 4, half)
-            self.write(GF, 4, features >> (32 * half) & 0xFFFFFFFF)
-        self.write(STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK)
-        return self.read(STATUS, 1)
-
-    def setup_queue(self, index: int, queue: VirtqDriver, vector: int = NO_VECTOR) -> None:
-        self.write(Q_SELECT, 2, index)
-        self.write(Q_SIZE, 2, queue.size)
-        self.write(Q_MSIX, 2, vector)
-        for offset, value in ((Q_DESC, queue.desc_addr), (Q_DRIVER, queue.avail_addr),
-                              (Q_DEVICE, queue.used_addr)):
-            self.write(offset, 4, value & 0xFFFFFFFF)  # in halves, as 32-bit drivers do
-            self.write(offset + 4, 4, value >> 32)
-        self.write(Q_ENABLE, 2, 1)
-
-    def kick(self, index: int) -> None:
-        """Notify queue ``index`` at its doorbell."""
-        self.write(Q_SELECT, 2, index)
-        off = self.read(Q_NOTIFY_OFF, 2)
-        mmio_write(self.vm, self.addr(CFG_NOTIFY, off * self.multiplier), 2, index)
 
 
 def machine(device_factory=rng.create, config=None):  # type: ignore[no-untyped-def]
@@ -111,7 +42,7 @@ def machine(device_factory=rng.create, config=None):  # type: ignore[no-untyped-
     device = device_factory(vm=vm, slot=BDF, config=config or {})
     bus.add(BDF, device)
     bus.assign_resources(enable_decoding=True)
-    return vm, device, Driver(vm)
+    return vm, device, Driver(vm, BDF)
 
 
 def run_io(vm: FakeVm, device) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ from hvf.plugins.virtio.queue import (
     QueueState,
     SplitQueue,
 )
-from virtq_driver import VirtqDriver
+from hvf.testing.virtio import VirtqDriver
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 _DESC = struct.Struct("<QIHH")

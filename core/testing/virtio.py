@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""A tiny virtio "guest driver" for tests: it lays out one split virtqueue in guest
-RAM, makes buffers available as direct or indirect chains, decides whether to notify
-the device as a driver must, and reads used elements back."""
+"""The guest's side of virtio, for driving a virtio device's registers from the host
+side in tests.
+
+:class:`VirtqDriver` is a tiny driver for one split virtqueue in guest RAM: it makes
+buffers available as direct or indirect chains, decides whether to notify the device
+as a driver must, and reads used elements back. :class:`Driver` is the guest's view of
+one virtio-pci function (capabilities, then the common configuration's registers),
+through :mod:`hvf.testing.fakes`' accesses.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from collections.abc import Sequence
 import attrs
 
 from hvf.memory import GuestMemory
+from hvf.plugins.pci.msix import CAP_ID_MSIX
+from hvf.plugins.virtio.pci import CAP_VENDOR, CFG_COMMON, CFG_NOTIFY
 from hvf.plugins.virtio.queue import (
     DESC_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -22,6 +30,8 @@ from hvf.plugins.virtio.queue import (
     avail_ring_bytes,
     desc_table_bytes,
 )
+from hvf.plugins.virtio.spec import ACKNOWLEDGE, DRIVER, FEATURES_OK, NO_VECTOR
+from hvf.testing.fakes import Buses, cfg_read, mmio_read, mmio_write
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -189,3 +199,79 @@ class VirtqDriver:
 
     def _read16(self, gpa: int) -> int:
         return _U16.unpack(self.memory.read(gpa, 2))[0]
+
+
+#: Common configuration register offsets (virtio 1.x, 4.1.4.3).
+DFSELECT, DF, GFSELECT, GF, MSIX_CONFIG, NUM_QUEUES, STATUS, GENERATION = (
+    0x00, 0x04, 0x08, 0x0C, 0x10, 0x12, 0x14, 0x15)
+Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF, Q_DESC, Q_DRIVER, Q_DEVICE = (
+    0x16, 0x18, 0x1A, 0x1C, 0x1E, 0x20, 0x28, 0x30)
+
+
+class Driver:
+    """The guest's view of one virtio-pci function: capabilities, then registers."""
+
+    def __init__(self, vm: Buses, bdf: tuple[int, int, int]) -> None:
+        self.vm = vm
+        self.caps: dict[int, tuple[int, int, int]] = {}  # cfg_type -> (bar, offset, cap)
+        pointer = cfg_read(vm, bdf, 0x34, 1)
+        while pointer:
+            cap_id = cfg_read(vm, bdf, pointer, 1)
+            if cap_id == CAP_VENDOR:
+                cfg_type, bar = cfg_read(vm, bdf, pointer + 3, 1), cfg_read(vm, bdf, pointer + 4, 1)
+                self.caps[cfg_type] = (bar, cfg_read(vm, bdf, pointer + 8, 4), pointer)
+            elif cap_id == CAP_ID_MSIX:
+                self.msix_cap = pointer
+            pointer = cfg_read(vm, bdf, pointer + 1, 1)
+        self.bdf = bdf
+        bar = self.caps[CFG_COMMON][0]
+        self.bar = (cfg_read(vm, bdf, 0x10 + 4 * bar, 4) & ~0xF) | cfg_read(
+            vm, bdf, 0x14 + 4 * bar, 4) << 32
+        self.multiplier = cfg_read(vm, bdf, self.caps[CFG_NOTIFY][2] + 16, 4)
+
+    def addr(self, cfg_type: int, offset: int) -> int:
+        """The guest-physical address of ``offset`` in the ``cfg_type`` structure."""
+        return self.bar + self.caps[cfg_type][1] + offset
+
+    def read(self, offset: int, size: int) -> int:
+        """Read a common-configuration register (offsets: ``DFSELECT``, …)."""
+        return mmio_read(self.vm, self.addr(CFG_COMMON, offset), size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Write a common-configuration register."""
+        mmio_write(self.vm, self.addr(CFG_COMMON, offset), size, value)
+
+    def features(self) -> int:
+        """The 64 device feature bits."""
+        self.write(DFSELECT, 4, 0)
+        low = self.read(DF, 4)
+        self.write(DFSELECT, 4, 1)
+        return low | self.read(DF, 4) << 32
+
+    def negotiate(self, features: int) -> int:
+        """Reset, then acknowledge, offer ``features`` and set FEATURES_OK; the device
+        status read back (FEATURES_OK stays set if the device took them)."""
+        self.write(STATUS, 1, 0)
+        self.write(STATUS, 1, ACKNOWLEDGE | DRIVER)
+        for half in (0, 1):
+            self.write(GFSELECT, 4, half)
+            self.write(GF, 4, features >> (32 * half) & 0xFFFFFFFF)
+        self.write(STATUS, 1, ACKNOWLEDGE | DRIVER | FEATURES_OK)
+        return self.read(STATUS, 1)
+
+    def setup_queue(self, index: int, queue: VirtqDriver, vector: int = NO_VECTOR) -> None:
+        """Give queue ``index`` the rings of ``queue`` and the MSI-X ``vector``; enable it."""
+        self.write(Q_SELECT, 2, index)
+        self.write(Q_SIZE, 2, queue.size)
+        self.write(Q_MSIX, 2, vector)
+        for offset, value in ((Q_DESC, queue.desc_addr), (Q_DRIVER, queue.avail_addr),
+                              (Q_DEVICE, queue.used_addr)):
+            self.write(offset, 4, value & 0xFFFFFFFF)  # in halves, as 32-bit drivers do
+            self.write(offset + 4, 4, value >> 32)
+        self.write(Q_ENABLE, 2, 1)
+
+    def kick(self, index: int) -> None:
+        """Notify queue ``index`` at its doorbell."""
+        self.write(Q_SELECT, 2, index)
+        off = self.read(Q_NOTIFY_OFF, 2)
+        mmio_write(self.vm, self.addr(CFG_NOTIFY, off * self.multiplier), 2, index)
