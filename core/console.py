@@ -18,7 +18,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ log = logging.getLogger("hvf.console")
 
 #: Guest output held for a stalled host reader before bytes are dropped.
 OUTPUT_LIMIT = 256 * 1024
+#: The most buffers one ``writev`` takes.
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: How long closing a backend waits for the host side to take pending output.
 CLOSE_FLUSH_SECONDS = 2.0
 
@@ -149,30 +151,42 @@ class ConsoleBackend:
         """Bytes of guest output queued for the host, not yet written."""
         return len(self._out)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send guest output; never blocks.
 
         With nothing queued, the bytes go straight to the host with one non-blocking
         write (no thread hand-off); what the host does not take now is queued for the
         I/O thread, and beyond OUTPUT_LIMIT dropped and counted.
         """
+        self.write_many((data,))
+
+    def write_many(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Send several pieces of guest output (buffers of guest RAM, say) with one
+        ``writev``, as :meth:`write` sends one."""
+        if len(pieces) > IOV_MAX:
+            pieces = (b"".join(pieces),)
+        total = sum(len(p) for p in pieces)
         with self._lock:
             if self.wfd is None:
                 if self.eof_disconnects:
                     return  # no client connected: output is discarded, as bhyve does
+                data = b"".join(pieces)
             elif not self._out:
                 try:
-                    n = os.write(self.wfd, data)
+                    n = os.writev(self.wfd, pieces) if len(pieces) > 1 else os.write(
+                        self.wfd, pieces[0])
                 except BlockingIOError:
                     n = 0
                 except OSError as e:
-                    self.dropped += len(data)
+                    self.dropped += total
                     self._write_failed(e)
                     return
                 self.written += n
-                if n == len(data):
+                if n == total:
                     return
-                data = data[n:]
+                data = b"".join(pieces)[n:]
+            else:
+                data = b"".join(pieces)
             room = OUTPUT_LIMIT - len(self._out)
             if len(data) > room:
                 self.dropped += len(data) - room

@@ -36,6 +36,8 @@ MAX_PORTS = 16
 QUEUE_SIZE = 256
 #: Guest output queued for a slow host before transmit buffers are held back.
 TX_BACKLOG = 64 * 1024
+#: Transmit chains written with one ``writev`` at most (below the kernel's IOV_MAX).
+TX_BATCH = 256
 #: Host input taken per receive round.
 RX_CHUNK = 64 * 1024
 CONTROL_RX, CONTROL_TX = 2, 3
@@ -116,21 +118,30 @@ class ConsolePort:
     # ---- guest output (I/O thread, lock held) ----
 
     def transmit(self, queue: SplitQueue) -> None:
+        """Write the guest's transmit buffers to the backend, a batch per ``writev``;
+        while the host lags by TX_BACKLOG, stop (``_drained`` resumes)."""
         backend = self.backend
         while True:
             queue.disable_notifications()
-            while backend is None or backend.backlog < TX_BACKLOG:  # else: host lags
-                chain = queue.pop()
-                if chain is None:
+            while backend is None or backend.backlog < TX_BACKLOG:
+                chains, pieces, size = [], [], 0
+                while len(chains) < TX_BATCH and size < TX_BACKLOG:
+                    chain = queue.pop()
+                    if chain is None:
+                        break
+                    chains.append(chain)
+                    pieces += chain.readable
+                    size += chain.readable_length
+                if not chains:
                     break
-                self.transmitted += chain.readable_length
-                if backend is not None and chain.readable_length:
-                    views = chain.readable
-                    backend.write(views[0] if len(views) == 1 else b"".join(views))
-                queue.push(chain, 0)
+                if backend is not None and size:
+                    backend.write_many([p for p in pieces if len(p)])
+                for chain in chains:
+                    queue.push(chain, 0)
+                self.transmitted += size
             else:
                 self.device.interrupt_queue(self.tx)
-                return  # resumed by _drained
+                return
             self.device.interrupt_queue(self.tx)
             if not queue.enable_notifications():
                 return
