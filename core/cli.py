@@ -201,7 +201,10 @@ def _apply_slot(config: Config, arg: str, plugins: Plugins) -> None:
     node = f"pci.{bus}.{slot}.{func}"
     if config.get(f"{node}.device"):
         raise ConfigError(f"pci slot {bus}:{slot}:{func} already occupied!")
-    entry = plugins.pci_devices.get(emulation)
+    registry = plugins.pci_devices
+    if registry.unavailable:
+        raise ConfigError(f"pci slot {bus}:{slot}:{func}: no PCI devices: {registry.unavailable}")
+    entry = registry.get(emulation)
     if entry is None:
         raise ConfigError(f'pci slot {bus}:{slot}:{func}: unknown device "{emulation}"')
     config.set(f"{node}.device", entry.name)
@@ -212,7 +215,11 @@ def _apply_slot(config: Config, arg: str, plugins: Plugins) -> None:
 
 def _apply_lpc(config: Config, arg: str, plugins: Plugins) -> None:
     name, *conf = arg.split(",")
-    entry = plugins.lpc_devices.get(name)
+    registry = plugins.lpc_devices
+    if registry.unavailable:
+        raise UsageError(f"invalid lpc device configuration '{arg}': no LPC devices: "
+                         f"{registry.unavailable}")
+    entry = registry.get(name)
     if entry is None:
         raise UsageError(f"invalid lpc device configuration '{arg}'")
     try:

@@ -20,7 +20,14 @@ import pluggy
 
 if TYPE_CHECKING:
     from hvf.device import Device
-    from hvf.registry import CtlCommands, Registry
+    from hvf.registry import (
+        ConsoleBackendFactory,
+        CtlCommands,
+        LpcDeviceFactory,
+        PciDeviceFactory,
+        Registry,
+        SnapshotStoreFactory,
+    )
     from hvf.snapshot_api import StateReader, StateWriter
     from hvf.vm import Machine
 
@@ -31,38 +38,45 @@ hookspec = pluggy.HookspecMarker("hvf")
 
 
 @hookspec
-def hvf_register_pci_devices(registry: Registry) -> None:
-    """Register PCI emulations, the names accepted by ``-s slot,NAME``.
+def hvf_register_pci_devices(registry: Registry[PciDeviceFactory]) -> None:
+    """Register PCI emulations, the names accepted by ``-s slot,NAME``. Not called when
+    the ``pci`` plugin is disabled.
 
-    :param registry: call ``registry.add(name, factory, help=...)``; ``factory(vm=,
-        slot=, config=)`` returns a :class:`hvf.plugins.pci.device.PciDevice`.
+    :param registry: call ``registry.add(name, factory, help=..., parse=...)``;
+        ``factory(vm=, slot=, config=)`` returns a :class:`hvf.plugins.pci.PciDevice`.
     """
 
 
 @hookspec
-def hvf_register_lpc_devices(registry: Registry) -> None:
-    """Register LPC (ISA) devices, the names accepted by ``-l NAME[,conf]``.
+def hvf_register_lpc_devices(registry: Registry[LpcDeviceFactory]) -> None:
+    """Register LPC (ISA) devices, the names accepted by ``-l NAME[,conf]``. Not called
+    when the ``pci`` or ``lpc`` plugin is disabled.
 
     :param registry: call ``registry.add(name, factory, help=..., parse=...)``;
         ``parse(conf: list[str]) -> dict[str, str]`` turns the ``-l`` options into config
-        values under ``lpc.NAME``, and ``factory(vm=, name=, config=)`` builds the device
-        when the LPC bridge attaches.
+        values under ``lpc.NAME``, and ``factory(vm=, config=)`` builds the device (or
+        returns None when the configuration does not ask for it) once the machine has an
+        LPC bridge.
     """
 
 
 @hookspec
-def hvf_register_console_backends(registry: Registry) -> None:
-    """Register console backends (``stdio``, ``pty``, ``tcp=...``) for serial ports.
+def hvf_register_console_backends(registry: Registry[ConsoleBackendFactory]) -> None:
+    """Register console backends (``stdio``, ``pty``, ``tcp=...``) for serial ports and
+    virtio-console ports.
 
-    :param registry: call ``registry.add(name, factory, help=...)``.
+    :param registry: call ``registry.add(name, factory, help=...)``; ``factory(spec,
+        owner)`` returns a :class:`hvf.console.ConsoleBackend`.
     """
 
 
 @hookspec
-def hvf_register_snapshot_backends(registry: Registry) -> None:
-    """Register snapshot backends (where guest RAM and device state are written).
+def hvf_register_snapshot_backends(registry: Registry[SnapshotStoreFactory]) -> None:
+    """Register snapshot stores (where guest RAM and device state are written);
+    ``directory`` is the one hvf uses.
 
-    :param registry: call ``registry.add(name, factory, help=...)``.
+    :param registry: call ``registry.add(name, factory, help=...)``; ``factory(path)``
+        opens the snapshot at ``path``.
     """
 
 

@@ -14,9 +14,19 @@ import pluggy
 
 from hvf import hookspecs
 from hvf.errors import PluginError
-from hvf.registry import CtlCommands, Registry
+from hvf.registry import (
+    F,
+    ConsoleBackendFactory,
+    CtlCommands,
+    LpcDeviceFactory,
+    PciDeviceFactory,
+    Registry,
+    SnapshotStoreFactory,
+)
 
 ENTRY_POINT_GROUP = "hvf"
+#: The plugins that provide the PCI bus and the LPC bus behind it.
+PCI_PLUGIN, LPC_PLUGIN = "pci", "lpc"
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -59,7 +69,16 @@ class Plugins:
             raise PluginError(str(e)) from e
         self.hook = self.pm.hook
 
-    def _fill(self, registry: Registry, hook_name: str, arg: str) -> Registry:
+    def _fill(self, registry: Registry[F], hook_name: str, arg: str,
+              needs: tuple[str, ...] = ()) -> Registry[F]:
+        """Let every plugin register into ``registry``; with a plugin it ``needs``
+        (the bus) blocked or absent, it stays empty and says so."""
+        missing = [name for name in needs if self.pm.get_plugin(name) is None]
+        if missing:
+            blocked = "disabled by HVF_DISABLE_PLUGINS" if self.pm.is_blocked(missing[0]) \
+                else "not installed"
+            registry.unavailable = f"the '{missing[0]}' plugin is {blocked}"
+            return registry
         hook = getattr(self.hook, hook_name)
         for impl in hook.get_hookimpls():  # in registration order: built-ins first
             registry.current_plugin = impl.plugin_name
@@ -68,21 +87,24 @@ class Plugins:
         return registry
 
     @cached_property
-    def pci_devices(self) -> Registry:
-        return self._fill(Registry("PCI device"), "hvf_register_pci_devices", "registry")
+    def pci_devices(self) -> Registry[PciDeviceFactory]:
+        return self._fill(Registry("PCI device"), "hvf_register_pci_devices", "registry",
+                          needs=(PCI_PLUGIN,))
 
     @cached_property
-    def lpc_devices(self) -> Registry:
-        return self._fill(Registry("LPC device"), "hvf_register_lpc_devices", "registry")
+    def lpc_devices(self) -> Registry[LpcDeviceFactory]:
+        # the LPC bus hangs off the PCI bus: no LPC devices without both plugins
+        return self._fill(Registry("LPC device"), "hvf_register_lpc_devices", "registry",
+                          needs=(PCI_PLUGIN, LPC_PLUGIN))
 
     @cached_property
-    def console_backends(self) -> Registry:
+    def console_backends(self) -> Registry[ConsoleBackendFactory]:
         return self._fill(
             Registry("console backend"), "hvf_register_console_backends", "registry"
         )
 
     @cached_property
-    def snapshot_backends(self) -> Registry:
+    def snapshot_backends(self) -> Registry[SnapshotStoreFactory]:
         return self._fill(
             Registry("snapshot backend"), "hvf_register_snapshot_backends", "registry"
         )

@@ -15,7 +15,7 @@ from hvf.eventloop import EventLoop
 from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
-from hvf.plugins.pci.bus import ECAM_BASE
+from hvf.plugins.pci import ECAM_BASE
 
 __all__ = ["Buses", "FakeVm", "FakeVmfd", "cfg_read", "cfg_write", "conf1", "ecam_addr",
            "ecam_read", "ecam_write", "inp", "mmio_read", "mmio_write", "outp"]

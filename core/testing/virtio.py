@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import attrs
 
 from hvf.memory import GuestMemory
-from hvf.plugins.pci.msix import CAP_ID_MSIX
+from hvf.plugins.pci import CAP_ID_MSIX
 from hvf.plugins.virtio.pci import CAP_VENDOR, CFG_COMMON, CFG_NOTIFY
 from hvf.plugins.virtio.queue import (
     DESC_SIZE,

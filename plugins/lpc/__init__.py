@@ -10,7 +10,7 @@ import hvf
 from hvf import smbios
 from hvf.acpi import build_for as build_acpi
 from hvf.errors import ConfigError
-from hvf.plugins.lpc import bootrom, bridge, com, debugcon, fwcfg, pctestdev
+from hvf.plugins.lpc import bootrom, bridge, debugcon, fwcfg, pctestdev
 from hvf.plugins.lpc.acpi import describe as describe_acpi
 from hvf.plugins.lpc.pm import PowerManagement
 
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
     from hvf.registry import Registry
     from hvf.vm import Machine
+
+#: COM1's I/O base, where the firmware's serial console goes.
+COM1_PORT = 0x3F8
 
 
 def _flag(name: str):  # type: ignore[no-untyped-def]
@@ -38,15 +41,17 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 def hvf_register_lpc_devices(registry: Registry) -> None:
     registry.add("bootrom", bootrom.create, parse=bootrom.parse,
                  help="boot firmware: bootrom,ROM[,VARS] (mapped below 4 GiB; implies fwcfg)")
-    for name, (base, irq) in com.COM_PORTS.items():
-        registry.add(name, com.factory(name), parse=com.parser(name),
-                     help=f"16550A at {base:#x}, IRQ {irq} ({name},BACKEND)")
     registry.add("pc-testdev", pctestdev.create, parse=_flag("pc-testdev"),
                  help="test-kernel ports: debug exit 0xF4, scratch 0xE0, IRQ lines 0x2000+n")
     registry.add("fwcfg", fwcfg.create, parse=fwcfg.parse,
                  help="QEMU's fw_cfg interface at 0x510-0x511, DMA at 0x514 (fwcfg[,qemu])")
     registry.add("debugcon", debugcon.create, parse=debugcon.parse,
                  help="debug console on port 0x402 (debugcon[,PATH|stdio])")
+
+
+@hvf.hookimpl(trylast=True)
+def hvf_machine_build(vm: Machine) -> None:
+    bridge.attach_isa_devices(vm)  # after the PCI plugin has put the bridge on its bus
 
 
 @hvf.hookimpl
@@ -68,7 +73,7 @@ def hvf_machine_ready(vm: Machine) -> None:
         firmware_config.add_file("etc/smbios/smbios-anchor", anchor)
         firmware_config.add_file("etc/smbios/smbios-tables", tables)
         if vm.config.get("lpc.com1.path"):  # the firmware's console follows COM1
-            firmware_config.add_file("etc/sercon-port", struct.pack("<H", com.COM_PORTS["com1"][0]))
+            firmware_config.add_file("etc/sercon-port", struct.pack("<H", COM1_PORT))
     if not any(isinstance(d, bridge.LpcBridge) for d in vm.devices):
         configured = sorted(vm.config.node("lpc"))
         devices = [name for name in configured if name in vm.plugins.lpc_devices]

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hvf.acpi import aml, tables
-from hvf.plugins.lpc import com, fwcfg, kbc, pm, reset, rtc
+from hvf.plugins.lpc import fwcfg, kbc, pm, reset, rtc
 from hvf.plugins.lpc.bridge import LpcBridge
-from hvf.plugins.pci.acpi import ROOT_BRIDGE
-from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE
+from hvf.plugins.pci import ECAM_BASE, ECAM_SIZE, ROOT_BRIDGE
 
 if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
@@ -38,12 +37,9 @@ FWCFG_PORTS = fwcfg.DMA_PORT + fwcfg.DMA_LENGTH - fwcfg.SELECTOR_PORT
 STA_HIDDEN = 0x0B
 
 
-def _device(name: str, hid: str, *resources: bytes, uid: int | None = None) -> bytes:
-    terms = [aml.name("_HID", aml.hardware_id(hid))]
-    if uid is not None:
-        terms.append(aml.name("_UID", uid))
-    terms.append(aml.name("_CRS", aml.resource_template(*resources)))
-    return aml.device(name, *terms)
+def _device(name: str, hid: str, *resources: bytes) -> bytes:
+    return aml.device(name, aml.name("_HID", aml.hardware_id(hid)),
+                      aml.name("_CRS", aml.resource_template(*resources)))
 
 
 def _port(base: int, length: int) -> bytes:
@@ -51,14 +47,9 @@ def _port(base: int, length: int) -> bytes:
 
 
 def legacy_devices(vm: Machine) -> list[bytes]:
-    """The devices behind the ISA bridge: COM1-COM4, RTC, keyboard, PICs, PIT and,
-    when present, fw_cfg."""
+    """The devices behind the ISA bridge: RTC, keyboard, PICs, PIT and, when present,
+    fw_cfg (the UART plugin describes COM1-COM4)."""
     devices = [
-        _device(name.upper(), "PNP0501", _port(base, com.PORT_COUNT), aml.irq_noflags(irq),
-                uid=int(name[3:]))
-        for name, (base, irq) in com.COM_PORTS.items()
-    ]
-    devices += [
         _device("RTC", "PNP0B00", _port(rtc.INDEX_PORT, 2), aml.irq_noflags(RTC_IRQ)),
         _device("KBD", "PNP0303", _port(kbc.DATA_PORT, 1), _port(kbc.COMMAND_PORT, 1),
                 aml.irq_noflags(kbc.KEYBOARD_IRQ)),

@@ -2,9 +2,8 @@
 """bhyve's LPC bridge: a PIIX3-like PCI-to-ISA bridge carrying the legacy devices.
 
 The bridge itself is a PCI function (8086:7000, class 0x0601) whose config bytes
-0x60-0x63 and 0x68-0x6B are the PIRQA-H routing registers. When it attaches, every
-registered LPC device whose configuration is present under ``lpc.`` is built and
-attached behind it.
+0x60-0x63 and 0x68-0x6B are the PIRQA-H routing registers. The devices behind it are
+built by the LPC plugin (:func:`attach_isa_devices`) once the PCI bus exists.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from hvf.plugins.lpc.kbc import KeyboardController
 from hvf.plugins.lpc.pm import SCI_IRQ, PowerManagement
 from hvf.plugins.lpc.reset import ResetControl
 from hvf.plugins.lpc.rtc import Rtc
-from hvf.plugins.pci.device import PciDevice
+from hvf.plugins.pci import PciDevice
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -60,16 +59,7 @@ class LpcBridge(PciDevice):
         self.router = self.bus.intx
         for irq in COM_IRQS:
             self.router.reserve(irq)
-        # The legacy hardware every PC has behind its ISA bridge.
-        vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)))
-        vm.attach(KeyboardController())
-        vm.attach(ResetControl())
-        vm.attach(PowerManagement())
         self.router.use(SCI_IRQ)
-        for entry in vm.plugins.lpc_devices:
-            device = entry.factory(vm=vm, config=vm.config)
-            if device is not None:
-                vm.attach(device)
 
     def config_read(self, offset: int, size: int) -> int:
         value = super().config_read(offset, size)
@@ -93,3 +83,19 @@ class LpcBridge(PciDevice):
 
 def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -> LpcBridge:
     return LpcBridge("lpc@pci.{}.{}.{}".format(*slot), vm.config)
+
+
+def attach_isa_devices(vm: Machine) -> None:
+    """Behind the machine's LPC bridge (if any): the legacy hardware every PC has, then
+    every registered LPC device (``-l``, whichever plugin registered it) that its
+    factory builds from the configuration."""
+    if not any(isinstance(d, LpcBridge) for d in vm.devices):
+        return
+    vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)))
+    vm.attach(KeyboardController())
+    vm.attach(ResetControl())
+    vm.attach(PowerManagement())
+    for entry in vm.plugins.lpc_devices:
+        device = entry.factory(vm=vm, config=vm.config)
+        if device is not None:
+            vm.attach(device)

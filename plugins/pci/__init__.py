@@ -3,6 +3,12 @@
 
 Every ``pci.B.S.F`` node of the configuration becomes a device from the PCI device
 registry (``-s slot,NAME``), whichever plugin registered the name.
+
+This package's names are the PCI device API, the one public API other plugins and
+third parties import from a plugin: :class:`PciDevice` (identity, BARs, capabilities,
+INTx), :class:`Bar` and its kinds, :class:`MsiCapability` and :class:`MsixCapability`,
+the bus (:func:`pci_bus`) and where the root complex is (:data:`ROOT_BRIDGE` in ACPI,
+the ECAM window). Nothing else of the plugin is public.
 """
 
 from __future__ import annotations
@@ -12,16 +18,22 @@ from typing import TYPE_CHECKING
 import hvf
 from hvf.errors import ConfigError
 from hvf.plugins.pci import hostbridge
+from hvf.plugins.pci.acpi import ROOT_BRIDGE
 from hvf.plugins.pci.acpi import describe as describe_acpi
-from hvf.plugins.pci.bus import PciBus
-from hvf.plugins.pci.device import PciDevice
+from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
+from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, Bar, PciDevice
+from hvf.plugins.pci.msi import MsiCapability
+from hvf.plugins.pci.msix import CAP_ID_MSIX, MsixCapability
 
 if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
     from hvf.registry import Registry
     from hvf.vm import Machine
 
-__all__ = ["PciBus", "PciDevice", "pci_bus"]
+__all__ = [
+    "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSIX", "ECAM_BASE", "ECAM_SIZE", "ROOT_BRIDGE",
+    "Bar", "MsiCapability", "MsixCapability", "PciBus", "PciDevice", "pci_bus",
+]
 
 
 def pci_bus(vm: Machine) -> PciBus:

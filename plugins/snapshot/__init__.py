@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import hvf
-from hvf.plugins.snapshot import ramfile, statefile, store
+from hvf.plugins.snapshot import store
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -21,10 +21,8 @@ if TYPE_CHECKING:
 @hvf.hookimpl
 def hvf_register_snapshot_backends(registry: Registry) -> None:
     registry.add("directory", store.SnapshotStore,
-                 help="a directory with a RAM file and a state file (the default)")
-    registry.add("ram-file", ramfile.save_ram, help="guest RAM, sparse, mapped copy-on-write")
-    registry.add("state-file", statefile.write_state,
-                 help="self-describing, versioned, checksummed device state")
+                 help="a directory with a sparse RAM file (mapped copy-on-write on restore) "
+                      "and a self-describing, versioned, checksummed state file")
 
 
 @hvf.hookimpl

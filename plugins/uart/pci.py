@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hvf.errors import ConfigError, DeviceError
-from hvf.plugins.pci.device import BAR_IO, PciDevice
+from hvf.plugins.pci import BAR_IO, PciDevice
 from hvf.plugins.uart.port import SerialPort, open_backend
 
 if TYPE_CHECKING:

@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.errors import DeviceError, VirtqueueError
 from hvf.ioevent import IoEvent
-from hvf.plugins.pci.device import BAR_MEM64, Bar, PciDevice
-from hvf.plugins.pci.msix import MsixCapability
+from hvf.plugins.pci import BAR_MEM64, Bar, MsixCapability, PciDevice
 from hvf.plugins.virtio.common import CommonConfig, TransportState
 from hvf.plugins.virtio.queue import SplitQueue
 from hvf.plugins.virtio.spec import (

@@ -8,8 +8,7 @@ either returns the magic 0x21465648 ("HVF!"), offset 4 is a read/write register.
 from __future__ import annotations
 
 import hvf
-from hvf.plugins.pci import PciDevice
-from hvf.plugins.pci.device import BAR_IO, BAR_MEM32
+from hvf.plugins.pci import BAR_IO, BAR_MEM32, PciDevice
 
 MAGIC = 0x21465648
 

@@ -36,8 +36,8 @@ from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
 from hvf.pluginmanager import Plugins
-from hvf.plugins.lpc import com
-from hvf.plugins.lpc.bridge import LpcBridge
+from hvf.plugins.uart import com
+from hvf.plugins.lpc.bridge import LpcBridge, attach_isa_devices
 from hvf.plugins.lpc.fwcfg import FwCfg
 from hvf.plugins.pci.bus import ECAM_BASE, PciBus
 from hvf.plugins.pci.device import BAR_MEM64, PciDevice
@@ -103,6 +103,7 @@ def machine(ncpus: int = 1, *, fwcfg: bool = False, big_bar: bool = False) -> Fa
     bus = PciBus()
     vm.attach(bus)
     bus.add(LPC, LpcBridge("lpc@pci.0.31.0", vm.config))
+    attach_isa_devices(vm)  # type: ignore[arg-type]
     if big_bar:
         bus.add((0, 4, 0), BigBar())
     bus.assign_resources(enable_decoding=True)
@@ -563,7 +564,7 @@ def test_isa_devices(dsl: dict[str, str]) -> None:
     isa = device_block(dsdt, "ISA")
     assert "Name (_ADR, 0x001F0000)" in isa
     for n, (name, (base, irq)) in enumerate(com.COM_PORTS.items(), 1):
-        block = device_block(isa, name.upper())
+        block = device_block(dsdt, name.upper())  # the UART plugin's, in \_SB
         assert 'EisaId ("PNP0501")' in block
         assert f"Name (_UID, {['One', '0x02', '0x03', '0x04'][n - 1]})" in block
         assert io_ranges(block) == [(base, 8)] and irqs(block) == [irq]

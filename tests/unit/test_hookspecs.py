@@ -8,7 +8,8 @@ import inspect
 import pytest
 
 from hvf import hookspecs
-from hvf.errors import PluginError
+from hvf.cli import parse_args
+from hvf.errors import ConfigError, PluginError, UsageError
 from hvf.pluginmanager import Plugins
 
 SPECS = [(n, f) for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("hvf_")]
@@ -47,3 +48,23 @@ def test_duplicate_name_names_both_plugins() -> None:
     with pytest.raises(PluginError, match="PCI device 'hostbridge' registered by plugin 'Clash' "
                                           "is already provided by plugin 'pci'"):
         _ = plugins.pci_devices
+
+
+def test_a_disabled_bus_plugin_leaves_its_registries_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HVF_DISABLE_PLUGINS", "pci")
+    plugins = Plugins()
+    assert plugins.pci_devices.names() == [] and plugins.lpc_devices.names() == []
+    assert plugins.pci_devices.unavailable == "the 'pci' plugin is disabled by HVF_DISABLE_PLUGINS"
+    assert plugins.lpc_devices.unavailable == plugins.pci_devices.unavailable
+    with pytest.raises(ConfigError, match="no PCI devices: the 'pci' plugin is disabled"):
+        parse_args(["-s", "0,hostbridge", "vm"], plugins)
+    with pytest.raises(UsageError, match="no LPC devices: the 'pci' plugin is disabled"):
+        parse_args(["-l", "com1,stdio", "vm"], plugins)
+
+
+def test_com_ports_come_from_the_uart_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert {"com1", "com4", "pc-testdev"} <= set(Plugins().lpc_devices.names())
+    assert Plugins().lpc_devices.get("com1").plugin == "uart"  # type: ignore[union-attr]
+    monkeypatch.setenv("HVF_DISABLE_PLUGINS", "uart")
+    names = set(Plugins().lpc_devices.names())
+    assert "pc-testdev" in names and "com1" not in names

@@ -56,6 +56,7 @@ def machine(*devices: tuple[tuple[int, int, int], PciDevice], assign: bool = Tru
     vm.attach(bus)
     lpc = bridge.create(vm=vm, slot=LPC, config={})  # type: ignore[arg-type]
     bus.add(LPC, lpc)
+    bridge.attach_isa_devices(vm)  # as the LPC plugin's hvf_machine_build does
     for bdf, dev in devices:
         bus.add(bdf, dev)
     if assign:
@@ -321,7 +322,7 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
     vm, _bus, lpc = machine(lpc_devices=entries, assign=False)
     assert built == [(vm, vm.config), (vm, vm.config)]
     assert [d.name for d in vm.devices if not isinstance(d, PciBus)] == [
-        "rtc", "kbc", "reset", "pm", "legacy", lpc.name,  # a PC's fixed devices come first
+        lpc.name, "rtc", "kbc", "reset", "pm", "legacy",  # the bridge, then what is behind it
     ]
     assert vm.pio.lookup(0x402).owner == "legacy"  # type: ignore[union-attr]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import hvf_testplugin
-from hvf.plugins.pci.bus import PciBus
+from hvf.plugins.pci import PciBus
 from hvf.testing.fakes import (
     Buses,
     FakeVm,

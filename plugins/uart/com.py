@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""COM1-COM4 on the LPC bus: 16550As at the legacy ports and ISA IRQs.
+"""COM1-COM4 on the LPC bus: 16550As at the legacy ports and ISA IRQs, registered as
+LPC devices (``-l comN,SPEC``) and described in ACPI (``PNP0501``).
 
-All four ports always exist, as in bhyve; ``-l comN,SPEC`` gives one a console
-backend. The IRQ is gated by MCR.OUT2 as on a PC, and COM1/COM3 (IRQ 4) and COM2/COM4
-(IRQ 3) share their lines wired-OR.
+All four ports always exist behind an LPC bridge, as in bhyve; ``-l comN,SPEC`` gives
+one a console backend. The IRQ is gated by MCR.OUT2 as on a PC, and COM1/COM3 (IRQ 4)
+and COM2/COM4 (IRQ 3) share their lines wired-OR.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from hvf.device import Device
+from hvf.acpi import aml
 from hvf.errors import ConfigError
 from hvf.plugins.uart.port import SerialPort, open_backend
 
@@ -65,3 +67,18 @@ def factory(name: str):  # type: ignore[no-untyped-def]
         return ComPort(name, config.get(f"lpc.{name}.path"))
 
     return create
+
+
+def acpi_devices(vm: Machine) -> list[bytes]:
+    """``Device (COMn)`` for each attached port."""
+    devices = []
+    for name, (base, irq) in COM_PORTS.items():
+        if isinstance(vm.device(name), ComPort):
+            devices.append(aml.device(
+                name.upper(),
+                aml.name("_HID", aml.hardware_id("PNP0501")),
+                aml.name("_UID", int(name[3:])),
+                aml.name("_CRS", aml.resource_template(aml.io(base, base, 1, PORT_COUNT),
+                                                        aml.irq_noflags(irq))),
+            ))
+    return devices
