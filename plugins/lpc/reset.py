@@ -4,11 +4,13 @@ resets, bit 1 is the fast A20 gate). A reset ends hvf with status 0, as bhyve's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import attrs
 
 from hvf import exitcodes
 from hvf.device import Device
-from hvf.snapshot_api import field_int
+from hvf.snapshot_api import Fields, check_fields, field_flags
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -21,11 +23,30 @@ PORT_A_RESET = 0x01
 PORT_A_A20 = 0x02
 
 
+@attrs.define
+class ResetState:
+    """The reset control register and port A (A20 gate), as after reset."""
+
+    rcr: int = 0
+    port_a: int = PORT_A_A20
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> ResetState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a bad field."""
+        check_fields(fields, attrs.fields_dict(cls))
+        return cls(rcr=field_flags(fields, "rcr", 8, RCR_WRITABLE),
+                   port_a=field_flags(fields, "port_a", 8, PORT_A_A20))
+
+
 class ResetControl(Device):
+    """0xCF9 and port 0x92; the registers live in :attr:`state`."""
+
     def __init__(self) -> None:
         super().__init__("reset")
-        self.rcr = 0
-        self.port_a = PORT_A_A20
+        self.state = ResetState()
 
     def attach(self, vm: Machine) -> None:
         self.vm = vm
@@ -33,24 +54,23 @@ class ResetControl(Device):
         vm.pio.register(PORT_A, 1, "system control port a", self._read_a, self._write_a)
 
     def _read_rcr(self, offset: int, size: int) -> int:
-        return self.rcr
+        return self.state.rcr
 
     def _write_rcr(self, offset: int, size: int, value: int) -> None:
-        self.rcr = value & RCR_WRITABLE
+        self.state.rcr = value & RCR_WRITABLE
         if value & RCR_RESET:
             self.vm.request_exit(exitcodes.REBOOT, "reset: the guest wrote 0xCF9")
 
     def _read_a(self, offset: int, size: int) -> int:
-        return self.port_a
+        return self.state.port_a
 
     def _write_a(self, offset: int, size: int, value: int) -> None:
-        self.port_a = value & PORT_A_A20
+        self.state.port_a = value & PORT_A_A20
         if value & PORT_A_RESET:
             self.vm.request_exit(exitcodes.REBOOT, "reset: the guest wrote port 0x92")
 
-    def save_state(self) -> dict[str, Any]:
-        return {"rcr": self.rcr, "port_a": self.port_a}
+    def save_state(self) -> Fields:
+        return self.state.to_fields()
 
-    def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        self.rcr = field_int(fields, "rcr", 8) & RCR_WRITABLE
-        self.port_a = field_int(fields, "port_a", 8) & PORT_A_A20
+    def restore_state(self, fields: Fields, version: int) -> None:
+        self.state = ResetState.from_fields(fields)

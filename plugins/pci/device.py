@@ -21,7 +21,7 @@ import attrs
 from hvf.device import Device
 from hvf.errors import DeviceError, ResourceConflict
 from hvf.iobus import Range, ReadFn, WriteFn
-from hvf.snapshot_api import field_bytes
+from hvf.snapshot_api import Fields, check_fields, field_bytes
 
 if TYPE_CHECKING:
     from hvf.plugins.pci.bus import PciBus
@@ -89,6 +89,33 @@ class Bar:
     @property
     def decode_bit(self) -> int:
         return COMMAND_IO if self.kind == BAR_IO else COMMAND_MEMORY
+
+
+@attrs.define
+class PciFunctionState:
+    """What a snapshot holds of a PCI function: config space, where each BAR was, and
+    the INTx level its model drove."""
+
+    config: bytes
+    bar_addresses: list[int]
+    intx_level: bool
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> PciFunctionState:
+        """Rebuild from :meth:`to_fields`; ``ValueError`` names a bad field (whether the
+        values fit a given device is :meth:`PciDevice.restore_state`'s to check)."""
+        check_fields(fields, attrs.fields_dict(cls))
+        addresses, level = fields["bar_addresses"], fields["intx_level"]
+        if not isinstance(addresses, list) or len(addresses) != 6 or any(
+                type(a) is not int or not 0 <= a < 1 << 64 for a in addresses):
+            raise ValueError("saved BAR addresses are not a list of 6 (field 'bar_addresses')")
+        if type(level) is not bool:
+            raise ValueError("saved field 'intx_level' is not a bool")
+        return cls(field_bytes(fields, "config", size=CONFIG_SPACE_SIZE), list(addresses),
+                   level)
 
 
 class PciDevice(Device):
@@ -367,33 +394,28 @@ class PciDevice(Device):
 
     # ---- state ----
 
-    def save_state(self) -> dict[str, object]:
-        return {
-            "config": bytes(self.cfg),
-            "bar_addresses": [b.address if b else 0 for b in self.bars],
-            "intx_level": self.intx_level,
-        }
+    def save_state(self) -> Fields:
+        return PciFunctionState(bytes(self.cfg), [b.address if b else 0 for b in self.bars],
+                                self.intx_level).to_fields()
 
-    def restore_state(self, fields: dict[str, object], version: int) -> None:
+    def restore_state(self, fields: Fields, version: int) -> None:
         """Load saved config space and BARs; the snapshot is untrusted, so its identity
         registers must be this device's and every BAR address one the BAR can hold."""
-        config = field_bytes(fields, "config", size=CONFIG_SPACE_SIZE)
-        addresses, level = fields.get("bar_addresses"), fields.get("intx_level")
+        try:
+            state = PciFunctionState.from_fields(fields)
+        except ValueError as e:
+            raise DeviceError(f"{self.name}: {e}") from None
+        config, addresses, level = state.config, state.bar_addresses, state.intx_level
         for offset, size in _IDENTITY_REGISTERS:
             saved, own = (int.from_bytes(c[offset:offset + size], "little")
                           for c in (config, self.cfg))
             if saved != own:
                 raise DeviceError(f"{self.name}: saved config space is another device's "
                                   f"(register {offset:#04x} is {saved:#x}, not {own:#x})")
-        if not isinstance(addresses, list) or len(addresses) != len(self.bars):
-            raise DeviceError(f"{self.name}: saved BAR addresses are not a list of "
-                              f"{len(self.bars)}")
         for bar, address in zip(self.bars, addresses):
-            if type(address) is not int or (bar is None and address != 0) or (
+            if (bar is None and address != 0) or (
                     bar is not None and not self._bar_can_hold(bar, address)):
                 raise DeviceError(f"{self.name}: saved BAR address {address!r} is invalid")
-        if type(level) is not bool:
-            raise DeviceError(f"{self.name}: saved INTx level is not a bool")
         old_command = self.command
         self.cfg[:] = config
         for bar, address in zip(self.bars, addresses):
