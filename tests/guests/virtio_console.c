@@ -501,6 +501,8 @@ static int run_bench(uint32_t tx)
 	}
 	con_puts("bench done ");
 	con_dec(done * bufsz);
+	con_puts("\nbench irqs ");
+	con_dec(con.irqs);
 	con_putc('\n');
 	return 0;
 }
