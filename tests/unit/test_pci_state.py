@@ -1,0 +1,57 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""State records of PCI functions and the reset control ports: round trips, and every
+bad field refused by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hvf.plugins.lpc.reset import PORT_A_A20, RCR_WRITABLE, ResetState
+from hvf.plugins.pci.device import PciFunctionState
+
+
+@given(config=st.binary(min_size=256, max_size=256),
+       addresses=st.lists(st.integers(0, (1 << 64) - 1), min_size=6, max_size=6),
+       level=st.booleans())
+def test_pci_function_state_round_trips(config: bytes, addresses: list[int], level: bool) -> None:
+    state = PciFunctionState(config, addresses, level)
+    assert PciFunctionState.from_fields(state.to_fields()) == state
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("config", b"\0" * 255, "'config'"),
+    ("config", "text", "'config'"),
+    ("bar_addresses", [0] * 5, "BAR addresses are not a list of 6"),
+    ("bar_addresses", [0, 0, 0, 0, 0, -1], "BAR addresses"),
+    ("bar_addresses", [0, 0, 0, 0, 0, 1 << 64], "BAR addresses"),
+    ("bar_addresses", None, "BAR addresses"),
+    ("intx_level", 1, "'intx_level' is not a bool"),
+    ("extra", 0, "'extra' is unknown"),
+])
+def test_pci_function_state_refuses_bad_fields(field: str, value: Any, message: str) -> None:
+    fields = PciFunctionState(bytes(256), [0] * 6, False).to_fields()
+    fields[field] = value
+    with pytest.raises(ValueError, match=message):
+        PciFunctionState.from_fields(fields)
+
+
+def test_pci_function_state_needs_every_field() -> None:
+    fields = PciFunctionState(bytes(256), [0] * 6, False).to_fields()
+    del fields["intx_level"]
+    with pytest.raises(ValueError, match="intx_level"):
+        PciFunctionState.from_fields(fields)
+
+
+def test_reset_state() -> None:
+    state = ResetState(rcr=RCR_WRITABLE, port_a=0)
+    assert ResetState.from_fields(state.to_fields()) == state
+    assert ResetState().port_a == PORT_A_A20  # A20 enabled after reset
+    for field, value in (("rcr", 0x04), ("port_a", 0x01), ("rcr", 256)):
+        fields = ResetState().to_fields()
+        fields[field] = value
+        with pytest.raises(ValueError, match=field):
+            ResetState.from_fields(fields)
