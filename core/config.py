@@ -9,10 +9,13 @@ order, so a later setting overrides an earlier one: ``pci.0.31.0.device=lpc``,
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from hvf.errors import ConfigError
 
@@ -56,7 +59,7 @@ class Config:
 
     def _find(self, key: str) -> Any:
         node: Any = self._root
-        for part in key.split("."):
+        for part in key.split(".") if key else ():
             if not isinstance(node, dict) or part not in node:
                 return None
             node = node[part]
@@ -67,7 +70,7 @@ class Config:
         return value if isinstance(value, str) else default
 
     def node(self, key: str) -> dict[str, Any]:
-        """The subtree at ``key`` as nested dicts (empty when absent)."""
+        """The subtree at ``key`` as nested dicts (empty when absent; ``""``: the root)."""
         value = self._find(key)
         return value if isinstance(value, dict) else {}
 
@@ -151,6 +154,34 @@ class Config:
             if not sep or not key or " " in line:
                 raise ConfigError(f"{path} line {n}: invalid config option '{line}'")
             self.set(key, value)
+
+
+@attrs.frozen
+class ConfigView:
+    """A read-only view of the subtree at ``key`` of a :class:`Config`, with keys relative
+    to it: ``key=""`` is the whole tree, ``None`` an empty subtree."""
+
+    _config: Config
+    key: str | None
+
+    def _full(self, key: str) -> str:
+        return ".".join(part for part in (self.key, key) if part)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """The value at ``key``, or ``default``."""
+        return default if self.key is None else self._config.get(self._full(key), default)
+
+    def get_int(self, key: str, default: int) -> int:
+        """The integer at ``key`` (``0x`` and other prefixes as Python reads them)."""
+        return default if self.key is None else self._config.get_int(self._full(key), default)
+
+    def get_bool(self, key: str, default: bool = False) -> bool:
+        """The boolean at ``key`` (true/on/yes/1 or false/off/no/0)."""
+        return default if self.key is None else self._config.get_bool(self._full(key), default)
+
+    def node(self, key: str = "") -> dict[str, Any]:
+        """A copy of the subtree at ``key`` (the view's own by default), as nested dicts."""
+        return {} if self.key is None else copy.deepcopy(self._config.node(self._full(key)))
 
 
 def _natural(name: str) -> tuple[int, int | str]:

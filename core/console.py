@@ -19,10 +19,11 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from hvf.eventloop import EventLoop
+    from hvf.registry import ConsoleBackendFactory, Registry
 
 log = logging.getLogger("hvf.console")
 
@@ -303,17 +304,20 @@ class ConsoleBackend:
         self._start_reading()
 
 
-def open_console(vm: Any, spec: str, owner: str, receiver: Receiver) -> ConsoleBackend:
-    """Create and open the console backend ``spec`` for ``owner`` (a device), from the
-    backends plugins registered; host input goes to ``receiver``."""
+def open_console(backends: Registry[ConsoleBackendFactory], loop: EventLoop, spec: str,
+                 owner: str, receiver: Receiver,
+                 request_exit: Callable[[int, str], None]) -> ConsoleBackend:
+    """Create the console backend ``spec`` for ``owner`` (a device) from ``backends``
+    and open it on ``loop``; host input goes to ``receiver``, Ctrl-A x to
+    ``request_exit``."""
     from hvf.errors import ConfigError
 
-    entry = vm.plugins.console_backends.get(backend_name(spec))
+    entry = backends.get(backend_name(spec))
     if entry is None:
-        known = ", ".join(vm.plugins.console_backends.names())
+        known = ", ".join(backends.names())
         raise ConfigError(f"Unable to initialize backend '{spec}' for {owner}: "
                           f"unknown backend (known: {known})")
     backend: ConsoleBackend = entry.factory(spec, owner)
-    backend.on_quit = lambda: vm.request_exit(130, "quit from the console (Ctrl-A x)")
-    backend.open(vm.loop, receiver)
+    backend.on_quit = lambda: request_exit(130, "quit from the console (Ctrl-A x)")
+    backend.open(loop, receiver)
     return backend

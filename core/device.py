@@ -1,5 +1,15 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""The base class of everything that attaches to a machine."""
+"""The base class of everything that attaches to a machine.
+
+A device never holds the machine. When the machine attaches it, the device is handed
+its :class:`~hvf.context.DeviceContext` (``attach(ctx)``): the port and MMIO buses, the
+interrupt controller its lines and MSI vectors come from, guest memory and DMA, the I/O
+thread's loop, its own configuration subtree (``ctx.config``, relative to ``pci.B.S.F``
+or ``lpc.NAME``; ``ctx.machine_config`` for the whole tree), the guest-error log,
+doorbells (``ctx.ioevent``), console backends (``ctx.open_console``),
+``ctx.request_exit``, lookups of other devices and, for buses, ``ctx.attach`` of
+children. A device keeps the context (or just what it uses) for later.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.snapshot_api import Upgrade
-    from hvf.vm import Machine
 
 
 class Device:
@@ -34,8 +44,8 @@ class Device:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def attach(self, vm: Machine) -> None:
-        """Register I/O ranges and interrupt lines on ``vm``."""
+    def attach(self, ctx: DeviceContext) -> None:
+        """Register I/O ranges and take interrupt lines through ``ctx``."""
 
     def save_state(self) -> dict[str, Any]:
         """The device's state as named plain values (empty for stateless devices)."""

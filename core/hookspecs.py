@@ -97,7 +97,9 @@ def hvf_machine_build(vm: Machine) -> None:
     """Create this plugin's buses and devices from ``vm.config``.
 
     Called once, after guest memory, the in-kernel interrupt controllers and the vCPUs
-    exist and before anything runs. A device attaches with ``vm.attach(device)``.
+    exist and before anything runs. A device attaches with ``vm.attach(device,
+    config=KEY)`` (KEY: its configuration subtree), which hands it its
+    :class:`~hvf.context.DeviceContext`.
 
     :param vm: the machine being built.
     """

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from hvf import exitcodes
 from hvf._kvm import ffi, lib
 from hvf.config import Config
+from hvf.context import attach_device
 from hvf.control import ControlServer
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
@@ -130,15 +131,14 @@ class Machine:
         self.vmfd.set_user_memory_region(slot, guest_base, size, host_addr, flags)
         return slot
 
-    def attach(self, device: Device) -> None:
-        """Attach ``device``: it registers its I/O ranges, then plugins are told."""
-        if any(d.name == device.name for d in self.devices):
-            raise ConfigError(f"a device named '{device.name}' is already attached")
-        device.attach(self)
-        self.devices.append(device)
+    def attach(self, device: Device, *, config: str | None = None) -> None:
+        """Attach ``device`` with its context (``config``: the key of its configuration
+        subtree); it registers its I/O ranges, then plugins are told."""
+        attach_device(self, device, config)
         self.hook.hvf_device_attached(vm=self, device=device)
 
     def device(self, name: str) -> Device | None:
+        """The attached device named ``name``, or None."""
         return next((d for d in self.devices if d.name == name), None)
 
     def build(self, *, restoring: bool = False) -> None:

@@ -1,26 +1,30 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""A fake machine with just what the PCI bus and the LPC bridge touch, and the guest's
-side of any machine's buses (this fake or a real :class:`hvf.vm.Machine`): port and
-MMIO accesses through the registered handlers, called exactly as the vCPU loop calls
+"""A fake machine that gives devices their contexts as :class:`hvf.vm.Machine` does, with
+no KVM, and the guest's side of any machine's buses (this fake or a real machine): port
+and MMIO accesses through the registered handlers, called exactly as the vCPU loop calls
 them (``range.read(port - range.base, size)``), configuration mechanism #1 at
 0xCF8/0xCFC-0xCFF and the ECAM window."""
 
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from hvf.config import Config
+from hvf.context import attach_device
+from hvf.device import Device
 from hvf.eventloop import EventLoop
 from hvf.interrupts import InterruptController
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
 from hvf.plugins.pci import ECAM_BASE
+from hvf.registry import Registry
 
-__all__ = ["Buses", "FakeVm", "FakeVmfd", "cfg_read", "cfg_write", "conf1", "ecam_addr",
+__all__ = ["Buses", "FakeKvm", "FakeVm", "FakeVmfd", "cfg_read", "cfg_write", "conf1", "ecam_addr",
            "ecam_read", "ecam_write", "inp", "mmio_read", "mmio_write", "outp"]
 
-# ---- a machine with just what the PCI code touches ----
+# ---- a machine without KVM ----
 
 
 class FakeVmfd:
@@ -67,25 +71,46 @@ class FakeVmfd:
             self.ioeventfds[fd] = (addr, length)
 
 
+class FakeKvm:
+    """``KVM_CHECK_EXTENSION``, answered from ``capabilities`` (none by default)."""
+
+    def __init__(self, capabilities: Mapping[int, int] | None = None) -> None:
+        self.capabilities = dict(capabilities or {})
+
+    def check_extension(self, cap: int) -> int:
+        return self.capabilities.get(cap, 0)
+
+
 class FakeVm:
-    """Buses, guest memory, devices, interrupt lines (recorded), configuration."""
+    """What a machine provides devices (:class:`hvf.context.MachineServices`): real buses,
+    guest memory and interrupt controller (KVM's side recorded by :class:`FakeVmfd`), an
+    unstarted event loop and the configuration; guest-error lines, exit requests and
+    memory slots are recorded. No console backends unless a test registers some in
+    ``plugins.console_backends``."""
 
     vmfd_type = FakeVmfd
 
-    def __init__(self, config: dict[str, str] | None = None, memory: Any = None,
-                 lpc_devices: Any = ()) -> None:
+    def __init__(self, config: dict[str, str] | None = None, memory: GuestMemory | None = None,
+                 lpc_devices: Any = (), *, ncpus: int = 1,
+                 capabilities: Mapping[int, int] | None = None) -> None:
         self.pio = PortBus()
         self.mmio = MmioBus()
         self.memory = memory if memory is not None else _memory()
-        self.devices: list[Any] = []
+        self.devices: list[Device] = []
         self.logged: list[str] = []
+        self.exits: list[tuple[int, str]] = []
+        self.memory_slots: list[tuple[int, int, int, bool]] = []  # (base, size, host, ro)
         self.events: list[tuple[Any, ...]] = []  # set_irq and set_level_triggered, in order
         self.irqs: list[tuple[int, bool]] = []
         self.vmfd = self.vmfd_type(self.events, self.irqs)
+        self.kvm = FakeKvm(capabilities)
         self.interrupts = InterruptController(self.vmfd)
         self._loop: EventLoop | None = None
         self.config = Config(config or {})
-        self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices), pci_devices={})
+        self.ncpus = ncpus
+        self.restoring = False
+        self.plugins = types.SimpleNamespace(lpc_devices=list(lpc_devices), pci_devices={},
+                                             console_backends=Registry("console backend"))
 
     @property
     def loop(self) -> EventLoop:
@@ -94,16 +119,23 @@ class FakeVm:
             self._loop = EventLoop()
         return self._loop
 
-    def attach(self, device: Any) -> None:
-        # The same order as hvf.vm.Machine.attach: the device attaches, then is listed.
-        device.attach(self)
-        self.devices.append(device)
+    def attach(self, device: Device, *, config: str | None = None) -> None:
+        """Attach ``device`` with its context, as :meth:`hvf.vm.Machine.attach` does."""
+        attach_device(self, device, config)
 
-    def device(self, name: str) -> Any:
+    def device(self, name: str) -> Device | None:
         return next((d for d in self.devices if d.name == name), None)
 
     def unhandled_log(self, message: str) -> None:
         self.logged.append(message)
+
+    def request_exit(self, status: int, message: str = "") -> None:
+        self.exits.append((status, message))
+
+    def add_memory_slot(self, guest_base: int, size: int, host_addr: int,
+                        readonly: bool) -> int:
+        self.memory_slots.append((guest_base, size, host_addr, readonly))
+        return len(self.memory.regions) + len(self.memory_slots) - 1
 
 
 _MEMORY: list[GuestMemory] = []

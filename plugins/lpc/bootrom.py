@@ -21,6 +21,7 @@ from hvf.errors import CapabilityError, ConfigError
 from hvf.iobus import read_zero
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.vm import Machine
 
 FOUR_GIB = 1 << 32
@@ -51,24 +52,24 @@ class BootRom(Device):
             )
         self.rom = rom
 
-    def attach(self, vm: Machine) -> None:
-        if not vm.kvm.check_extension(lib.KVM_CAP_READONLY_MEM):
+    def attach(self, ctx: DeviceContext) -> None:
+        if not ctx.has_capability(lib.KVM_CAP_READONLY_MEM):
             raise CapabilityError("the host's KVM cannot map read-only memory (boot ROM)")
         size = len(self.rom)
         base = FOUR_GIB - size
         self.rom_map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.rom_map[:] = self.rom
-        vm.add_memory_slot(base, size, _address(self.rom_map), readonly=True)
-        vm.mmio.register(base, size, "boot ROM (writes ignored)", read_zero)
+        ctx.add_memory_slot(base, size, _address(self.rom_map), readonly=True)
+        ctx.mmio.register(base, size, "boot ROM (writes ignored)", read_zero)
         top = base
         if self.vars_path:
-            top = self._map_vars(vm, base)
+            top = self._map_vars(ctx, base)
         self.lowest = top
-        if vm.memory.contains(SHADOW_BASE, SHADOW_SIZE) and not vm.restoring:
+        if ctx.memory.contains(SHADOW_BASE, SHADOW_SIZE) and not ctx.restoring:
             # (a restored guest's RAM already holds the shadow as the firmware left it)
-            vm.memory.write(SHADOW_BASE, self.rom[-SHADOW_SIZE:])
+            ctx.memory.write(SHADOW_BASE, self.rom[-SHADOW_SIZE:])
 
-    def _map_vars(self, vm: Machine, rom_base: int) -> int:
+    def _map_vars(self, ctx: DeviceContext, rom_base: int) -> int:
         assert self.vars_path is not None
         try:
             fd = os.open(self.vars_path, os.O_RDWR | os.O_CLOEXEC)
@@ -81,7 +82,7 @@ class BootRom(Device):
                               f"non-empty multiple of {PAGE} bytes")
         self.vars_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
         os.close(fd)
-        vm.add_memory_slot(rom_base - size, size, _address(self.vars_map), readonly=False)
+        ctx.add_memory_slot(rom_base - size, size, _address(self.vars_map), readonly=False)
         return rom_base - size
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from hvf.plugins.lpc.rtc import Rtc
 from hvf.plugins.pci import PciDevice
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.vm import Machine
 
 CLASS_ISA_BRIDGE = 0x060100
@@ -50,10 +51,10 @@ class LpcBridge(PciDevice):
             subsystem=_reg(config, "subdevice", 0),
         )
 
-    def attach(self, vm: Machine) -> None:
+    def attach(self, ctx: DeviceContext) -> None:
         if self.address[0] != 0:
             raise ConfigError("LPC bridge can be present only on bus 0.")
-        if any(isinstance(d, LpcBridge) for d in vm.devices):
+        if any(isinstance(d, LpcBridge) for d in ctx.devices):
             raise ConfigError("Only one LPC bridge is allowed.")
         assert self.bus is not None
         self.router = self.bus.intx
@@ -91,11 +92,11 @@ def attach_isa_devices(vm: Machine) -> None:
     factory builds from the configuration."""
     if not any(isinstance(d, LpcBridge) for d in vm.devices):
         return
-    vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)))
+    vm.attach(Rtc(vm.config.get_bool("rtc.use_localtime", default=True)), config="rtc")
     vm.attach(KeyboardController())
     vm.attach(ResetControl())
     vm.attach(PowerManagement())
     for entry in vm.plugins.lpc_devices:
         device = entry.factory(vm=vm, config=vm.config)
         if device is not None:
-            vm.attach(device)
+            vm.attach(device, config=f"lpc.{entry.name}")

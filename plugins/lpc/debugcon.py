@@ -15,6 +15,7 @@ from hvf.device import Device
 from hvf.errors import ConfigError
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.vm import Machine
 
 DEBUGCON_PORT = 0x402
@@ -33,8 +34,8 @@ class DebugConsole(Device):
             except OSError as e:
                 raise ConfigError(f"debugcon: cannot open '{path}': {e.strerror}") from None
 
-    def attach(self, vm: Machine) -> None:
-        vm.pio.register(DEBUGCON_PORT, 1, "debugcon", self._read, self._write)
+    def attach(self, ctx: DeviceContext) -> None:
+        ctx.pio.register(DEBUGCON_PORT, 1, "debugcon", self._read, self._write)
 
     def _read(self, offset: int, size: int) -> int:
         return DETECT_VALUE

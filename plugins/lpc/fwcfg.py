@@ -48,6 +48,7 @@ from hvf.snapshot_api import Fields, check_fields, field_int
 
 if TYPE_CHECKING:
     from hvf.config import Config
+    from hvf.context import DeviceContext, Devices
     from hvf.vm import Machine
 
 log = logging.getLogger("hvf.fwcfg")
@@ -155,7 +156,7 @@ class FwCfg(Device):
         #: Files by name; their keys follow the byte order of the names.
         self._files: dict[str, ItemData] = {}
         self._sorted_names: list[str] | None = []
-        self._vm: Machine | None = None
+        self._ctx: DeviceContext | None = None
         self.state = FwCfgState()
         #: Contents of the selected item, evaluated when it was selected.
         self._data = b""
@@ -164,16 +165,16 @@ class FwCfg(Device):
 
     # ---- building ----
 
-    def attach(self, vm: Machine) -> None:
-        if self._vm is not None:
+    def attach(self, ctx: DeviceContext) -> None:
+        if self._ctx is not None:
             raise DeviceError(f"{self.name}: already attached")
-        self._vm = vm
-        ncpus = int(vm.ncpus)
+        self._ctx = ctx
+        ncpus = int(ctx.ncpus)
         standard: dict[int, bytes] = {
             KEY_SIGNATURE: SIGNATURE,
             KEY_ID: (ID_TRADITIONAL | ID_DMA).to_bytes(4, "little"),
-            KEY_UUID: _uuid_bytes(vm.config.get("uuid")),
-            KEY_RAM_SIZE: int(vm.memory.size).to_bytes(8, "little"),
+            KEY_UUID: _uuid_bytes(ctx.machine_config.get("uuid")),
+            KEY_RAM_SIZE: int(ctx.memory.size).to_bytes(8, "little"),
             KEY_NOGRAPHIC: (1).to_bytes(2, "little"),
             KEY_NB_CPUS: ncpus.to_bytes(2, "little"),
             KEY_BOOT_MENU: (0).to_bytes(2, "little"),
@@ -182,10 +183,11 @@ class FwCfg(Device):
         for key, data in standard.items():
             # An item a plugin set before attach (say, BOOT_MENU) wins over the default.
             self._items.setdefault(key, data)
-        vm.pio.register(
+        ctx.pio.register(
             SELECTOR_PORT, COMB_LENGTH, self.name, read=self._comb_read, write=self._comb_write
         )
-        vm.pio.register(DMA_PORT, DMA_LENGTH, self.name, read=self._dma_read, write=self._dma_write)
+        ctx.pio.register(DMA_PORT, DMA_LENGTH, self.name, read=self._dma_read,
+                         write=self._dma_write)
         self._data = self._lookup(self.state.selector)
 
     def add_file(self, name: str, data: ItemData) -> None:
@@ -328,8 +330,8 @@ class FwCfg(Device):
     # ---- DMA ----
 
     def _dma_transfer(self, desc: int) -> None:
-        assert self._vm is not None
-        memory = self._vm.memory
+        assert self._ctx is not None
+        memory = self._ctx.memory
         with self._lock:
             try:
                 control, length, address = DMA_ACCESS.unpack(memory.read(desc, DMA_ACCESS.size))
@@ -481,9 +483,10 @@ def create(vm: Machine, config: Config | None = None, name: str = "fwcfg") -> Fw
     return FwCfg(name)
 
 
-def find(vm: Machine) -> FwCfg | None:
-    """The machine's fw_cfg device, for plugins that add files to it."""
-    for device in getattr(vm, "devices", ()):
+def find(where: Devices) -> FwCfg | None:
+    """The machine's fw_cfg device (looked up on a machine or a device's context), for
+    plugins that add files to it."""
+    for device in where.devices:
         if isinstance(device, FwCfg):
             return device
     return None

@@ -21,7 +21,7 @@ from hvf.device import Device
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags, field_int
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
@@ -110,11 +110,11 @@ class KeyboardController(Device):
         super().__init__("kbc")
         self.state = KbcState()
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        self.irq = vm.interrupts.line(KEYBOARD_IRQ).source(self.name)
-        vm.pio.register(DATA_PORT, 1, "kbc data", self._read_data, self._write_data)
-        vm.pio.register(COMMAND_PORT, 1, "kbc command", self._read_status, self._write_command)
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        self.irq = ctx.interrupts.line(KEYBOARD_IRQ).source(self.name)
+        ctx.pio.register(DATA_PORT, 1, "kbc data", self._read_data, self._write_data)
+        ctx.pio.register(COMMAND_PORT, 1, "kbc command", self._read_status, self._write_command)
 
     # ---- output buffer ----
 
@@ -222,7 +222,7 @@ class KeyboardController(Device):
             self._push(ACK)  # enable, disable, defaults, resend and the rest
 
     def _reset(self, how: str) -> None:
-        self.vm.request_exit(exitcodes.REBOOT, f"reset: the guest {how} (keyboard controller)")
+        self.ctx.request_exit(exitcodes.REBOOT, f"reset: the guest {how} (keyboard controller)")
 
     # ---- state ----
 

@@ -18,6 +18,7 @@ from hvf.iobus import read_zero
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_int
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.interrupts import LineSource
     from hvf.vm import Machine
 
@@ -96,18 +97,19 @@ class PcTestdev(Device):
         self.state = PcTestdevState()
         self._lines: list[LineSource | None] = [None] * IRQ_LINES
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        vm.pio.register(DEBUG_EXIT_PORT, 4, "pc-testdev debug exit", read_zero, self._debug_exit)
-        vm.pio.register(SCRATCH_PORT, 4, "pc-testdev scratch", self._scratch_read, self._scratch_write)
-        vm.pio.register(IRQ_PORT_BASE, IRQ_LINES, "pc-testdev irq lines",
-                        self._irq_read, self._irq_write)
-        vm.mmio.register(SCRATCH_MMIO_BASE, SCRATCH_MMIO_SIZE, "pc-testdev memory",
-                         self._mem_read, self._mem_write)
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        ctx.pio.register(DEBUG_EXIT_PORT, 4, "pc-testdev debug exit", read_zero, self._debug_exit)
+        ctx.pio.register(SCRATCH_PORT, 4, "pc-testdev scratch", self._scratch_read,
+                         self._scratch_write)
+        ctx.pio.register(IRQ_PORT_BASE, IRQ_LINES, "pc-testdev irq lines",
+                         self._irq_read, self._irq_write)
+        ctx.mmio.register(SCRATCH_MMIO_BASE, SCRATCH_MMIO_SIZE, "pc-testdev memory",
+                          self._mem_read, self._mem_write)
 
     def _debug_exit(self, offset: int, size: int, value: int) -> None:
         value <<= 8 * offset
-        self.vm.request_exit(((value << 1) | 1) & 0xFF, f"guest wrote {value:#x} to debug exit")
+        self.ctx.request_exit(((value << 1) | 1) & 0xFF, f"guest wrote {value:#x} to debug exit")
 
     def _scratch_read(self, offset: int, size: int) -> int:
         return (self.state.scratch >> (8 * offset)) & ((1 << (8 * size)) - 1)
@@ -146,7 +148,7 @@ class PcTestdev(Device):
     def _line(self, gsi: int) -> LineSource:
         """This device's input on ``gsi`` (made on first use)."""
         if self._lines[gsi] is None:
-            self._lines[gsi] = self.vm.interrupts.line(gsi).source(self.name)
+            self._lines[gsi] = self.ctx.interrupts.line(gsi).source(self.name)
         source = self._lines[gsi]
         assert source is not None
         return source

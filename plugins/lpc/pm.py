@@ -24,7 +24,7 @@ from hvf.device import Device
 from hvf.snapshot_api import Fields, check_fields, field_flags, field_int
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 SMI_CMD = 0xB2
 ACPI_ENABLE = 0xA0
@@ -94,14 +94,14 @@ class PowerManagement(Device):
         self.state = PmState()
         self._lock = threading.Lock()
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        self.sci = vm.interrupts.line(SCI_IRQ, level_triggered=True).source("acpi sci")
-        vm.pio.register(SMI_CMD, 1, "acpi smi_cmd", lambda o, s: 0, self._smi_cmd)
-        vm.pio.register(PM1A_EVT, PM1A_EVT_LEN, "acpi pm1a_evt", self._evt_read, self._evt_write)
-        vm.pio.register(PM1A_CNT, PM1A_CNT_LEN, "acpi pm1a_cnt", self._cnt_read, self._cnt_write)
-        vm.pio.register(PM_TMR, PM_TMR_LEN, "acpi pm_tmr", self._timer_read)
-        vm.pio.register(GPE0, GPE0_LEN, "acpi gpe0", self._gpe_read, self._gpe_write)
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        self.sci = ctx.interrupts.line(SCI_IRQ, level_triggered=True).source("acpi sci")
+        ctx.pio.register(SMI_CMD, 1, "acpi smi_cmd", lambda o, s: 0, self._smi_cmd)
+        ctx.pio.register(PM1A_EVT, PM1A_EVT_LEN, "acpi pm1a_evt", self._evt_read, self._evt_write)
+        ctx.pio.register(PM1A_CNT, PM1A_CNT_LEN, "acpi pm1a_cnt", self._cnt_read, self._cnt_write)
+        ctx.pio.register(PM_TMR, PM_TMR_LEN, "acpi pm_tmr", self._timer_read)
+        ctx.pio.register(GPE0, GPE0_LEN, "acpi gpe0", self._gpe_read, self._gpe_write)
 
     @property
     def acpi_enabled(self) -> bool:
@@ -160,9 +160,9 @@ class PowerManagement(Device):
         if value & CNT_SLP_EN:
             sleep_type = (value & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT
             if sleep_type == SLP_TYP_S5:
-                self.vm.request_exit(exitcodes.POWEROFF, "the guest powered off (ACPI S5)")
+                self.ctx.request_exit(exitcodes.POWEROFF, "the guest powered off (ACPI S5)")
             else:
-                self.vm.unhandled_log(f"pm: sleep type {sleep_type} requested; only S5 is supported")
+                self.ctx.log(f"pm: sleep type {sleep_type} requested; only S5 is supported")
 
     def _timer_read(self, offset: int, size: int) -> int:
         ticks = time.monotonic_ns() * PM_TIMER_HZ // 1_000_000_000

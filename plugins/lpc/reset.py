@@ -13,7 +13,7 @@ from hvf.device import Device
 from hvf.snapshot_api import Fields, check_fields, field_flags
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 RESET_CONTROL_PORT = 0xCF9
 PORT_A = 0x92
@@ -48,10 +48,10 @@ class ResetControl(Device):
         super().__init__("reset")
         self.state = ResetState()
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        vm.pio.register(RESET_CONTROL_PORT, 1, "reset control", self._read_rcr, self._write_rcr)
-        vm.pio.register(PORT_A, 1, "system control port a", self._read_a, self._write_a)
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        ctx.pio.register(RESET_CONTROL_PORT, 1, "reset control", self._read_rcr, self._write_rcr)
+        ctx.pio.register(PORT_A, 1, "system control port a", self._read_a, self._write_a)
 
     def _read_rcr(self, offset: int, size: int) -> int:
         return self.state.rcr
@@ -59,7 +59,7 @@ class ResetControl(Device):
     def _write_rcr(self, offset: int, size: int, value: int) -> None:
         self.state.rcr = value & RCR_WRITABLE
         if value & RCR_RESET:
-            self.vm.request_exit(exitcodes.REBOOT, "reset: the guest wrote 0xCF9")
+            self.ctx.request_exit(exitcodes.REBOOT, "reset: the guest wrote 0xCF9")
 
     def _read_a(self, offset: int, size: int) -> int:
         return self.state.port_a
@@ -67,7 +67,7 @@ class ResetControl(Device):
     def _write_a(self, offset: int, size: int, value: int) -> None:
         self.state.port_a = value & PORT_A_A20
         if value & PORT_A_RESET:
-            self.vm.request_exit(exitcodes.REBOOT, "reset: the guest wrote port 0x92")
+            self.ctx.request_exit(exitcodes.REBOOT, "reset: the guest wrote port 0x92")
 
     def save_state(self) -> Fields:
         return self.state.to_fields()

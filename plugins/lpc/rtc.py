@@ -26,7 +26,7 @@ from hvf.memory import MiB
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_int
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 INDEX_PORT = 0x70
 CMOS_SIZE = 128
@@ -107,9 +107,9 @@ class Rtc(Device):
         self.state = RtcState()
         self.use_localtime = use_localtime
 
-    def attach(self, vm: Machine) -> None:
-        self._store_memory_sizes(vm.memory.lowmem_size, vm.memory.highmem_size)
-        vm.pio.register(INDEX_PORT, 2, "rtc", self._read, self._write)
+    def attach(self, ctx: DeviceContext) -> None:
+        self._store_memory_sizes(ctx.memory.lowmem_size, ctx.memory.highmem_size)
+        ctx.pio.register(INDEX_PORT, 2, "rtc", self._read, self._write)
 
     def _store_memory_sizes(self, low: int, high: int) -> None:
         cmos = self.state.cmos

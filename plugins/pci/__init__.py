@@ -27,6 +27,7 @@ from hvf.plugins.pci.msix import CAP_ID_MSIX, MsixCapability
 
 if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
+    from hvf.context import Devices
     from hvf.registry import Registry
     from hvf.vm import Machine
 
@@ -36,9 +37,9 @@ __all__ = [
 ]
 
 
-def pci_bus(vm: Machine) -> PciBus:
-    """The machine's PCI bus."""
-    bus = vm.device("pci")
+def pci_bus(where: Devices) -> PciBus:
+    """The machine's PCI bus, looked up on a machine or a device's context."""
+    bus = where.device("pci")
     assert isinstance(bus, PciBus)
     return bus
 
@@ -65,7 +66,7 @@ def _slots(vm: Machine) -> list[tuple[tuple[int, int, int], dict]]:
 @hvf.hookimpl
 def hvf_machine_build(vm: Machine) -> None:
     bus = PciBus()
-    vm.attach(bus)
+    vm.attach(bus, config="pci")
     for bdf, node in _slots(vm):
         where = "pci slot {}:{}:{}".format(*bdf)
         name = node.get("device")

@@ -28,7 +28,7 @@ from hvf.plugins.pci.intx import PIRQ_COUNT, PIRQ_WRITABLE, IntxRouter
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
@@ -77,26 +77,27 @@ class PciBus(Device):
         super().__init__("pci")
         self.functions: dict[Bdf, PciDevice] = {}
         self.config_address = 0
-        self.vm: Machine
+        self.ctx: DeviceContext
         self.intx: IntxRouter
         self.windows: dict[str, tuple[int, int]] = {}
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        self.intx = IntxRouter(vm.interrupts)
-        vm.pio.register(CONFIG_ADDRESS, 1, "pci config address",
-                        self._address_read, self._address_write)
-        vm.pio.register(CONFIG_DATA, 4, "pci config data", self._data_read, self._data_write)
-        vm.mmio.register(ECAM_BASE, ECAM_SIZE, "pci ecam", self._ecam_read, self._ecam_write)
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        self.intx = IntxRouter(ctx.interrupts)
+        ctx.pio.register(CONFIG_ADDRESS, 1, "pci config address",
+                         self._address_read, self._address_write)
+        ctx.pio.register(CONFIG_DATA, 4, "pci config data", self._data_read, self._data_write)
+        ctx.mmio.register(ECAM_BASE, ECAM_SIZE, "pci ecam", self._ecam_read, self._ecam_write)
 
     def add(self, bdf: Bdf, device: PciDevice) -> None:
-        """Put ``device`` at bus:slot:function ``bdf`` and attach it to the machine."""
+        """Put ``device`` at bus:slot:function ``bdf`` and attach it to the machine, its
+        configuration at ``pci.B.S.F``."""
         if bdf in self.functions:
             raise ConfigError(f"pci slot {bdf[0]}:{bdf[1]}:{bdf[2]} already occupied!")
         device.bus = self
         device.address = bdf
         self.functions[bdf] = device
-        self.vm.attach(device)
+        self.ctx.attach(device, config="pci.{}.{}.{}".format(*bdf))
 
     # ---- configuration mechanism #1 ----
 
@@ -176,7 +177,7 @@ class PciBus(Device):
 
     def assign_resources(self, *, enable_decoding: bool) -> None:
         """Allocate every BAR (largest first) and route every INTx pin."""
-        top = HIGHMEM_BASE + self.vm.memory.highmem_size
+        top = HIGHMEM_BASE + self.ctx.memory.highmem_size
         mem64_base = -(-top // MEM64_WINDOW_ALIGN) * MEM64_WINDOW_ALIGN
         cursors = {
             "io": list(IO_WINDOW),
@@ -190,7 +191,7 @@ class PciBus(Device):
         for device, bar in bars:
             window = self._window_for(bar)
             cursor = cursors[window]
-            space = self.vm.pio if bar.kind == BAR_IO else self.vm.mmio
+            space = self.ctx.pio if bar.kind == BAR_IO else self.ctx.mmio
             base = -(-cursor[0] // bar.size) * bar.size
             while (taken := space.overlapping(base, bar.size)) is not None:
                 base = -(-taken.end // bar.size) * bar.size  # skip fixed legacy ranges
@@ -207,7 +208,7 @@ class PciBus(Device):
             "mem64": (mem64_base, cursors["mem64"][0]),
         }
         for device in self.functions.values():
-            device.register_bars(self.vm)
+            device.register_bars(self.ctx.pio, self.ctx.mmio)
             if enable_decoding:
                 device.enable_decoding()
             if device.interrupt_pin:

@@ -20,12 +20,11 @@ import attrs
 
 from hvf.device import Device
 from hvf.errors import DeviceError, ResourceConflict
-from hvf.iobus import Range, ReadFn, WriteFn
+from hvf.iobus import MmioBus, PortBus, Range, ReadFn, WriteFn
 from hvf.snapshot_api import Fields, check_fields, field_bytes
 
 if TYPE_CHECKING:
     from hvf.plugins.pci.bus import PciBus
-    from hvf.vm import Machine
 
 # Config space offsets.
 VENDOR_ID = 0x00
@@ -314,7 +313,7 @@ class PciDevice(Device):
             sizing = bar.address + bar.size > (0x10000 if bar.kind == BAR_IO else 1 << 64) or (
                 bar.address | (bar.size - 1)) & 0xFFFFFFFF == 0xFFFFFFFF
             if self.bus is not None and not quiet and not sizing:
-                self.bus.vm.unhandled_log(f"{self.name}: BAR {bar.index} not decoded: {e}")
+                self.bus.ctx.log(f"{self.name}: BAR {bar.index} not decoded: {e}")
 
     def _unmap_bar(self, bar: Bar) -> None:
         assert bar.range is not None
@@ -346,12 +345,13 @@ class PciDevice(Device):
         if (old ^ new) & COMMAND_INTX_DISABLE:
             self._update_intx()
 
-    def register_bars(self, vm: Machine) -> None:
-        """Create (undecoded) ranges for every BAR; the bus maps them as decoding allows."""
+    def register_bars(self, pio: PortBus, mmio: MmioBus) -> None:
+        """Create (undecoded) ranges for every BAR on the buses; the bus maps them as
+        decoding allows."""
         for bar in self.bars:
             if bar is None:
                 continue
-            bus = vm.pio if bar.kind == BAR_IO else vm.mmio
+            bus = pio if bar.kind == BAR_IO else mmio
             bar.range = bus.register(
                 bar.address, bar.size, f"{self.name} BAR{bar.index}", bar.read, bar.write,
                 mapped=False,

@@ -17,6 +17,7 @@ from hvf.errors import ConfigError
 from hvf.plugins.uart.port import SerialPort, open_backend
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.vm import Machine
 
 #: name → (I/O base, ISA IRQ)
@@ -37,11 +38,11 @@ class ComPort(Device):
         self.base, self.irq = COM_PORTS[name]
         self.spec = spec
 
-    def attach(self, vm: Machine) -> None:
-        irq = vm.interrupts.line(self.irq).source(self.name)
+    def attach(self, ctx: DeviceContext) -> None:
+        irq = ctx.interrupts.line(self.irq).source(self.name)
         self.port = SerialPort(self.name, None, irq.set, gate_with_out2=True)
-        open_backend(vm, self.spec, f"LPC device {self.name}", self.port)
-        vm.pio.register(self.base, PORT_COUNT, self.name, self.port.read, self.port.write)
+        open_backend(ctx, self.spec, f"LPC device {self.name}", self.port)
+        ctx.pio.register(self.base, PORT_COUNT, self.name, self.port.read, self.port.write)
 
     def save_state(self) -> dict[str, Any]:
         return self.port.save_state()

@@ -14,6 +14,7 @@ from hvf.plugins.pci import BAR_IO, PciDevice
 from hvf.plugins.uart.port import SerialPort, open_backend
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.vm import Machine
 
 VENDOR_SIIG = 0x131F
@@ -33,8 +34,8 @@ class PciUart(PciDevice):
         self.add_bar(0, BAR_IO, 8, self.port.read, self.port.write)
         self.request_intx()
 
-    def attach(self, vm: Machine) -> None:
-        open_backend(vm, self.spec, f"pci uart at {self.address[1]}:{self.address[2]}", self.port)
+    def attach(self, ctx: DeviceContext) -> None:
+        open_backend(ctx, self.spec, f"pci uart at {self.address[1]}:{self.address[2]}", self.port)
 
     def save_state(self) -> dict[str, Any]:
         return {"pci": super().save_state(), "uart": self.port.save_state()}

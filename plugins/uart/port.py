@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hvf.console import ConsoleBackend, open_console
 from hvf.plugins.uart.model import IIR_FCR, MCR, RBR_THR, Uart16550, UartState
+
+if TYPE_CHECKING:
+    from hvf.console import ConsoleBackend
+    from hvf.context import DeviceContext
 
 #: Accesses after which host input may be wanted again: an RBR read, an FCR write
 #: (FIFO reset or enable) or an MCR write (loopback off).
@@ -118,7 +121,7 @@ class SerialPort:
             self.backend.close()
 
 
-def open_backend(vm: Any, spec: str | None, owner: str, port: SerialPort) -> None:
+def open_backend(ctx: DeviceContext, spec: str | None, owner: str, port: SerialPort) -> None:
     """Create, open and attach the console backend ``spec`` (None: no backend)."""
     if spec:
-        port.backend = open_console(vm, spec, owner, port)
+        port.backend = ctx.open_console(spec, owner, port)

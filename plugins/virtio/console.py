@@ -22,12 +22,13 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from hvf.console import ConsoleBackend, open_console
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.virtio.pci import VirtioPciDevice
 from hvf.plugins.virtio.spec import DEVICE_NEEDS_RESET, DRIVER_OK, TYPE_CONSOLE
 
 if TYPE_CHECKING:
+    from hvf.console import ConsoleBackend
+    from hvf.context import DeviceContext
     from hvf.plugins.virtio.queue import SplitQueue
     from hvf.vm import Machine
 
@@ -69,8 +70,8 @@ class ConsolePort:
         self.received = 0
         self.transmitted = 0
 
-    def open_backend(self, vm: Machine) -> None:
-        self.backend = open_console(vm, self.spec, f"{self.device.name} port {self.name}", self)
+    def open_backend(self, ctx: DeviceContext) -> None:
+        self.backend = ctx.open_console(self.spec, f"{self.device.name} port {self.name}", self)
         self.backend.on_drained = self._drained
 
     # ---- host input (Receiver) ----
@@ -164,10 +165,10 @@ class VirtioConsole(VirtioPciDevice):
         self.ports = [ConsolePort(self, i, n, spec) for i, (n, spec) in enumerate(ports)]
         self.control_out: deque[bytes] = deque()
 
-    def attach(self, vm: Machine) -> None:
-        super().attach(vm)
+    def attach(self, ctx: DeviceContext) -> None:
+        super().attach(ctx)
         for port in self.ports:
-            port.open_backend(vm)
+            port.open_backend(ctx)
 
     @property
     def multiport(self) -> bool:

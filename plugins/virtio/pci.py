@@ -23,7 +23,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from hvf.errors import DeviceError, VirtqueueError
-from hvf.ioevent import IoEvent
 from hvf.plugins.pci import BAR_MEM64, Bar, MsixCapability, PciDevice
 from hvf.plugins.virtio.common import CommonConfig, TransportState
 from hvf.plugins.virtio.queue import SplitQueue
@@ -36,7 +35,7 @@ from hvf.plugins.virtio.spec import (
 )
 
 if TYPE_CHECKING:
-    from hvf.vm import Machine
+    from hvf.context import DeviceContext
 
 VENDOR_VIRTIO = 0x1AF4
 DEVICE_ID_BASE = 0x1040
@@ -99,16 +98,13 @@ class VirtioPciDevice(PciDevice):
 
     # ---- attaching ----
 
-    def attach(self, vm: Machine) -> None:
-        self.vm = vm
-        self.memory = vm.memory
-        self.loop = vm.loop
-        self.log = vm.unhandled_log
-        self.msix = MsixCapability(self, vm.interrupts, len(self.queues) + 1, bar=VIRTIO_BAR,
+    def attach(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+        self.msix = MsixCapability(self, ctx.interrupts, len(self.queues) + 1, bar=VIRTIO_BAR,
                                    table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET)
-        self.doorbells = [IoEvent(vm.vmfd, 2) for _ in self.queues]
+        self.doorbells = [ctx.ioevent(2) for _ in self.queues]
         for index, doorbell in enumerate(self.doorbells):
-            self.loop.add_reader(doorbell.fd, lambda i=index: self._doorbell(i))
+            ctx.loop.add_reader(doorbell.fd, lambda i=index: self._doorbell(i))
 
     def bar_decoding_changed(self, bar: Bar) -> None:
         if bar is not self.bar or not hasattr(self, "doorbells"):
@@ -168,7 +164,7 @@ class VirtioPciDevice(PciDevice):
         state = self.state.queues[index]
         try:
             self.queues[index] = SplitQueue(
-                self.memory, state, event_idx=bool(self.negotiated & F_RING_EVENT_IDX),
+                self.ctx.dma, state, event_idx=bool(self.negotiated & F_RING_EVENT_IDX),
                 indirect=bool(self.negotiated & F_RING_INDIRECT_DESC),
                 name=f"{self.name} queue {index}")
         except VirtqueueError as e:
@@ -190,7 +186,7 @@ class VirtioPciDevice(PciDevice):
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the rules: stop the device until it is reset."""
-        self.log(f"{self.name}: {why}; device needs reset")
+        self.ctx.log(f"{self.name}: {why}; device needs reset")
         if not self.state.status & DEVICE_NEEDS_RESET:
             self.state.status |= DEVICE_NEEDS_RESET
             self.queues = [None] * len(self.queues)
@@ -293,7 +289,7 @@ class VirtioPciDevice(PciDevice):
 
     def close(self) -> None:
         for doorbell in getattr(self, "doorbells", ()):
-            self.loop.remove_reader(doorbell.fd)
+            self.ctx.loop.remove_reader(doorbell.fd)
             doorbell.close()
         if hasattr(self, "msix"):
             self.msix.close()

@@ -51,7 +51,6 @@ import attrs
 
 from hvf.dma import GuestDma, memory_fence
 from hvf.errors import GuestMemoryError, VirtqueueError
-from hvf.memory import GuestMemory
 from hvf.snapshot_api import field_int
 
 MAX_QUEUE_SIZE = 32768
@@ -183,7 +182,7 @@ class Chain:
 
 
 class SplitQueue:
-    """The device side of one enabled split virtqueue in guest RAM.
+    """The device side of one enabled split virtqueue in guest RAM (through ``dma``).
 
     ``event_idx`` and ``indirect`` say whether VIRTIO_F_EVENT_IDX and
     VIRTIO_F_INDIRECT_DESC were negotiated; ``name`` begins every error message
@@ -199,13 +198,13 @@ class SplitQueue:
                  "_mask", "_notify", "_signalled_used", "_size", "_state", "_used16",
                  "_used32", "_used_event_index", "name")
 
-    def __init__(self, memory: GuestMemory, state: QueueState, *, event_idx: bool,
+    def __init__(self, dma: GuestDma, state: QueueState, *, event_idx: bool,
                  indirect: bool, name: str = "virtqueue") -> None:
         self.name = name
         problem = state.layout_problem()
         if problem:
             raise VirtqueueError(f"{name}: {problem}")
-        self._dma = GuestDma(memory)
+        self._dma = dma
         size = state.size
         self._desc = self._ring_view("descriptor table", state.desc_addr, desc_table_bytes(size))
         self._avail = self._ring_view("available ring", state.avail_addr,

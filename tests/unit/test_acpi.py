@@ -30,10 +30,7 @@ from hvf.acpi.builder import (
     ZONE_HIGH,
     AcpiBuilder,
 )
-from hvf.config import Config
 from hvf.errors import ConfigError
-from hvf.interrupts import InterruptController
-from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory, MiB
 from hvf.pluginmanager import Plugins
 from hvf.plugins.uart import com
@@ -42,6 +39,8 @@ from hvf.plugins.lpc.fwcfg import FwCfg
 from hvf.plugins.pci.bus import ECAM_BASE, PciBus
 from hvf.plugins.pci.device import BAR_MEM64, PciDevice
 from hvf.plugins.pci.intx import pirq_for
+
+import fakes
 
 IASL = shutil.which("iasl")
 needs_iasl = pytest.mark.skipif(
@@ -54,38 +53,14 @@ SCAN_START, SCAN_END = 0xE0000, 0x100000
 # ---- a machine with a PCI bus and an LPC bridge, no KVM ----
 
 
-class FakeVmfd:
-    def set_level_triggered(self, irq: int, level: bool = True) -> None:
-        pass
-
-    def irq_line(self, irq: int, level: int) -> None:
-        pass
-
-
-class FakeVm:
-    """What the PCI, LPC and ACPI code touch, with the real plugin manager."""
+class FakeVm(fakes.FakeVm):
+    """The fake machine with its own RAM and the real plugin manager (whose hooks the
+    tables come from)."""
 
     def __init__(self, ncpus: int, config: dict[str, str]) -> None:
-        self.ncpus = ncpus
-        self.pio = PortBus()
-        self.mmio = MmioBus()
-        self.memory = GuestMemory(64 * MiB)
-        self.devices: list[Any] = []
-        self.vmfd = FakeVmfd()
-        self.config = Config(config)
+        super().__init__(config, GuestMemory(64 * MiB), ncpus=ncpus)
         self.plugins = Plugins()
         self.hook = self.plugins.hook
-        self.interrupts = InterruptController(self.vmfd)  # type: ignore[arg-type]
-
-    def attach(self, device: Any) -> None:
-        device.attach(self)
-        self.devices.append(device)
-
-    def device(self, name: str) -> Any:
-        return next((d for d in self.devices if d.name == name), None)
-
-    def unhandled_log(self, message: str) -> None:
-        pass
 
 
 class BigBar(PciDevice):

@@ -9,9 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from hvf.config import Config
 from hvf.errors import ConfigError, DeviceError, SnapshotError
-from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GiB, GuestMemory, MiB
 from hvf.plugins.lpc import fwcfg
 from hvf.plugins.lpc.fwcfg import (
@@ -36,7 +34,7 @@ from hvf.snapshot_api import Chunk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakes import inp, outp
+from fakes import FakeVm, inp, outp
 
 SEL = 0x510
 DATA = 0x511
@@ -44,22 +42,10 @@ DMA_HI = 0x514
 DMA_LO = 0x518
 
 
-class FakeVm:
-    """Just what a device touches: buses, guest memory, CPU count, configuration."""
-
-    def __init__(
-        self,
-        ncpus: int = 2,
-        memory: GuestMemory | None = None,
-        config: dict[str, str] | None = None,
-    ) -> None:
-        self.pio = PortBus()
-        self.mmio = MmioBus()
-        self.memory = memory if memory is not None else GuestMemory(16 * MiB)
-        self.ncpus = ncpus
-        self.config = Config(config or {})
-        self.name = "test"
-        self.devices: list[Any] = []
+def machine(ncpus: int = 2, memory: GuestMemory | None = None,
+            config: dict[str, str] | None = None) -> FakeVm:
+    """A fake machine with its own 16 MiB of RAM unless given some."""
+    return FakeVm(config, memory if memory is not None else GuestMemory(16 * MiB), ncpus=ncpus)
 
 
 # ---- the guest's side: port accesses through the registered handlers (fakes.inp, outp) ----
@@ -113,7 +99,7 @@ def directory(vm: FakeVm) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture
 def vm() -> FakeVm:
-    return FakeVm()
+    return machine()
 
 
 @pytest.fixture
@@ -121,7 +107,7 @@ def dev(vm: FakeVm) -> FwCfg:
     d = FwCfg()
     d.add_file("etc/b", b"bravo")
     d.add_file("bootorder", b"/pci@i0cf8/\0")
-    d.attach(vm)
+    vm.attach(d)
     d.add_file("etc/a", b"alpha!")
     return d
 
@@ -141,7 +127,7 @@ def test_ports_registered(vm: FakeVm, dev: FwCfg) -> None:
 
 def test_attach_twice_refused(vm: FakeVm, dev: FwCfg) -> None:
     with pytest.raises(DeviceError, match="already attached"):
-        dev.attach(vm)
+        machine().attach(dev)  # a device attaches once, to one machine
 
 
 # ---- standard items ----
@@ -155,8 +141,8 @@ def test_signature_and_id(vm: FakeVm, dev: FwCfg) -> None:
 
 
 def test_cpus_ram_and_flags() -> None:
-    vm = FakeVm(ncpus=3)
-    FwCfg().attach(vm)
+    vm = machine(ncpus=3)
+    vm.attach(FwCfg())
     assert int.from_bytes(read_item(vm, KEY_NB_CPUS, 2), "little") == 3
     assert int.from_bytes(read_item(vm, KEY_MAX_CPUS, 2), "little") == 3
     assert int.from_bytes(read_item(vm, KEY_RAM_SIZE, 8), "little") == 16 * MiB
@@ -173,8 +159,8 @@ def test_cpus_ram_and_flags() -> None:
     ],
 )
 def test_uuid(text: str | None, expected: bytes) -> None:
-    vm = FakeVm(config={"uuid": text} if text else {})
-    FwCfg().attach(vm)
+    vm = machine(config={"uuid": text} if text else {})
+    vm.attach(FwCfg())
     assert read_item(vm, KEY_UUID, 16) == expected
     if text and expected != bytes(16):
         assert uuid.UUID(bytes=expected) == uuid.UUID(text)
@@ -183,7 +169,7 @@ def test_uuid(text: str | None, expected: bytes) -> None:
 def test_item_set_before_attach_wins(vm: FakeVm) -> None:
     d = FwCfg()
     d.add_item(KEY_BOOT_MENU, (1).to_bytes(2, "little"))
-    d.attach(vm)
+    vm.attach(d)
     assert read_item(vm, KEY_BOOT_MENU, 2) == b"\x01\x00"
     with pytest.raises(DeviceError, match="already holds"):
         d.add_item(KEY_BOOT_MENU, b"\0\0")
@@ -343,9 +329,9 @@ def test_dma_64bit_address() -> None:
         memory = GuestMemory(5 * GiB)  # sparse memfd: 3 GiB low, 2 GiB from 4 GiB
     except (OSError, ValueError) as e:  # pragma: no cover - depends on the host's limits
         pytest.skip(f"cannot map 5 GiB of sparse memory: {e}")
-    vm = FakeVm(memory=memory)
+    vm = machine(memory=memory)
     d = FwCfg()
-    d.attach(vm)
+    vm.attach(d)
     desc = 4 * GiB + 0x1000
     ctl = (KEY_SIGNATURE << 16) | DMA_CTL_SELECT | DMA_CTL_READ
     assert dma(vm, ctl, 4, 4 * GiB + 0x2000, desc=desc) == 0
@@ -368,11 +354,11 @@ def test_save_restore(vm: FakeVm, dev: FwCfg) -> None:
     state = dev.save_state()
     assert state == {"selector": sel, "offset": 3, "dma_high": 0}
 
-    vm2 = FakeVm()
+    vm2 = machine()
     d2 = FwCfg()
     for name in ("etc/b", "bootorder", "etc/a"):
         d2.add_file(name, {"etc/a": b"alpha!", "etc/b": b"bravo", "bootorder": b"x"}[name])
-    d2.attach(vm2)
+    vm2.attach(d2)
     d2.restore_state(state, FwCfg.state_version)
     assert read_data(vm2, 3) == b"ha!"
     assert d2.save_state() == {"selector": sel, "offset": 6, "dma_high": 0}
@@ -442,18 +428,18 @@ def test_parse() -> None:
 
 
 def test_create() -> None:
-    vm = FakeVm(config={"lpc.fwcfg": "qemu"})
+    vm = machine(config={"lpc.fwcfg": "qemu"})
     d = fwcfg.create(vm, vm.config)
     assert isinstance(d, FwCfg) and d.name == "fwcfg"
-    vm = FakeVm()
+    vm = machine()
     assert fwcfg.create(vm, vm.config) is None
-    vm = FakeVm(config={"lpc.fwcfg": "bhyve"})
+    vm = machine(config={"lpc.fwcfg": "bhyve"})
     with pytest.raises(ConfigError, match="bhyve"):
         fwcfg.create(vm, vm.config)
 
 
 def test_find() -> None:
-    vm = FakeVm()
+    vm = machine()
     assert fwcfg.find(vm) is None
     d = FwCfg()
     vm.devices.append(d)
@@ -491,11 +477,11 @@ dma_access = st.tuples(
 @given(st.lists(st.one_of(port_access, dma_access), max_size=40))
 def test_random_accesses_never_raise(ops: list[tuple[Any, ...]]) -> None:
     SMALL_RAM.view[:] = bytes(len(SMALL_RAM.view))
-    vm = FakeVm(memory=SMALL_RAM)
+    vm = machine(memory=SMALL_RAM)
     d = FwCfg()
     d.add_file("etc/static", bytes(range(200)))
     d.add_file("etc/lazy", lambda: b"lazy" * 10)
-    d.attach(vm)
+    vm.attach(d)
     for op in ops:
         if op[0] == "io":
             _, port, size, is_write, value = op

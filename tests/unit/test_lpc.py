@@ -307,8 +307,8 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
     built: list[tuple[Any, Any]] = []
 
     class Legacy(Device):
-        def attach(self, vm: Any) -> None:
-            vm.pio.register(0x402, 1, self.name)
+        def attach(self, ctx: Any) -> None:
+            ctx.pio.register(0x402, 1, self.name)
 
     def make(*, vm: Any, config: Any) -> Device:
         built.append((vm, config))
@@ -318,7 +318,8 @@ def test_lpc_devices_are_built_behind_the_bridge() -> None:
         built.append((vm, config))
         return None
 
-    entries = [types.SimpleNamespace(factory=make), types.SimpleNamespace(factory=absent)]
+    entries = [types.SimpleNamespace(name="legacy", factory=make),
+               types.SimpleNamespace(name="absent", factory=absent)]
     vm, _bus, lpc = machine(lpc_devices=entries, assign=False)
     assert built == [(vm, vm.config), (vm, vm.config)]
     assert [d.name for d in vm.devices if not isinstance(d, PciBus)] == [

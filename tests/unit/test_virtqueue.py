@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from hvf._kvm import ffi
-from hvf.dma import write_views
+from hvf.dma import GuestDma, write_views
 from hvf.errors import VirtqueueError
 from hvf.memory import HIGHMEM_BASE, LOWMEM_LIMIT, GiB, GuestMemory, MiB
 from hvf.plugins.virtio.queue import (
@@ -47,8 +47,8 @@ def memory() -> Iterator[GuestMemory]:
 def make(memory: GuestMemory, size: int = 8, *, event_idx: bool = False,
          indirect: bool = True, start: int = 0) -> tuple[VirtqDriver, SplitQueue]:
     driver = VirtqDriver(memory, size, event_idx=event_idx, start=start)
-    queue = SplitQueue(memory, driver.state(), event_idx=event_idx, indirect=indirect,
-                       name="test queue")
+    queue = SplitQueue(GuestDma(memory), driver.state(), event_idx=event_idx,
+                       indirect=indirect, name="test queue")
     return driver, queue
 
 
@@ -149,7 +149,7 @@ def test_queue_refuses_rings_outside_ram_or_misplaced(memory: GuestMemory,
     for name, value in changes.items():
         setattr(state, name, value)
     with pytest.raises(VirtqueueError, match=f"^test queue: .*{message}"):
-        SplitQueue(memory, state, event_idx=False, indirect=False, name="test queue")
+        SplitQueue(GuestDma(memory), state, event_idx=False, indirect=False, name="test queue")
 
 
 # ---- taking chains ----
@@ -428,12 +428,12 @@ def test_a_new_queue_asks_for_notifications(memory: GuestMemory) -> None:
     """A restored snapshot's ring may hold a device's old "don't notify"."""
     driver = VirtqDriver(memory, 8)
     memory.write(driver.used_addr, struct.pack("<H", VIRTQ_USED_F_NO_NOTIFY))
-    SplitQueue(memory, driver.state(), event_idx=False, indirect=False)
+    SplitQueue(GuestDma(memory), driver.state(), event_idx=False, indirect=False)
     assert memory.read(driver.used_addr, 2) == b"\0\0"
     driver = VirtqDriver(memory, 8, event_idx=True, start=300)
     memory.write(driver.used_addr + 4 + 8 * 8, struct.pack("<H", 7))
     state = driver.state()
-    SplitQueue(memory, state, event_idx=True, indirect=False)
+    SplitQueue(GuestDma(memory), state, event_idx=True, indirect=False)
     assert memory.read(driver.used_addr + 4 + 8 * 8, 2) == struct.pack("<H", 300)
 
 
@@ -569,7 +569,8 @@ def test_hostile_rings_give_valid_chains_or_virtqueue_errors(setup: HostileRing)
             memory.write(TABLES + k * TABLE_STRIDE, data)
         state = QueueState(size=size, ready=True, desc_addr=DESC_TABLE, avail_addr=AVAIL,
                            used_addr=USED, next_avail=next_avail, next_used=next_avail)
-        queue = SplitQueue(memory, state, event_idx=setup.event_idx, indirect=setup.indirect)
+        queue = SplitQueue(GuestDma(memory), state, event_idx=setup.event_idx,
+                           indirect=setup.indirect)
         for position in range(min(setup.ahead, size) + 1):
             pending = (avail_idx - state.next_avail) & 0xFFFF
             if pending == 0:

@@ -84,6 +84,15 @@ def test_registers_on_a_fake_machine() -> None:
     check_registers(vm)
 
 
+def test_the_register_starts_as_configured() -> None:
+    vm = FakeVm({"pci.0.3.0.register": "0x5a5a"})
+    bus = PciBus()
+    vm.attach(bus)
+    bus.add(BDF, hvf_testplugin.create(vm=vm, slot=BDF, config={}))
+    bus.assign_resources(enable_decoding=True)
+    assert inp(vm, bars(vm)[0] + 4, 4) == 0x5A5A
+
+
 def test_hvf_builds_it_from_the_command_line(hvf_machine: MachineFactory) -> None:
     vm = hvf_machine(["-s", "0,hostbridge", "-s", "3,testdev"])
     assert isinstance(vm.device("testdev@pci.0.3.0"), hvf_testplugin.TestDevice)
