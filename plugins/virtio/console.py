@@ -22,6 +22,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.virtio.pci import VirtioPciDevice
 from hvf.plugins.virtio.spec import DEVICE_NEEDS_RESET, DRIVER_OK, TYPE_CONSOLE
@@ -89,14 +90,9 @@ class ConsolePort:
                 chain = queue.pop()
                 if chain is None:
                     break
-                start = taken
-                for view in chain.writable:
-                    n = min(len(view), len(data) - taken)
-                    view[:n] = data[taken : taken + n]
-                    taken += n
-                    if taken == len(data):
-                        break
-                queue.push(chain, taken - start)
+                written = write_views(chain.writable, memoryview(data)[taken:])
+                taken += written
+                queue.push(chain, written)
             if taken:
                 self.received += taken
                 device.interrupt_queue(self.rx)
@@ -243,13 +239,7 @@ class VirtioConsole(VirtioPciDevice):
             chain = queue.pop()
             if chain is None:
                 break
-            message = self.control_out.popleft()
-            written = 0
-            for view in chain.writable:
-                n = min(len(view), len(message) - written)
-                view[:n] = message[written : written + n]
-                written += n
-            queue.push(chain, written)
+            queue.push(chain, write_views(chain.writable, self.control_out.popleft()))
             sent = True
         if sent:
             self.interrupt_queue(CONTROL_RX)
