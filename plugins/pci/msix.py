@@ -12,10 +12,12 @@ masked sets the pending bit, and unmasking delivers it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import attrs
 
 from hvf.errors import DeviceError
-from hvf.snapshot_api import field_bytes
+from hvf.snapshot_api import Fields, check_fields, field_bytes
 
 if TYPE_CHECKING:
     from hvf.interrupts import InterruptController, MsiVector
@@ -29,6 +31,25 @@ CONTROL_FUNCTION_MASK = 1 << 14
 ENTRY_MASKED = 1 << 0
 #: Offsets inside a table entry.
 ADDRESS_LO, ADDRESS_HI, DATA, VECTOR_CONTROL = 0, 4, 8, 12
+
+
+@attrs.define
+class MsixState:
+    """What a snapshot holds of MSI-X beyond config space: the vector table and the
+    pending bits."""
+
+    table: bytes
+    pending: bytes
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields, count: int) -> MsixState:
+        """Rebuild for ``count`` vectors; ``ValueError`` names a bad field."""
+        check_fields(fields, attrs.fields_dict(cls))
+        return cls(field_bytes(fields, "table", size=count * ENTRY_SIZE),
+                   field_bytes(fields, "pending", size=(count + 63) // 64 * 8))
 
 
 class MsixCapability:
@@ -116,22 +137,21 @@ class MsixCapability:
 
     # ---- state ----
 
-    def save_state(self) -> dict[str, Any]:
+    def save_state(self) -> Fields:
         pending = bytearray(self.pba_size)
         for i, vector in enumerate(self.vectors):
             if vector.pending:
                 pending[i // 8] |= 1 << (i % 8)
-        return {"table": bytes(self.table), "pending": bytes(pending)}
+        return MsixState(bytes(self.table), bytes(pending)).to_fields()
 
-    def restore_state(self, fields: dict[str, Any]) -> None:
+    def restore_state(self, fields: Fields) -> None:
         """Load the table and pending bits; message control comes with config space."""
-        table = field_bytes(fields, "table", size=self.table_size)
-        pending = field_bytes(fields, "pending", size=self.pba_size)
-        self.table[:] = table
+        state = MsixState.from_fields(fields, self.count)
+        self.table[:] = state.table
         for i, vector in enumerate(self.vectors):
             vector.mask()
             vector.take_pending()
-            if pending[i // 8] >> (i % 8) & 1:
+            if state.pending[i // 8] >> (i % 8) & 1:
                 vector.trigger()
             self._apply(i)
 

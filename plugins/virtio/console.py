@@ -22,10 +22,13 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.virtio.pci import VirtioPciDevice
 from hvf.plugins.virtio.spec import DEVICE_NEEDS_RESET, DRIVER_OK, TYPE_CONSOLE
+from hvf.snapshot_api import Fields, check_fields
 
 if TYPE_CHECKING:
     from hvf.console import ConsoleBackend
@@ -48,6 +51,31 @@ CONTROL_RX, CONTROL_TX = 2, 3
 DEVICE_READY, DEVICE_ADD, DEVICE_REMOVE, PORT_READY = 0, 1, 2, 3
 CONSOLE_PORT, RESIZE, PORT_OPEN, PORT_NAME = 4, 5, 6, 7
 _CONTROL = struct.Struct("<IHH")
+
+
+@attrs.define
+class ConsoleState:
+    """The console's own state: which ports the guest has open, and the control
+    messages not yet delivered to it."""
+
+    guest_open: list[bool]
+    control_out: list[bytes]
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields, ports: int) -> ConsoleState:
+        """Rebuild for a device of ``ports`` ports; ``ValueError`` names a bad field."""
+        check_fields(fields, attrs.fields_dict(cls))
+        opened, pending = fields["guest_open"], fields["control_out"]
+        if not isinstance(opened, list) or len(opened) != ports or any(
+                type(o) is not bool for o in opened):
+            raise ValueError(f"saved field 'guest_open' is not {ports} bools")
+        if not isinstance(pending, list) or any(
+                type(m) is not bytes or not _CONTROL.size <= len(m) <= 4096 for m in pending):
+            raise ValueError("saved field 'control_out' is not a list of control messages")
+        return cls(list(opened), list(pending))
 
 
 def rx_queue(port: int) -> int:
@@ -251,23 +279,17 @@ class VirtioConsole(VirtioPciDevice):
 
     # ---- state ----
 
-    def save_device(self) -> dict[str, Any]:
-        return {"guest_open": [p.guest_open for p in self.ports],
-                "control_out": list(self.control_out)}
+    def save_device(self) -> Fields:
+        return ConsoleState([p.guest_open for p in self.ports], list(self.control_out)).to_fields()
 
-    def restore_device(self, fields: dict[str, Any], version: int) -> None:
-        opened, pending = fields.get("guest_open"), fields.get("control_out")
-        if not isinstance(opened, list) or len(opened) != len(self.ports) or any(
-                type(o) is not bool for o in opened):
-            raise DeviceError(f"{self.name}: saved field 'guest_open' is not "
-                              f"{len(self.ports)} bools")
-        if not isinstance(pending, list) or any(
-                type(m) is not bytes or not _CONTROL.size <= len(m) <= 4096 for m in pending):
-            raise DeviceError(f"{self.name}: saved field 'control_out' is not a list of "
-                              f"control messages")
-        for port, is_open in zip(self.ports, opened):
+    def restore_device(self, fields: Fields, version: int) -> None:
+        try:
+            state = ConsoleState.from_fields(fields, len(self.ports))
+        except ValueError as e:
+            raise DeviceError(f"{self.name}: {e}") from None
+        for port, is_open in zip(self.ports, state.guest_open):
             port.guest_open = is_open
-        self.control_out = deque(pending)
+        self.control_out = deque(state.control_out)
 
     def close(self) -> None:
         super().close()

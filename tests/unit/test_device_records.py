@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""State records of PCI functions and the reset control ports: round trips, and every
-bad field refused by name."""
+"""State records of PCI functions, MSI-X, the reset control ports and virtio-console:
+round trips, and every bad field refused by name."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from hvf.plugins.lpc.reset import PORT_A_A20, RCR_WRITABLE, ResetState
 from hvf.plugins.pci.device import PciFunctionState
+from hvf.plugins.pci.msix import MsixState
+from hvf.plugins.virtio.console import ConsoleState
 
 
 @given(config=st.binary(min_size=256, max_size=256),
@@ -55,3 +57,26 @@ def test_reset_state() -> None:
         fields[field] = value
         with pytest.raises(ValueError, match=field):
             ResetState.from_fields(fields)
+
+
+def test_msix_state() -> None:
+    state = MsixState(bytes(3 * 16), bytes(8))
+    assert MsixState.from_fields(state.to_fields(), 3) == state
+    for field, value in (("table", bytes(16)), ("pending", bytes(7)), ("table", None)):
+        fields = state.to_fields()
+        fields[field] = value
+        with pytest.raises(ValueError, match=field):
+            MsixState.from_fields(fields, 3)
+
+
+def test_console_state() -> None:
+    message = bytes(8)
+    state = ConsoleState([True, False], [message, message + b"name"])
+    assert ConsoleState.from_fields(state.to_fields(), 2) == state
+    for field, value in (("guest_open", [True]), ("guest_open", [1, 0]),
+                         ("control_out", [b"short"]), ("control_out", ["text"]),
+                         ("control_out", [bytes(5000)])):
+        fields = state.to_fields()
+        fields[field] = value
+        with pytest.raises(ValueError, match=field):
+            ConsoleState.from_fields(fields, 2)
