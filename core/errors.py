@@ -6,6 +6,7 @@
     ├── CapabilityError   the host's KVM lacks something hvf needs
     ├── UsageError        a bad command line (bhyve's EX_USAGE, exit 64)
     ├── ConfigError       a bad configuration value (exit 4)
+    │   └── ImageError    a disk image cannot be used: missing, wrong kind, bad size, in use
     ├── PluginError       a plugin failed to load or registered something twice
     ├── DeviceError       a device refused its configuration or a resource clash
     │   └── ResourceConflict   an I/O port or MMIO range is already owned
@@ -54,6 +55,10 @@ class UsageError(HvfError):
 
 class ConfigError(HvfError):
     """A configuration value hvf cannot use; exit status 4 as in bhyve."""
+
+
+class ImageError(ConfigError):
+    """A disk image cannot be opened or used (names the image and the problem)."""
 
 
 class PluginError(HvfError):

@@ -1,0 +1,3 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Block back ends the disk front ends share: images (:mod:`.image`), their locks
+(:mod:`.lock`), options (:mod:`.options`) and asynchronous I/O (:mod:`.backend`)."""
