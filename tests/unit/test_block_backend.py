@@ -88,23 +88,6 @@ def make(tmp_path: Path) -> Iterator[Make]:
         backend.close()
 
 
-@pytest.fixture
-def direct_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a file system that can do O_DIRECT (tmp_path, or /var/tmp)."""
-    for base in (tmp_path, Path("/var/tmp")):
-        where = base / "dio"
-        where.mkdir(exist_ok=True)
-        try:
-            os.close(os.open(where / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
-            yield where
-            return
-        except OSError:
-            continue
-        finally:
-            shutil.rmtree(where)
-    pytest.skip("no file system here can do O_DIRECT")
-
-
 # ---- data ----
 
 

@@ -246,23 +246,6 @@ def test_refusals_end_hvf_with_status_4(tmp_path: Path) -> None:
 # ---- direct I/O ----
 
 
-@pytest.fixture
-def direct_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a file system that can do O_DIRECT (tmp_path, or /var/tmp)."""
-    for base in (tmp_path, Path("/var/tmp")):
-        where = base / "dio"
-        where.mkdir(exist_ok=True)
-        try:
-            os.close(os.open(where / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
-            yield where
-            return
-        except OSError:
-            continue
-        finally:
-            shutil.rmtree(where)
-    pytest.skip("no file system here can do O_DIRECT")
-
-
 def test_nocache_opens_o_direct_with_the_alignment_it_needs(direct_dir: Path) -> None:
     image = open_image(make_image(direct_dir / "d.img"), ImageOptions(nocache=True))
     try:
