@@ -1,0 +1,318 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""virtio-blk (virtio 1.x §5.2): a disk on the shared block back end.
+
+``-s N,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]``
+as in bhyve (configuration ``pci.B.S.F.path``, ``.ro``, ``.ser``, ...). One request
+queue. The I/O thread takes each chain, checks it and hands it to the
+:class:`~hvf.plugins.block.backend.BlockBackend` with the guest's buffers as views (no
+copy); the completion, on a worker thread, writes the status byte, returns the chain
+and interrupts, under the device lock. A request that breaks the rules (no status
+byte, a short header, a length not in whole 512-byte sectors, a range past the end, a
+write to a read-only disk) gets ``IOERR``; an unknown type ``UNSUPP``. Snapshots drain
+the back end first, so nothing is in flight in a saved state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from hvf.config import Config
+from hvf.errors import ConfigError, DeviceError
+from hvf.plugins.block.backend import BlockBackend, Status
+from hvf.plugins.block.image import Image, open_image
+from hvf.plugins.block.options import ImageOptions, legacy_config
+from hvf.plugins.virtio.pci import VirtioPciDevice
+from hvf.snapshot_api import Fields, check_fields
+
+if TYPE_CHECKING:
+    from hvf.plugins.virtio.queue import Chain, SplitQueue
+    from hvf.vm import Machine
+
+TYPE_BLOCK = 2
+SECTOR = 512
+QUEUE_SIZE = 256
+
+F_SIZE_MAX = 1 << 1
+F_SEG_MAX = 1 << 2
+F_RO = 1 << 5
+F_BLK_SIZE = 1 << 6
+F_FLUSH = 1 << 9
+F_TOPOLOGY = 1 << 10
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+#: Flags of a discard / write-zeroes segment.
+SEGMENT_UNMAP = 1
+
+HEADER = struct.Struct("<IIQ")  # type, reserved, sector
+SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
+ID_BYTES = 20
+#: Bytes per guest buffer (``size_max``), and segments per request (``seg_max``).
+SIZE_MAX = 1 << 20
+SEG_MAX = QUEUE_SIZE - 2
+#: Discard / write-zeroes limits: sectors per segment and segments per request.
+MAX_RANGE_SECTORS = (1 << 32) - 1 & ~7
+MAX_RANGE_SEGMENTS = 32
+
+_CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
+
+_BACKEND_STATUS = {Status.OK: S_OK, Status.UNSUPPORTED: S_UNSUPP}
+
+
+@attrs.define
+class BlkState:
+    """The device's own saved state: none beyond the transport's (requests are drained
+    before a save)."""
+
+    def to_fields(self) -> Fields:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> BlkState:
+        """Rebuild; ``ValueError`` names a bad field."""
+        check_fields(fields, attrs.fields_dict(cls))
+        return cls()
+
+
+def _split(views: list[memoryview], count: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The first ``count`` bytes of ``views`` and the rest, as views."""
+    head: list[memoryview] = []
+    for i, view in enumerate(views):
+        if count <= 0:
+            return head, views[i:]
+        if len(view) > count:
+            return [*head, view[:count]], [view[count:], *views[i + 1:]]
+        head.append(view)
+        count -= len(view)
+    return head, []
+
+
+@attrs.define(eq=False)
+class _Request:
+    """One chain being served: the status byte to set and the back-end requests it
+    still waits for."""
+
+    queue: SplitQueue
+    chain: Chain
+    status_byte: memoryview
+    written: int
+    pending: int = 1
+    status: int = S_OK
+
+
+class VirtioBlk(VirtioPciDevice):
+    device_type = TYPE_BLOCK
+    class_code = 0x010000  # mass storage, SCSI (as other virtio-blk devices)
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, name: str, image: Image, serial: bytes, *, threads: int = 4) -> None:
+        super().__init__(name)
+        self.image = image
+        self.serial = serial
+        self.capacity = image.size // SECTOR
+        self.readonly = image.readonly
+        self.discard = image.discard and not image.readonly
+        self.device_features = (F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_TOPOLOGY | F_FLUSH
+                                | (F_RO if self.readonly else 0)
+                                | (F_DISCARD | F_WRITE_ZEROES if self.discard else 0))
+        self.backend = BlockBackend(image, threads=threads, name=name)
+        #: Chains handed to the back end and not yet returned to the guest.
+        self.in_flight = 0
+        #: Requests refused before reaching the back end (IOERR or UNSUPP).
+        self.refused = 0
+
+    # ---- configuration ----
+
+    def device_config(self) -> bytes:
+        sector = self.image.sector
+        per_physical = sector.physical // sector.logical
+        align = sector.logical // SECTOR
+        limit = MAX_RANGE_SECTORS if self.discard else 0
+        segments = MAX_RANGE_SEGMENTS if self.discard else 0
+        return _CONFIG.pack(
+            self.capacity, SIZE_MAX, SEG_MAX,
+            0, 0, 0,  # geometry (not offered)
+            sector.logical,
+            per_physical.bit_length() - 1, 0, per_physical, 0,  # topology
+            0, 0, 1,  # writeback, unused, num_queues
+            limit, segments, align, limit, segments, 1 if self.discard else 0)
+
+    # ---- requests (I/O thread, lock held) ----
+
+    def queue_notified(self, index: int, queue: SplitQueue) -> None:
+        while True:
+            queue.disable_notifications()
+            refused = False
+            while (chain := queue.pop()) is not None:
+                refused |= self._start(queue, chain)
+            if refused:
+                self.interrupt_queue(index)
+            if not queue.enable_notifications():
+                return
+
+    def _start(self, queue: SplitQueue, chain: Chain) -> bool:
+        """Serve ``chain``; True if it was completed at once (refused)."""
+        if not chain.writable_length:
+            self.refused += 1
+            queue.push(chain, 0)  # nowhere to put a status
+            return True
+        writable = [view for view in chain.writable if len(view)]
+        data_in, status_part = _split(writable, chain.writable_length - 1)
+        request = _Request(queue, chain, status_part[0], 1)
+        status = self._submit(request, chain, data_in)
+        if status is None:
+            return False
+        self.refused += 1
+        request.status_byte[0] = status
+        queue.push(chain, request.written)
+        return True
+
+    def _submit(self, request: _Request, chain: Chain, data_in: list[memoryview]) -> int | None:
+        """Hand the request to the back end (None), or the status refusing it."""
+        if chain.readable_length < HEADER.size:
+            return S_IOERR
+        header, data_out = _split(chain.readable, HEADER.size)
+        kind, _reserved, sector = HEADER.unpack(b"".join(header))
+        if kind == T_IN:
+            return self._transfer(request, sector, data_in, write=False)
+        if kind == T_OUT:
+            return self._transfer(request, sector, data_out, write=True)
+        if kind == T_FLUSH:
+            self._go(request, 1)
+            self.backend.flush(lambda s, n: self._done(request, s))
+            return None
+        if kind == T_GET_ID:
+            room = sum(map(len, data_in))
+            serial = self.serial.ljust(ID_BYTES, b"\0")[:room]
+            offset = 0
+            for view in data_in:
+                view[:] = serial[offset : offset + len(view)].ljust(len(view), b"\0")
+                offset += len(view)
+            request.written += room
+            return S_OK
+        if kind in (T_DISCARD, T_WRITE_ZEROES):
+            return self._ranges(request, kind, data_out)
+        return S_UNSUPP
+
+    def _in_range(self, sector: int, sectors: int) -> bool:
+        return sector + sectors <= self.capacity
+
+    def _transfer(self, request: _Request, sector: int, views: list[memoryview], *,
+                  write: bool) -> int | None:
+        length = sum(map(len, views))
+        if length % SECTOR or not self._in_range(sector, length // SECTOR):
+            return S_IOERR
+        if write and self.readonly:
+            return S_IOERR
+        self._go(request, 1)
+        if write:
+            self.backend.write(sector * SECTOR, views, lambda s, n: self._done(request, s))
+        else:
+            request.written += length
+            self.backend.read(sector * SECTOR, views, lambda s, n: self._done(request, s))
+        return None
+
+    def _ranges(self, request: _Request, kind: int, data: list[memoryview]) -> int | None:
+        if not self.discard:
+            return S_IOERR if self.readonly else S_UNSUPP
+        raw = b"".join(data)
+        if not raw or len(raw) % SEGMENT.size or len(raw) // SEGMENT.size > MAX_RANGE_SEGMENTS:
+            return S_IOERR
+        segments = [SEGMENT.unpack_from(raw, o) for o in range(0, len(raw), SEGMENT.size)]
+        for sector, sectors, flags in segments:
+            if flags & ~SEGMENT_UNMAP or (kind == T_DISCARD and flags):
+                return S_UNSUPP
+            if sectors > MAX_RANGE_SECTORS or not self._in_range(sector, sectors):
+                return S_IOERR
+        self._go(request, len(segments))
+        for sector, sectors, flags in segments:
+            if kind == T_DISCARD:
+                self.backend.discard(sector * SECTOR, sectors * SECTOR,
+                                     lambda s, n: self._done(request, s))
+            else:
+                self.backend.write_zeroes(sector * SECTOR, sectors * SECTOR,
+                                          bool(flags & SEGMENT_UNMAP),
+                                          lambda s, n: self._done(request, s))
+        return None
+
+    def _go(self, request: _Request, pending: int) -> None:
+        request.pending = pending
+        self.in_flight += 1
+
+    # ---- completions (a back-end worker thread) ----
+
+    def _done(self, request: _Request, status: Status) -> None:
+        with self.lock:
+            if status is not Status.OK and request.status == S_OK:
+                request.status = _BACKEND_STATUS.get(status, S_IOERR)
+            request.pending -= 1
+            if request.pending:
+                return
+            self.in_flight -= 1
+            request.status_byte[0] = request.status
+            queue = request.queue
+            index = next((i for i, q in enumerate(self.queues) if q is queue), None)
+            if index is None:
+                return  # reset since: the chain belongs to a driver that is gone
+            if request.status != S_OK:
+                request.written = 1
+            queue.push(request.chain, request.written)
+            self.interrupt_queue(index)
+
+    # ---- the rest ----
+
+    def stats(self) -> dict[str, int]:
+        return {**super().stats(), "in_flight": self.in_flight, "refused": self.refused,
+                **{f"block_{k}": v for k, v in self.backend.stats().items()}}
+
+    def save_state(self) -> dict[str, Any]:
+        self.backend.drain()  # outside the lock: completions take it
+        return super().save_state()
+
+    def save_device(self) -> Fields:
+        if self.in_flight:
+            raise DeviceError(f"{self.name}: {self.in_flight} requests still in flight")
+        return BlkState().to_fields()
+
+    def restore_device(self, fields: Fields, version: int) -> None:
+        try:
+            BlkState.from_fields(fields)
+        except ValueError as e:
+            raise DeviceError(f"{self.name}: {e}") from None
+
+    def close(self) -> None:
+        super().close()
+        self.backend.close()
+
+
+def parse(conf: list[str]) -> dict[str, str]:
+    """``PATH[,OPTION...]`` as configuration values (``path``, ``ro``, ``ser``, ...)."""
+    return legacy_config(conf, "virtio-blk")
+
+
+def default_serial(path: str) -> bytes:
+    """A stable 20-byte serial number derived from the image path."""
+    return b"HVF-" + hashlib.blake2b(path.encode(), digest_size=8).hexdigest().upper().encode()
+
+
+def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -> VirtioBlk:
+    where = "virtio-blk@pci.{}.{}.{}".format(*slot)
+    values = Config({k: v for k, v in config.items() if isinstance(v, str)})
+    path = values.get("path")
+    if not path:
+        raise ConfigError(f"{where}: no disk image given ('path')")
+    ser = values.get("ser")
+    if ser is not None and (len(ser) > ID_BYTES or not ser.isascii()):
+        raise ConfigError(f"{where}: ser= takes at most {ID_BYTES} ASCII characters")
+    image = open_image(path, ImageOptions.from_config(values))
+    try:
+        return VirtioBlk(where, image, ser.encode() if ser is not None else default_serial(path))
+    except BaseException:
+        image.close()
+        raise
