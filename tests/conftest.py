@@ -6,7 +6,10 @@ point."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,20 @@ class GuestKernels(dict):  # type: ignore[type-arg]
 def guests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The test kernels under tests/guests, built on first use."""
     return GuestKernels(tmp_path_factory.mktemp("guests"))
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a file system that can do O_DIRECT (tmp_path, or /var/tmp)."""
+    for base in (tmp_path, Path("/var/tmp")):
+        where = base / "dio"
+        where.mkdir(exist_ok=True)
+        try:
+            os.close(os.open(where / "probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600))
+            yield where
+            return
+        except OSError:
+            continue
+        finally:
+            shutil.rmtree(where)
+    pytest.skip("no file system here can do O_DIRECT")
