@@ -43,6 +43,7 @@ GUESTS: tuple[str, ...] = (
     "power",
     "virtio_rng",
     "virtio_console",
+    "virtio_blk",
 )
 
 # Files a guest pulls in with `.include` beyond the runtime (rebuild triggers).
