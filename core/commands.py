@@ -44,8 +44,7 @@ def _status(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
         "pid": os.getpid(),
         "uptime": round(time.monotonic() - vm.started_at, 3) if vm.started_at else 0,
         "emulated": dict(vm.emulated),
-        "devices": {d.name: stats() for d in vm.devices
-                    if (stats := getattr(d, "stats", None)) is not None},
+        "devices": {d.name: stats for d in vm.devices if (stats := d.stats())},
     }
 
 

@@ -59,6 +59,10 @@ class Device:
         have written; the core reports it as malformed state of this device's chunk.
         """
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``hvf ctl status`` (none unless the device keeps some)."""
+        return {}
+
     def close(self) -> None:
         """Release host resources; called once when the VM stops."""
 

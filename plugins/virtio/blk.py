@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from hvf.config import Config
+from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.block.backend import BlockBackend, Status
 from hvf.plugins.block.image import Image, open_image
@@ -189,12 +190,7 @@ class VirtioBlk(VirtioPciDevice):
             return None
         if kind == T_GET_ID:
             room = sum(map(len, data_in))
-            serial = self.serial.ljust(ID_BYTES, b"\0")[:room]
-            offset = 0
-            for view in data_in:
-                view[:] = serial[offset : offset + len(view)].ljust(len(view), b"\0")
-                offset += len(view)
-            request.written += room
+            request.written += write_views(data_in, self.serial.ljust(max(room, ID_BYTES), b"\0"))
             return S_OK
         if kind in (T_DISCARD, T_WRITE_ZEROES):
             return self._ranges(request, kind, data_out)

@@ -36,6 +36,7 @@ from hvf.plugins.virtio.spec import (
 
 if TYPE_CHECKING:
     from hvf.context import DeviceContext
+    from hvf.ioevent import IoEvent
 
 VENDOR_VIRTIO = 0x1AF4
 DEVICE_ID_BASE = 0x1040
@@ -78,6 +79,8 @@ class VirtioPciDevice(PciDevice):
         #: Queue notifications the back end received, and how many of them reached
         #: the vCPU loop (a write the ioeventfd did not match) instead of the kernel.
         self.kicks = 0
+        #: One doorbell (ioeventfd) per queue, made when the device attaches.
+        self.doorbells: list[IoEvent] = []
         self.notify_exits = 0
         #: Interrupts sent: MSI-X (each an irqfd write) and INTx.
         self.msix_interrupts = 0
@@ -107,7 +110,7 @@ class VirtioPciDevice(PciDevice):
             ctx.loop.add_reader(doorbell.fd, lambda i=index: self._doorbell(i))
 
     def bar_decoding_changed(self, bar: Bar) -> None:
-        if bar is not self.bar or not hasattr(self, "doorbells"):
+        if bar is not self.bar:
             return
         base = bar.address if bar.range is not None and bar.range.mapped else None
         for index, doorbell in enumerate(self.doorbells):
@@ -288,7 +291,7 @@ class VirtioPciDevice(PciDevice):
             self.doorbells[index].signal()
 
     def close(self) -> None:
-        for doorbell in getattr(self, "doorbells", ()):
+        for doorbell in self.doorbells:
             self.ctx.loop.remove_reader(doorbell.fd)
             doorbell.close()
         if hasattr(self, "msix"):
