@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from hvf.eventloop import EventLoop
@@ -159,44 +159,66 @@ class ConsoleBackend:
         write (no thread hand-off); what the host does not take now is queued for the
         I/O thread, and beyond OUTPUT_LIMIT dropped and counted.
         """
-        self.write_many((data,))
+        with self._lock:
+            if self.wfd is None:
+                if self.eof_disconnects:
+                    return  # no client connected: output is discarded, as bhyve does
+            elif not self._out:
+                n = self._send(os.write, data, len(data))
+                if n is None or n == len(data):
+                    return
+                data = data[n:]
+            queue = self._enqueue(data)
+        if queue and self.loop is not None:
+            self.loop.call_soon(self._flush)
 
     def write_many(self, pieces: Sequence[bytes | memoryview]) -> None:
         """Send several pieces of guest output (buffers of guest RAM, say) with one
         ``writev``, as :meth:`write` sends one."""
         if len(pieces) > IOV_MAX:
             pieces = (b"".join(pieces),)
-        total = sum(len(p) for p in pieces)
         with self._lock:
             if self.wfd is None:
                 if self.eof_disconnects:
-                    return  # no client connected: output is discarded, as bhyve does
+                    return
                 data = b"".join(pieces)
             elif not self._out:
-                try:
-                    n = os.writev(self.wfd, pieces) if len(pieces) > 1 else os.write(
-                        self.wfd, pieces[0])
-                except BlockingIOError:
-                    n = 0
-                except OSError as e:
-                    self.dropped += total
-                    self._write_failed(e)
-                    return
-                self.written += n
-                if n == total:
+                total = sum(map(len, pieces))
+                n = self._send(os.writev, pieces, total)
+                if n is None or n == total:
                     return
                 data = b"".join(pieces)[n:]
             else:
                 data = b"".join(pieces)
-            room = OUTPUT_LIMIT - len(self._out)
-            if len(data) > room:
-                self.dropped += len(data) - room
-                data = data[:room]
-            self._out += data
-            queue = not self._flush_queued and not self._writer_armed
-            self._flush_queued = True
+            queue = self._enqueue(data)
         if queue and self.loop is not None:
             self.loop.call_soon(self._flush)
+
+    def _send(self, call: Callable[[int, Any], int], what: Any, size: int) -> int | None:
+        """One non-blocking write of ``size`` bytes (lock held): how many the host took,
+        or None when the write failed (the bytes are counted as dropped)."""
+        try:
+            n = call(self.wfd, what)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            self.dropped += size
+            self._write_failed(e)
+            return None
+        self.written += n
+        return n
+
+    def _enqueue(self, data: bytes | memoryview) -> bool:
+        """Queue what the host has not taken (lock held), dropping beyond OUTPUT_LIMIT;
+        True when the I/O thread must be asked to flush."""
+        room = OUTPUT_LIMIT - len(self._out)
+        if len(data) > room:
+            self.dropped += len(data) - room
+            data = data[:room]
+        self._out += data
+        queue = not self._flush_queued and not self._writer_armed
+        self._flush_queued = True
+        return queue
 
     # ---- I/O thread ----
 
