@@ -75,16 +75,18 @@ def pc_layout(size: int) -> tuple[Region, ...]:
 class GuestMemory:
     """Guest RAM: a new memfd mapped shared, or a snapshot's RAM file (``ram_file``, an
     open descriptor this object takes over) mapped copy-on-write, so that pages load
-    from the file on first touch and the file is never modified."""
+    from the file on first touch and the file is never modified. With ``shared``, a
+    snapshot's RAM file is instead loaded into a new memfd, mapped shared, so that other
+    processes (vhost-user back ends) can map guest RAM too."""
 
-    def __init__(self, size: int, ram_file: int | None = None) -> None:
+    def __init__(self, size: int, ram_file: int | None = None, *, shared: bool = False) -> None:
         if size % mmap.PAGESIZE:
             raise ConfigError(f"memory size {size} is not a multiple of the page size")
         self.size = size
         self.regions = pc_layout(size)
         #: Whether :attr:`map` is a private (copy-on-write) mapping of :attr:`fd`.
-        self.private = ram_file is not None
-        if ram_file is None:
+        self.private = ram_file is not None and not shared
+        if ram_file is None or shared:
             self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, size)
             flags = mmap.MAP_SHARED
@@ -94,6 +96,21 @@ class GuestMemory:
         self.map = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
+        if ram_file is not None and shared:
+            self._load(ram_file)
+
+    def _load(self, ram_file: int) -> None:
+        """Copy the data of a snapshot's RAM file (holes stay holes) and close it."""
+        try:
+            for start, end in extents.file_extents(ram_file, self.size):
+                while start < end:
+                    done = os.preadv(ram_file, [self.view[start:end]], start)
+                    if done <= 0:
+                        raise GuestMemoryError(f"the RAM file ends at {start:#x}, before "
+                                               f"{self.size:#x}")
+                    start += done
+        finally:
+            os.close(ram_file)
 
     def close(self) -> None:
         """Unmap guest RAM and close its file (again: nothing). Call it once no vCPU

@@ -81,7 +81,8 @@ class Machine:
         #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
         self.interrupts = InterruptController(
             self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
-        self.memory = GuestMemory(memory_size, ram_file)
+        self.memory = GuestMemory(memory_size, ram_file,
+                                  shared=config.get_bool("memory.shared"))
         for slot, region in enumerate(self.memory.regions):
             self.vmfd.set_user_memory_region(
                 slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset
