@@ -185,8 +185,11 @@ def parse_args(argv: Sequence[str], plugins: Plugins, *, defaults: bool = True) 
         elif opt == "-p":
             _apply_pin(config, value)
         elif opt == "-G":
+            address, colon, port = value.removeprefix("w").rpartition(":")
             config.set("gdb.wait", "true" if value.startswith("w") else "false")
-            config.set("gdb.port", value.lstrip("w").rpartition(":")[2])
+            config.set("gdb.port", port)
+            if colon:
+                config.set("gdb.address", address)
         # -I is accepted and ignored, as bhyve does (an I/O APIC is always present);
         # -r is handled by main().
     if len(args) > 1:
