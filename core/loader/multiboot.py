@@ -1,9 +1,12 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Multiboot (version 1) loading: ELF32 kernels or the header's load addresses.
 
-The boot information (memory map, command line, module list) is written at
-:data:`INFO_BASE`, and the boot vCPU enters in 32-bit protected mode with
-EAX = 0x2BADB002 and EBX pointing at it, as the Multiboot specification requires.
+As GRUB and QEMU do it: modules are loaded page-aligned after the kernel, and the boot
+information (the MBI, the command line ``PATH ARGS``, module strings and list, memory
+map) after the last of them, each at the first place in the memory map's RAM where it
+fits. The ACPI tables are installed as for Linux (an RSDP in the BIOS area, found by the
+usual scan). The boot vCPU enters in 32-bit protected mode with EAX = 0x2BADB002 and
+EBX pointing at the MBI, as the Multiboot specification requires.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from hvf.acpi import build_for
+from hvf.acpi.builder import INSTALL_BASE, INSTALL_LIMIT
 from hvf.errors import LoaderError
-from hvf.loader.x86 import enter_protected_mode
-from hvf.memory import EBDA_BASE, MiB
+from hvf.loader.x86 import BOOT_GDT_ADDR, enter_protected_mode
+from hvf.memory import E820_RAM, EBDA_BASE, GiB, MiB
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -36,10 +41,16 @@ INFO_MODS = 1 << 3
 INFO_MMAP = 1 << 6
 INFO_LOADER_NAME = 1 << 9
 
-#: Boot information area: [INFO_BASE, INFO_END).
-INFO_BASE = 0x9000
-INFO_END = 0x9F000
+MBI_SIZE = 88
+MBI_LOADER_NAME = 64
 LOADER_NAME = b"hvf\0"
+PAGE = 4096
+
+#: What hvf itself puts in guest RAM, which loaded images must leave alone.
+RESERVED = (
+    ("the boot GDT", BOOT_GDT_ADDR, BOOT_GDT_ADDR + 32),
+    ("the ACPI tables", INSTALL_BASE, INSTALL_LIMIT),
+)
 
 
 @attrs.frozen
@@ -113,38 +124,62 @@ def _load_addresses(vm: Machine, image: bytes, header: Header, path: str) -> tup
 
 
 def _check_placement(vm: Machine, addr: int, size: int, what: str) -> None:
-    if addr < INFO_END and addr + size > INFO_BASE:
-        raise LoaderError(
-            f"{what} at {addr:#x}+{size:#x} overlaps the boot information area "
-            f"{INFO_BASE:#x}-{INFO_END:#x}"
-        )
+    for name, start, end in RESERVED:
+        if addr < end and addr + size > start:
+            raise LoaderError(f"{what} at {addr:#x}+{size:#x} overlaps {name} at "
+                              f"{start:#x}-{end:#x}")
     if not vm.memory.contains(addr, size):
         raise LoaderError(f"{what} at {addr:#x}+{size:#x} does not fit in guest RAM")
 
 
-class _InfoWriter:
-    """Bump allocator over the boot information area."""
+def _page_align(value: int) -> int:
+    return -(-value // PAGE) * PAGE
 
-    def __init__(self, vm: Machine) -> None:
-        self.vm = vm
-        self.next = INFO_BASE
 
-    def put(self, data: bytes, align: int = 8) -> int:
-        addr = (self.next + align - 1) & ~(align - 1)
-        if addr + len(data) > INFO_END:
-            raise LoaderError(
-                "the multiboot information (command line, module strings, memory map) "
-                f"does not fit in {INFO_END - INFO_BASE} bytes"
-            )
-        self.vm.memory.write(addr, data)
-        self.next = addr + len(data)
-        return addr
+def _place(vm: Machine, after: int, size: int, what: str) -> int:
+    """The first page-aligned address from ``after`` on where ``size`` bytes lie inside
+    one RAM entry of the memory map, below 4 GiB (multiboot addresses are 32-bit)."""
+    for base, length, kind in vm.memory.e820():
+        addr = _page_align(max(after, base))
+        if kind == E820_RAM and addr + size <= min(base + length, 4 * GiB):
+            return addr
+    raise LoaderError(f"{what} ({size} bytes) does not fit in guest RAM above {after:#x}")
+
+
+class _InfoLayout:
+    """The boot information as one block: the MBI first, then what it points to, at
+    offsets from the block's start (its address is chosen once its size is known)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(MBI_SIZE)
+
+    def add(self, data: bytes, align: int = 1) -> int:
+        offset = -(-len(self.data) // align) * align
+        self.data += bytes(offset - len(self.data)) + data
+        return offset
+
+
+def _load_modules(vm: Machine, specs: list[str], after: int) -> tuple[list[tuple[int, int]], int]:
+    """Load each module (``PATH [ARGS]``) page-aligned after ``after``: their
+    (start, end) addresses, and the end of the last one."""
+    from hvf.loader import read_image
+
+    placed = []
+    for spec in specs:
+        mod_path = spec.split()[0]
+        data = read_image(mod_path, "multiboot module")
+        start = _place(vm, after, max(len(data), 1), f"module '{mod_path}'")
+        vm.memory.write(start, data)
+        placed.append((start, start + len(data)))
+        after = start + max(len(data), 1)
+    return placed, after
 
 
 def load(
     vm: Machine, image: bytes, header: Header, *, path: str, modules: str | None, cmdline: str
 ) -> None:
-    """Load a multiboot kernel and its modules and prepare the boot vCPU."""
+    """Load a multiboot kernel, its modules, the boot information and the ACPI tables,
+    and prepare the boot vCPU; the kernel's command line is ``PATH ARGS``."""
     unsupported = header.flags & 0xFFFF & ~SUPPORTED_REQUIRED
     if unsupported & FLAG_VIDEO_MODE:
         raise LoaderError(f"'{path}' requires a video mode, which hvf does not provide")
@@ -154,40 +189,34 @@ def load(
         entry, _low, high = _load_addresses(vm, image, header, path)
     else:
         entry, _low, high = _load_elf(vm, image, path)
+    build_for(vm).install(vm)
 
-    info = _InfoWriter(vm)
-    mbi = info.put(bytes(88), align=4)
+    specs = [m.strip() for m in (modules or "").split(",") if m.strip()]
+    placed, end = _load_modules(vm, specs, high)
+
+    info = _InfoLayout()
     flags = INFO_MEM | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME
-    cmdline_addr = info.put(cmdline.encode() + b"\0", align=1)
-    name_addr = info.put(LOADER_NAME, align=1)
-
-    mods = [m.strip() for m in (modules or "").split(",") if m.strip()]
-    module_entries = b""
-    next_load = (high + 0xFFF) & ~0xFFF
-    for spec in mods:
-        mod_path = spec.split()[0]
-        from hvf.loader import read_image
-
-        data = read_image(mod_path, "multiboot module")
-        _check_placement(vm, next_load, max(len(data), 1), f"module '{mod_path}'")
-        vm.memory.write(next_load, data)
-        string = info.put(spec.encode() + b"\0", align=1)
-        module_entries += struct.pack("<4I", next_load, next_load + len(data), string, 0)
-        next_load = (next_load + len(data) + 0xFFF) & ~0xFFF
-    mods_addr = info.put(module_entries, align=4) if module_entries else 0
-    if mods:
+    kernel_cmdline = f"{path} {cmdline}" if cmdline else path
+    cmdline_at = info.add(kernel_cmdline.encode() + b"\0")
+    name_at = info.add(LOADER_NAME)
+    strings_at = [info.add(spec.encode() + b"\0") for spec in specs]
+    mods_at = info.add(bytes(16 * len(specs)), align=4)
+    if specs:
         flags |= INFO_MODS
-
     mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in vm.memory.e820())
-    mmap_addr = info.put(mmap, align=4)
+    mmap_at = info.add(mmap, align=4)
 
+    base = _place(vm, end, len(info.data), "the multiboot information")
+    entries = b"".join(struct.pack("<4I", start, stop, base + string, 0)
+                       for (start, stop), string in zip(placed, strings_at))
+    info.data[mods_at : mods_at + len(entries)] = entries
     mem_lower = min(vm.memory.lowmem_size, EBDA_BASE) // 1024
     mem_upper = max(vm.memory.lowmem_size - MiB, 0) // 1024
-    fields = struct.pack(
-        "<12I",
-        flags, mem_lower, mem_upper, 0, cmdline_addr, len(mods), mods_addr,
-        0, 0, 0, 0, len(mmap),
+    struct.pack_into(
+        "<13I", info.data, 0,
+        flags, mem_lower, mem_upper, 0, base + cmdline_at, len(specs),
+        base + mods_at if specs else 0, 0, 0, 0, 0, len(mmap), base + mmap_at,
     )
-    vm.memory.write(mbi, fields + struct.pack("<I", mmap_addr))
-    vm.memory.write(mbi + 64, struct.pack("<I", name_addr))
-    enter_protected_mode(vm.vcpus[0].fd, vm.memory, entry, eax=BOOTLOADER_MAGIC, ebx=mbi)
+    struct.pack_into("<I", info.data, MBI_LOADER_NAME, base + name_at)
+    vm.memory.write(base, info.data)
+    enter_protected_mode(vm.vcpus[0].fd, vm.memory, entry, eax=BOOTLOADER_MAGIC, ebx=base)

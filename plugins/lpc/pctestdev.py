@@ -3,6 +3,10 @@
 
 - I/O 0xF4-0xF7: writing v ends hvf with status (v << 1) | 1; reads return 0.
 - I/O 0xE0-0xE3: a 32-bit scratch register (any width at any byte offset).
+- I/O 0xE4-0xE7: QEMU's page-flush port. A 32-bit write of a guest-physical address
+  makes QEMU drop and rebuild the host mapping of that page (an mprotect, which KVM
+  sees as an invalidation); hvf keeps the mapping, so the write is accepted and has no
+  effect. Reads return 0.
 - I/O 0x2000 + n: a non-zero byte raises interrupt line n, zero lowers it.
 - MMIO 0xFF000000, 64 KiB: scratch memory.
 """
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from hvf.device import Device
-from hvf.iobus import read_zero
+from hvf.iobus import ignore_write, read_zero
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_int
 
 if TYPE_CHECKING:
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 
 DEBUG_EXIT_PORT = 0xF4
 SCRATCH_PORT = 0xE0
+FLUSH_PAGE_PORT = 0xE4
 IRQ_PORT_BASE = 0x2000
 IRQ_LINES = 24  # the in-kernel IOAPIC's pins
 SCRATCH_MMIO_BASE = 0xFF00_0000
@@ -102,6 +107,7 @@ class PcTestdev(Device):
         ctx.pio.register(DEBUG_EXIT_PORT, 4, "pc-testdev debug exit", read_zero, self._debug_exit)
         ctx.pio.register(SCRATCH_PORT, 4, "pc-testdev scratch", self._scratch_read,
                          self._scratch_write)
+        ctx.pio.register(FLUSH_PAGE_PORT, 4, "pc-testdev flush page", read_zero, ignore_write)
         ctx.pio.register(IRQ_PORT_BASE, IRQ_LINES, "pc-testdev irq lines",
                          self._irq_read, self._irq_write)
         ctx.mmio.register(SCRATCH_MMIO_BASE, SCRATCH_MMIO_SIZE, "pc-testdev memory",

@@ -44,7 +44,13 @@ GUESTS: tuple[str, ...] = (
     "virtio_rng",
     "virtio_console",
     "virtio_blk",
+    "lowload",
+    "acpi_pmtimer",
+    "com_echo",
 )
+
+#: Guests linked somewhere other than 1 MiB.
+_LINK_ADDRESSES: dict[str, int] = {"lowload": 0x8000}
 
 # Files a guest pulls in with `.include` beyond the runtime (rebuild triggers).
 _EXTRA_SOURCES: dict[str, tuple[str, ...]] = {
@@ -69,7 +75,8 @@ def build_guest(name: str, out_dir: pathlib.Path) -> pathlib.Path:
     source = c_src if c_src.is_file() else GUEST_DIR / f"{name}.S"
     depends = [GUEST_DIR / s for s in _EXTRA_SOURCES.get(name, ())]
     depends.append(pathlib.Path(__file__).resolve())
-    return guests.build_guest(source, out_dir, depends=depends)
+    return guests.build_guest(source, out_dir, depends=depends,
+                              link_address=_LINK_ADDRESSES.get(name))
 
 
 def main(argv: list[str]) -> int:

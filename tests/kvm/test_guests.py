@@ -26,7 +26,7 @@ def test_multiboot_info_and_exit_status(guests: dict[str, Path], tmp_path: Path)
     lines = r.stdout.splitlines()
     assert r.returncode == (21 << 1) | 1, r.stderr
     assert lines[0] == "hello"
-    assert lines[1] == "cmdline console=none exit=21"
+    assert lines[1] == f"cmdline {guests['hello']} console=none exit=21"
     assert lines[2] == "mem lower 639 upper 523264"  # 512 MiB - 1 MiB, in KiB
     mmap = [tuple(int(x, 16) for x in l.split()[1:3]) + (int(l.split()[3]),)
             for l in lines if l.startswith("mmap ")]

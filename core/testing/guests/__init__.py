@@ -86,9 +86,9 @@ def _up_to_date(elf: Path, sources: list[Path]) -> bool:
 
 
 def build_guest(source: os.PathLike[str] | str, out_dir: os.PathLike[str] | str, *,
-                depends: Iterable[Path] = ()) -> Path:
+                depends: Iterable[Path] = (), link_address: int | None = None) -> Path:
     """Build the guest ``source`` (``NAME.S`` or ``NAME.c``) into ``out_dir/NAME.elf``
-    and return that path.
+    and return that path; ``link_address`` moves the image from 1 MiB (``ld -Ttext``).
 
     Nothing is rebuilt while the ``.elf`` is newer than every file of
     :func:`dependencies` (give ``depends``: the files ``source`` includes beyond the
@@ -122,7 +122,8 @@ def build_guest(source: os.PathLike[str] | str, out_dir: os.PathLike[str] | str,
                 _run([CC, *CFLAGS, *include, "-c", "-o", obj, str(src)])
             objs.append(obj)
         tmp_elf = tmpdir / elf.name
-        _run([LD, "-m", "elf_i386", "-T", str(RUNTIME / "link.ld"), "-z", "noexecstack",
-              "-o", str(tmp_elf), *objs])
+        placed = [] if link_address is None else [f"-Ttext={link_address:#x}"]
+        _run([LD, "-m", "elf_i386", "-T", str(RUNTIME / "link.ld"), *placed,
+              "-z", "noexecstack", "-o", str(tmp_elf), *objs])
         os.replace(tmp_elf, elf)
     return elf
