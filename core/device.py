@@ -13,10 +13,11 @@ children. A device keeps the context (or just what it uses) for later.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from hvf.bootorder import BootEntry
     from hvf.context import DeviceContext
     from hvf.snapshot_api import Upgrade
 
@@ -58,6 +59,11 @@ class Device:
         Raise ``ValueError`` naming the field for anything :meth:`save_state` could not
         have written; the core reports it as malformed state of this device's chunk.
         """
+
+    def boot_entries(self) -> Sequence[BootEntry]:
+        """What the firmware may boot from this device, with the ``bootindex`` it was
+        given (none by default): see :mod:`hvf.bootorder` for the device paths."""
+        return ()
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``hvf ctl status`` (none unless the device keeps some)."""

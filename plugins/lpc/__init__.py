@@ -87,7 +87,10 @@ def hvf_machine_ready(vm: Machine) -> None:
 @hvf.hookimpl
 def hvf_firmware_setup(vm: Machine) -> None:
     firmware_config = fwcfg.find(vm)
-    if firmware_config is not None and not vm.config.get("boot.kernel"):
+    if firmware_config is None:
+        return
+    fwcfg.add_bootorder(firmware_config, vm)
+    if not vm.config.get("boot.kernel"):
         build_acpi(vm).to_fw_cfg(firmware_config)  # the firmware installs our ACPI tables
 
 

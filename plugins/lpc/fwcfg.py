@@ -28,6 +28,9 @@ read-only item). Guest input never raises: every failure becomes the ERROR bit.
 Other plugins add items with :meth:`FwCfg.add_file` / :meth:`FwCfg.add_item`. Data may
 be a callable, evaluated each time the guest selects the item, so a table built from
 the finished machine (the e820 map, ACPI tables) is computed only when asked for.
+
+:func:`add_bootorder` gives SeaBIOS its ``bootorder`` file from the devices'
+``bootindex`` (:mod:`hvf.bootorder`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import attrs
 
+from hvf.bootorder import bootorder_file
 from hvf.device import Device
 from hvf.errors import ConfigError, DeviceError, GuestMemoryError
 from hvf.snapshot_api import Fields, check_fields, field_int
@@ -481,6 +485,19 @@ def create(vm: Machine, config: Config | None = None, name: str = "fwcfg") -> Fw
     if flavour != "qemu":
         raise ConfigError(_flavour_error(flavour))
     return FwCfg(name)
+
+
+#: SeaBIOS's boot order: device paths, one a line, the first tried first.
+BOOTORDER_FILE = "bootorder"
+
+
+def add_bootorder(device: FwCfg, where: Devices) -> None:
+    """Add the ``bootorder`` file built from every device's
+    :meth:`~hvf.device.Device.boot_entries` (none when no device has a ``bootindex``);
+    ``ConfigError`` when two devices share an index."""
+    data = bootorder_file(entry for other in where.devices for entry in other.boot_entries())
+    if data:
+        device.add_file(BOOTORDER_FILE, data)
 
 
 def find(where: Devices) -> FwCfg | None:

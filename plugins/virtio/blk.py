@@ -2,7 +2,9 @@
 """virtio-blk (virtio 1.x §5.2): a disk on the shared block back end.
 
 ``-s N,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]``
-as in bhyve (configuration ``pci.B.S.F.path``, ``.ro``, ``.ser``, ...). One request
+``[,bootindex=N]`` as in bhyve (configuration ``pci.B.S.F.path``, ``.ro``, ``.ser``,
+``.bootindex``, ...); ``bootindex`` puts the disk in the firmware's boot order as
+``/pci@i0cf8/scsi@S/disk@0,0`` (:mod:`hvf.bootorder`). One request
 queue. The I/O thread takes each chain, checks it and hands it to the
 :class:`~hvf.plugins.block.backend.BlockBackend` with the guest's buffers as views (no
 copy); the completion, on a worker thread, writes the status byte, returns the chain
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hvf.bootorder import BootEntry, parse_bootindex, pci_path
 from hvf.config import Config
 from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
@@ -112,10 +115,12 @@ class VirtioBlk(VirtioPciDevice):
     class_code = 0x010000  # mass storage, SCSI (as other virtio-blk devices)
     queue_max_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name: str, image: Image, serial: bytes, *, threads: int = 4) -> None:
+    def __init__(self, name: str, image: Image, serial: bytes, *, threads: int = 4,
+                 bootindex: int | None = None) -> None:
         super().__init__(name)
         self.image = image
         self.serial = serial
+        self.bootindex = bootindex
         self.capacity = image.size // SECTOR
         self.readonly = image.readonly
         self.discard = image.discard and not image.readonly
@@ -263,6 +268,12 @@ class VirtioBlk(VirtioPciDevice):
 
     # ---- the rest ----
 
+    def boot_entries(self) -> list[BootEntry]:
+        if self.bootindex is None:
+            return []
+        return [BootEntry(self.bootindex, pci_path(self.address, "scsi", "disk@0,0"),
+                          self.name)]
+
     def stats(self) -> dict[str, int]:
         return {**super().stats(), "in_flight": self.in_flight, "refused": self.refused,
                 **{f"block_{k}": v for k, v in self.backend.stats().items()}}
@@ -306,9 +317,11 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     ser = values.get("ser")
     if ser is not None and (len(ser) > ID_BYTES or not ser.isascii()):
         raise ConfigError(f"{where}: ser= takes at most {ID_BYTES} ASCII characters")
+    bootindex = parse_bootindex(values.get("bootindex"), where)
     image = open_image(path, ImageOptions.from_config(values))
     try:
-        return VirtioBlk(where, image, ser.encode() if ser is not None else default_serial(path))
+        return VirtioBlk(where, image, ser.encode() if ser is not None else default_serial(path),
+                         bootindex=bootindex)
     except BaseException:
         image.close()
         raise
