@@ -3,7 +3,8 @@
 
 - ``stdio``: this process's terminal, in raw mode, restored on every exit path; only
   one port may own it.
-- ``/dev/...``: any tty (bhyve's ``/dev/nmdm0A``; on Linux e.g. one side of a pty).
+- ``/dev/...``: any tty (on Linux e.g. one side of a pty).
+- ``/dev/nmdmNA`` (or ``B``): bhyve's null-modem pair, made of a pty (:mod:`.nmdm`).
 - ``pty``: a new pseudo-terminal; its path is printed.
 - ``tcp=HOST:PORT`` / ``unix=PATH``: a listening socket, one client at a time.
 - ``file=PATH``: a write-only log of guest output.
@@ -157,8 +158,17 @@ class PtyConsole(ConsoleBackend):
         # while nobody has the terminal open); unread output then fills the pty buffer
         # and, beyond it, our bounded one.
         self.path = os.ttyname(self.slave)
-        log.warning("%s: console on %s", self.owner, self.path)
+        try:
+            self.publish()
+        except BaseException:
+            os.close(self.master)
+            os.close(self.slave)
+            raise
         self.connect(self.master, self.master)
+
+    def publish(self) -> None:
+        """Tell the user where the console is (:attr:`path`, the pty's other side)."""
+        log.warning("%s: console on %s", self.owner, self.path)
 
     def drain_peer(self, deadline: float) -> None:
         # Bytes still queued for the terminal's reader are lost when the master closes.
@@ -286,9 +296,17 @@ class FileConsole(ConsoleBackend):
         os.close(self.fd)
 
 
+def tty_backend(spec: str, owner: str) -> ConsoleBackend:
+    """The backend for a ``/dev/...`` path: a null-modem side, or the tty itself."""
+    from hvf.plugins.uart import nmdm  # it builds on PtyConsole
+
+    return nmdm.NmdmConsole(spec, owner) if nmdm.is_nmdm(spec) else TtyConsole(spec, owner)
+
+
 BACKENDS = {
     "stdio": (StdioConsole, "this terminal (raw mode; one port only)"),
-    "tty": (TtyConsole, "/dev/PATH: an existing terminal device, e.g. a pty's other side"),
+    "tty": (tty_backend, "/dev/PATH: an existing terminal device, e.g. a pty's other side; "
+            "/dev/nmdmNA: a pty linked as /dev/nmdmNB"),
     "pty": (PtyConsole, "a new pseudo-terminal, whose path is printed"),
     "tcp": (TcpConsole, "tcp=ADDRESS:PORT: listen for one client at a time"),
     "unix": (UnixConsole, "unix=PATH: listen on a UNIX socket, one client at a time"),
