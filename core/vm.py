@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from hvf import exitcodes
@@ -28,6 +28,7 @@ from hvf.iobus import MmioBus, PortBus
 from hvf.interrupts import InterruptController
 from hvf.kvm import Kvm, is_pvm
 from hvf.memory import GuestMemory, parse_size
+from hvf.terminal_log import divert
 from hvf.vcpu import RateLimitedLog, Vcpu
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class Machine:
         #: True while a machine is built to receive a snapshot's state (RAM included).
         self.restoring = False
         self.control: ControlServer | None = None
+        self._restore_log: Callable[[], None] | None = None
 
         cpuid = self.kvm.supported_cpuid()
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
@@ -148,6 +150,7 @@ class Machine:
         self.restoring = restoring
         self.control = ControlServer(self)  # refuses a second VM of the same name
         self.hook.hvf_machine_build(vm=self)
+        self._restore_log = divert(self.config, self.name)  # consoles are open now
         self.hook.hvf_machine_ready(vm=self)
         self.hook.hvf_firmware_setup(vm=self)
         kernel = self.config.get("boot.kernel")
@@ -313,6 +316,9 @@ class Machine:
     def close(self) -> None:
         """Release every device's host resources (backends flush what they can), then
         guest RAM."""
+        if self._restore_log is not None:
+            self._restore_log()
+            self._restore_log = None
         for device in reversed(self.devices):
             try:
                 device.close()
