@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from hvf import exitcodes
 from hvf.control import ControlClient, is_live, runtime_dir, socket_path
 from hvf.errors import CtlError, HvfError, SnapshotError
+
+#: Seconds ``hvf ctl`` waits for each answer of the VM (a save reports progress).
+DEFAULT_TIMEOUT = 30
+
 
 def running_vms() -> list[str]:
     """Names of the VMs answering in the runtime directory (stale sockets skipped)."""
@@ -55,10 +61,31 @@ class ProgressBar:
             sys.stderr.write("\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit with status 64, as hvf's own."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds (0 or more)")
+    return value or None
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvf ctl", description="Control a running hvf VM.")
+    p = _Parser(prog="hvf ctl", description="Control a running hvf VM.")
     p.add_argument("--vm", help="the VM's name (optional when exactly one runs)")
     p.add_argument("--json", action="store_true", help="print replies as JSON")
+    p.add_argument("--timeout", type=_seconds, default=float(DEFAULT_TIMEOUT), metavar="SECONDS",
+                   help=f"how long to wait for each answer of the VM (default "
+                        f"{DEFAULT_TIMEOUT}; 0: no limit)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     suspend = sub.add_parser("suspend", help="write a snapshot and pause (or stop with --exit)")
     suspend.add_argument("--exit", action="store_true", help="stop the VM once the snapshot is safe")
@@ -118,7 +145,7 @@ def ctl_main(argv: Sequence[str]) -> int:
         elif command == "call":
             command, args = options.name, _call_args(options.args)
         bar = ProgressBar(f"{command} {vm}")
-        with ControlClient(socket_path(vm)) as client:
+        with ControlClient(socket_path(vm), timeout=options.timeout) as client:
             try:
                 reply = client.call(command, progress=bar if command in ("suspend", "checkpoint")
                                     else None, **args)
@@ -134,7 +161,7 @@ def ctl_main(argv: Sequence[str]) -> int:
 
 
 def snapshot_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="hvf snapshot", description="Inspect and check hvf snapshots.")
+    p = _Parser(prog="hvf snapshot", description="Inspect and check hvf snapshots.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="print a snapshot's manifest")
     info.add_argument("path")

@@ -15,7 +15,10 @@ previous snapshot whole. After the commit, RAM files the new ``state`` does not 
 in place, so a VM still running from a ``MAP_PRIVATE`` mapping of an older one is
 safe: unlinking a mapped file keeps its pages.
 
-Saves into one directory are serialised with ``flock`` on the directory.
+A save creates the directory (never its parents) or reuses one that holds only hvf's
+files: a ``state`` that begins with hvf's magic, RAM files and leftovers of saves, all
+regular files; anything else there is refused by name and left alone. Saves into one
+directory are serialised with ``flock`` on the directory.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 from hvf.errors import SnapshotError
 from hvf.plugins.snapshot.ramfile import Progress, RamSource, open_ram, save_ram, verify_ram
 from hvf.plugins.snapshot.statefile import (
+    MAGIC,
     describe,
     StateFile,
     encode_fields,
@@ -81,11 +85,16 @@ class SnapshotStore:
     # --- saving ---------------------------------------------------------------------
 
     def _prepare_dir(self) -> None:
+        """Create the directory (not its parents), or check that what a save would
+        replace in it is hvf's own."""
         try:
-            self.path.mkdir(mode=0o700, parents=True)
+            self.path.mkdir(mode=0o700)
             return
         except FileExistsError:
             pass
+        except FileNotFoundError:
+            raise SnapshotError(f"cannot create snapshot directory {self.path}: its parent "
+                                f"{self.path.parent} does not exist") from None
         except OSError as e:
             raise SnapshotError(f"cannot create snapshot directory {self.path}: "
                                 f"{e.strerror}") from None
@@ -93,14 +102,37 @@ class SnapshotStore:
             raise SnapshotError(f"cannot save a snapshot to {self.path}: it exists and is "
                                 f"not a directory")
         try:
-            foreign = sorted(n for n in os.listdir(self.path) if not _ours(n))
+            names = sorted(os.listdir(self.path))
         except OSError as e:
             raise SnapshotError(f"cannot read snapshot directory {self.path}: "
                                 f"{e.strerror}") from None
+        foreign = [n for n in names if not _ours(n)]
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise SnapshotError(f"refusing to save a snapshot into {self.path}: it holds "
                                 f"files that are not hvf's ({shown})")
+        for name in names:
+            problem = self._not_replaceable(name)
+            if problem:
+                raise SnapshotError(f"refusing to save a snapshot into {self.path}: "
+                                    f"{self.path / name} {problem}")
+
+    def _not_replaceable(self, name: str) -> str | None:
+        """Why a save must not replace or remove the entry ``name`` (None: it may)."""
+        path = self.path / name
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return "is not a regular file"
+            if name != STATE:
+                return None
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC))
+        except FileNotFoundError:
+            return None  # removed meanwhile: nothing to replace
+        except OSError as e:
+            return f"cannot be checked: {e.strerror}"
+        return None if head == MAGIC else "is not an hvf state file"
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
