@@ -21,11 +21,13 @@ values every disk front end shares:
     512 <= L <= P <= 64 KiB (default: the device's, or 512 and the file system's block
     size for a file)
 
-Front-end options (a serial number, say) pass through :func:`legacy_config` untouched.
+Front-end options (a serial number, say) pass through :func:`legacy_config` untouched;
+:func:`default_serial` is the serial a front end reports when none is given.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import attrs
@@ -115,3 +117,9 @@ def legacy_config(conf: list[str], emulation: str) -> dict[str, str]:
             raise ConfigError(f"{emulation}: invalid option '{option}'")
         values[key] = value if sep else "true"
     return values
+
+
+def default_serial(path: str) -> str:
+    """A stable 20-character serial number for the image at ``path`` (as bhyve derives
+    one from the path's MD5): ``HVF-`` and 16 hex digits, the same for every front end."""
+    return "HVF-" + hashlib.blake2b(path.encode(), digest_size=8).hexdigest().upper()
