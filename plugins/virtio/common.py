@@ -20,7 +20,6 @@ from hvf.plugins.virtio.spec import (
     F_VERSION_1,
     FEATURES_OK,
     NO_VECTOR,
-    TRANSPORT_FEATURES,
 )
 from hvf.snapshot_api import field_int
 
@@ -117,7 +116,7 @@ class CommonConfig:
 
     @property
     def offered(self) -> int:
-        return self.device.device_features | TRANSPORT_FEATURES
+        return self.device.device_features | self.device.transport_features
 
     def _selected(self) -> int | None:
         select = self.device.state.queue_select

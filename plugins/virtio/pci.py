@@ -32,6 +32,7 @@ from hvf.plugins.virtio.spec import (
     F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC,
     NO_VECTOR,
+    TRANSPORT_FEATURES,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class VirtioPciDevice(PciDevice):
     queue_max_sizes: tuple[int, ...] = ()
     #: Device-type feature bits offered (transport bits are added).
     device_features = 0
+    #: Transport feature bits offered (a vhost-user device offers its back end's).
+    transport_features = TRANSPORT_FEATURES
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -106,8 +109,13 @@ class VirtioPciDevice(PciDevice):
         self.msix = MsixCapability(self, ctx.interrupts, len(self.queues) + 1, bar=VIRTIO_BAR,
                                    table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET)
         self.doorbells = [ctx.ioevent(2) for _ in self.queues]
+        self.watch_doorbells()
+
+    def watch_doorbells(self) -> None:
+        """Wait for queue notifications on the I/O thread (a device whose queues run
+        elsewhere, as vhost-user's, hands the doorbells over instead)."""
         for index, doorbell in enumerate(self.doorbells):
-            ctx.loop.add_reader(doorbell.fd, lambda i=index: self._doorbell(i))
+            self.ctx.loop.add_reader(doorbell.fd, lambda i=index: self._doorbell(i))
 
     def bar_decoding_changed(self, bar: Bar) -> None:
         if bar is not self.bar:

@@ -1,0 +1,174 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""vhost-user-blk on real KVM against Debian's qemu-storage-daemon: the virtio_blk test
+guest (tests/guests/virtio_blk.c) writes, flushes, reads back and checks a pattern while
+the daemon serves the queues from guest RAM; raw and qcow2 images (checked on the host
+with qemu-img); the daemon killed and started again mid-run; the VM suspended mid-write
+and restored (into shared RAM the daemon can map) carrying on to a correct read-back."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_snapshot import Hvf, suspend_exit, wait_served, wait_until
+from test_virtio_blk_guest import IMAGE_SIZE, SECTOR, pattern
+
+from conftest import run_guest, run_hvf
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
+                       reason="qemu-storage-daemon (Debian's qemu-system-common) is not "
+                              "installed; scripts/setup installs it"),
+]
+
+MACHINE = ("-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev", "-l", "debugcon,stdio")
+
+
+class StorageDaemon:
+    """``qemu-storage-daemon`` exporting ``image`` as vhost-user-blk on ``socket``."""
+
+    def __init__(self, image: Path, socket: Path, fmt: str = "raw", queues: int = 1) -> None:
+        self.image, self.socket, self.fmt, self.queues = image, socket, fmt, queues
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        self.log = self.socket.with_suffix(".log")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["qemu-storage-daemon",
+                 "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+                 "--blockdev", f"driver={self.fmt},node-name=disk0,file=file0",
+                 "--export", ("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                              f"addr.path={self.socket},writable=on,num-queues={self.queues}")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"qemu-storage-daemon did not start: {self.errors}")
+            time.sleep(0.02)
+
+    @property
+    def errors(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[StorageDaemon]:
+    img = tmp_path / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(IMAGE_SIZE)
+    d = StorageDaemon(img, tmp_path / "vhost.sock")
+    yield d
+    d.kill()
+
+
+def check_image(img: Path, sectors: int) -> None:
+    with img.open("rb") as f:
+        head = f.read(sectors * SECTOR)
+    expected = pattern(sectors)
+    if head != expected:
+        first = next(i for i in range(len(head)) if head[i] != expected[i])
+        pytest.fail(f"image differs from the pattern at sector {first // SECTOR}")
+
+
+def blk_lines(sectors: int) -> list[str]:
+    return [f"blk capacity {IMAGE_SIZE // SECTOR}", f"blk wrote {sectors}",
+            f"blk read {sectors} ok"]
+
+
+def test_guest_io_through_qemu_storage_daemon(guests: dict[str, Path],
+                                               daemon: StorageDaemon) -> None:
+    r = run_guest(guests["virtio_blk"], "-l", "debugcon,stdio",
+                  "-s", f"3,vhost-user-blk,socket={daemon.socket}", timeout=300)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stdout.splitlines()
+    assert lines[-5:-2] == blk_lines(2048), r.stdout
+    assert lines[-2].startswith("blk id ") and lines[-1] == "blk done", r.stdout
+    assert "lost" not in r.stderr, r.stderr
+    daemon.kill()
+    check_image(daemon.image, 2048)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None,
+                    reason="qemu-img (Debian's qemu-utils) is not installed")
+def test_qcow2_image_served_by_the_daemon(guests: dict[str, Path], tmp_path: Path) -> None:
+    qcow = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qcow, str(IMAGE_SIZE)],
+                   check=True)
+    d = StorageDaemon(qcow, tmp_path / "vhost.sock", fmt="qcow2")
+    try:
+        r = run_guest(guests["virtio_blk"], "-l", "debugcon,stdio",
+                      "-s", f"3,vhost-user-blk,socket={d.socket}", timeout=300)
+    finally:
+        d.kill()
+    assert r.returncode == 1 and r.stdout.splitlines()[-5:-2] == blk_lines(2048), r.stdout
+    raw = tmp_path / "converted.img"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, raw], check=True)
+    check_image(raw, 2048)
+
+
+def test_daemon_restarted_mid_run_the_guest_carries_on(
+        guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
+    sectors = 16384
+    args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
+            "--kernel", guests["virtio_blk"], "--append", f"n={sectors}", "vu-restart"]
+    with Hvf(args, tmp_path, "a") as vm:
+        wait_until(lambda: "blk capacity" in vm.stdout, 120, "the guest to start", vm)
+        time.sleep(0.5)
+        daemon.kill()
+        time.sleep(0.5)
+        daemon.start()
+        assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
+        assert "reconnected" in vm.stderr, vm.stderr
+    assert vm.stdout.splitlines()[-5:-2] == blk_lines(sectors), vm.stdout
+    daemon.kill()
+    check_image(daemon.image, sectors)
+
+
+def test_suspend_mid_write_and_restore_into_shared_memory(
+        guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
+    """A restore normally maps the RAM file copy-on-write; with a vhost-user disk the
+    snapshot's configuration carries memory.shared=true, RAM is loaded into a memfd the
+    daemon maps, and the guest's read-back after the restore checks every sector."""
+    sectors, name, snap = 16384, "vu-suspend", tmp_path / "snap"
+    args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
+            "--kernel", guests["virtio_blk"], "--append", f"n={sectors}", name]
+    with Hvf(args, tmp_path, "a") as vm:
+        wait_served(name, vm)
+        wait_until(lambda: "blk capacity" in vm.stdout, 120, "the guest to start", vm)
+        time.sleep(1)
+        suspend_exit(name, vm, snap)
+        assert f"blk wrote {sectors}" not in vm.stdout, "suspended too late: writes done"
+        first = vm.stdout
+    with Hvf(["-r", snap], tmp_path, "b") as vm:
+        assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
+        rest = vm.stdout
+    assert (first + rest).splitlines()[-5:-2] == blk_lines(sectors), (first, rest)
+    daemon.kill()
+    check_image(daemon.image, sectors)
+
+
+def test_bad_vhost_user_configuration_exits_4(tmp_path: Path) -> None:
+    cases = {
+        "3,vhost-user-blk": "no back end given",
+        f"3,vhost-user-blk,socket={tmp_path / 'absent.sock'}": "cannot connect",
+        "3,vhost-user-blk,socket=/x,queues=0": "queues=",
+        "3,vhost-user-blk,path=/x": "invalid option 'path=/x'",
+    }
+    for slot, message in cases.items():
+        r = run_hvf([*MACHINE, "-s", slot, "vu-bad"], timeout=60)
+        assert r.returncode == 4 and message in r.stderr, (slot, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
