@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from hvf.bootorder import BootEntry, parse_bootindex, pci_path
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.virtio.blk import TYPE_BLOCK
 from hvf.plugins.virtio.pci import ISR_QUEUE, VirtioPciDevice
@@ -116,10 +117,11 @@ class VhostUserBlk(VirtioPciDevice):
     class_code = 0x010000
 
     def __init__(self, name: str, socket_path: str, client: VhostUserClient,
-                 backend: Backend, queues: int) -> None:
+                 backend: Backend, queues: int, *, bootindex: int | None = None) -> None:
         self.queue_max_sizes = (QUEUE_SIZE,) * queues
         super().__init__(name)
         self.socket_path = socket_path
+        self.bootindex = bootindex
         self.client: VhostUserClient | None = client
         self.backend = backend
         self.device_features = backend.features & DEVICE_FEATURE_MASK
@@ -325,6 +327,12 @@ class VhostUserBlk(VirtioPciDevice):
 
     # ---- state ----
 
+    def boot_entries(self) -> list[BootEntry]:
+        if self.bootindex is None:
+            return []
+        return [BootEntry(self.bootindex, pci_path(self.address, "scsi", "disk@0,0"),
+                          self.name)]
+
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "running": int(self.running),
                 "reconnects": self.reconnects}
@@ -376,6 +384,7 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     wanted = config.get("queues", "1")
     if not isinstance(wanted, str) or not wanted.isdigit() or not 1 <= int(wanted) <= MAX_QUEUES:
         raise ConfigError(f"{where}: queues= takes 1 to {MAX_QUEUES}")
+    bootindex = parse_bootindex(config.get("bootindex"), where)
     if vm.memory.private:
         raise ConfigError(f"{where}: guest RAM is a private mapping the back end cannot see "
                           "(restore with memory.shared=true)")
@@ -387,7 +396,7 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     try:
         backend = negotiate(client)
         queues = min(int(wanted), backend.queues, MAX_QUEUES)
-        device = VhostUserBlk(where, path, client, backend, queues)
+        device = VhostUserBlk(where, path, client, backend, queues, bootindex=bootindex)
     except (OSError, DeviceError) as e:
         client.close()
         raise ConfigError(f"{where}: {e}") from None

@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
+from hvf.testing import bootdisk
 from test_snapshot import Hvf, suspend_exit, wait_served, wait_until
 from test_virtio_blk_guest import IMAGE_SIZE, SECTOR, pattern
 
@@ -60,9 +62,16 @@ class StorageDaemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def kill(self) -> None:
+        """SIGKILL: the daemon crashes (a raw image keeps what was written)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM: the daemon flushes (qcow2 metadata included) and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
 
 
 @pytest.fixture
@@ -113,11 +122,36 @@ def test_qcow2_image_served_by_the_daemon(guests: dict[str, Path], tmp_path: Pat
         r = run_guest(guests["virtio_blk"], "-l", "debugcon,stdio",
                       "-s", f"3,vhost-user-blk,socket={d.socket}", timeout=300)
     finally:
-        d.kill()
+        d.stop()
     assert r.returncode == 1 and r.stdout.splitlines()[-5:-2] == blk_lines(2048), r.stdout
     raw = tmp_path / "converted.img"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, raw], check=True)
     check_image(raw, 2048)
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None or not bootdisk.SEABIOS.exists(),
+                    reason="needs qemu-img (qemu-utils) and SeaBIOS (seabios)")
+def test_seabios_boots_a_qcow2_image_through_the_daemon(tmp_path: Path) -> None:
+    """The boot program as a qcow2 image: SeaBIOS reads 1 MiB through int 13h and checks
+    it, writes its pattern; the image, converted back to raw, holds that pattern."""
+    raw = bootdisk.make_disk(tmp_path / "boot.img", tag="vuboot")
+    qcow = tmp_path / "boot.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw.path, qcow],
+                   check=True)
+    d = StorageDaemon(qcow, tmp_path / "vhost.sock", fmt="qcow2")
+    console = tmp_path / "com1.log"
+    try:
+        r = run_hvf([*bootdisk.seabios_args(console, debug=tmp_path / "debug.log"),
+                     "-s", f"4,vhost-user-blk,socket={d.socket},bootindex=0", "vu-boot"],
+                    timeout=120)
+    finally:
+        d.stop()
+    text = console.read_text(errors="replace")
+    assert r.returncode == 1, f"status {r.returncode}\n{text}\n{r.stderr[-2000:]}"
+    assert raw.report(text).passed, text
+    back = tmp_path / "back.img"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, back], check=True)
+    attrs.evolve(raw, path=back).check_written()
 
 
 def test_daemon_restarted_mid_run_the_guest_carries_on(
