@@ -62,6 +62,9 @@ IOCTLS = (
     "KVM_IRQFD",
     "KVM_IOEVENTFD",
     "KVM_SIGNAL_MSI",
+    "KVM_SET_GUEST_DEBUG",
+    "KVM_TRANSLATE",
+    "KVM_ENABLE_CAP",
 )
 
 # Ioctls whose third argument points to a struct: (ioctl, struct). A test checks that
@@ -106,6 +109,9 @@ STRUCT_IOCTLS = (
     ("KVM_IRQFD", "struct kvm_irqfd"),
     ("KVM_IOEVENTFD", "struct kvm_ioeventfd"),
     ("KVM_SIGNAL_MSI", "struct kvm_msi"),
+    ("KVM_SET_GUEST_DEBUG", "struct kvm_guest_debug"),
+    ("KVM_TRANSLATE", "struct kvm_translation"),
+    ("KVM_ENABLE_CAP", "struct kvm_enable_cap"),
 )
 
 CONSTANTS = (
@@ -138,6 +144,11 @@ CONSTANTS = (
     "KVM_IRQFD_FLAG_DEASSIGN", "KVM_IRQFD_FLAG_RESAMPLE",
     "KVM_IOEVENTFD_FLAG_DATAMATCH", "KVM_IOEVENTFD_FLAG_PIO", "KVM_IOEVENTFD_FLAG_DEASSIGN",
     "KVM_IRQ_ROUTING_IRQCHIP", "KVM_IRQ_ROUTING_MSI",
+    "KVM_CAP_SET_GUEST_DEBUG", "KVM_CAP_SET_GUEST_DEBUG2",
+    "KVM_GUESTDBG_ENABLE", "KVM_GUESTDBG_SINGLESTEP", "KVM_GUESTDBG_USE_SW_BP",
+    "KVM_GUESTDBG_USE_HW_BP", "KVM_GUESTDBG_INJECT_BP", "KVM_GUESTDBG_BLOCKIRQ",
+    "KVM_CAP_X86_USER_SPACE_MSR",
+    "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER",
 )
 
 CDEF = """
@@ -169,6 +180,8 @@ typedef struct { __u64 hardware_entry_failure_reason; __u32 cpu; ...; }
 typedef struct { __u32 suberror; __u32 ndata; __u64 data[16]; ...; }
                hvf_exit_internal;
 typedef struct { __u32 type; ...; } hvf_exit_system_event;
+typedef struct { __u32 exception; __u64 pc; __u64 dr6; __u64 dr7; ...; } hvf_exit_debug;
+typedef struct { __u8 error; __u32 reason; __u32 index; __u64 data; ...; } hvf_exit_msr;
 static const int HVF_RUN_EXIT_OFFSET;
 
 struct kvm_userspace_memory_region {
@@ -197,7 +210,10 @@ struct kvm_sregs {
     __u64 apic_base;
     __u64 interrupt_bitmap[4];
 };
-struct kvm_fpu { __u8 fpr[8][16]; __u16 fcw; __u32 mxcsr; ...; };
+struct kvm_fpu {
+    __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u16 last_opcode; __u64 last_ip;
+    __u64 last_dp; __u8 xmm[16][16]; __u32 mxcsr; ...;
+};
 struct kvm_xsave { __u32 region[1024]; ...; };
 struct kvm_xcr { __u32 xcr; __u64 value; ...; };
 struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[16]; ...; };
@@ -223,6 +239,13 @@ struct kvm_irq_routing { __u32 nr; __u32 flags; ...; };
 struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; ...; };
 struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; ...; };
 struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; ...; };
+struct kvm_guest_debug_arch { __u64 debugreg[8]; };
+struct kvm_guest_debug { __u32 control; struct kvm_guest_debug_arch arch; ...; };
+struct kvm_translation {
+    __u64 linear_address; __u64 physical_address; __u8 valid; __u8 writeable; __u8 usermode;
+    ...;
+};
+struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 /* One GSI route: irqchip (a = chip, b = pin) or MSI (a, b = address lo/hi, c = data). */
 typedef struct { __u32 gsi; __u32 type; __u32 a; __u32 b; __u32 c; } hvf_route;
 int hvf_set_gsi_routing(int vmfd, const hvf_route *routes, unsigned int n);
@@ -248,6 +271,8 @@ typedef __typeof__(((struct kvm_run *)0)->mmio) hvf_exit_mmio;
 typedef __typeof__(((struct kvm_run *)0)->fail_entry) hvf_exit_fail_entry;
 typedef __typeof__(((struct kvm_run *)0)->internal) hvf_exit_internal;
 typedef __typeof__(((struct kvm_run *)0)->system_event) hvf_exit_system_event;
+typedef struct kvm_debug_exit_arch hvf_exit_debug;
+typedef __typeof__(((struct kvm_run *)0)->msr) hvf_exit_msr;
 #define HVF_RUN_EXIT_OFFSET ((int)offsetof(struct kvm_run, io))
 #define HVF_IRQCHIP_CHIP_OFFSET ((int)offsetof(struct kvm_irqchip, chip))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,19 @@ class VmFd:
         clock.flags = 0  # only the clock value is restored (as Firecracker does)
         ioctl(self.fd, lib.KVM_SET_CLOCK, clock)
 
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        arg = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args)})
+        ioctl(self.fd, lib.KVM_ENABLE_CAP, arg)
+
+    def exit_on_unknown_msrs(self) -> None:
+        """Guest accesses to MSRs KVM does not know exit to user space
+        (KVM_EXIT_X86_RDMSR/WRMSR) instead of raising #GP in the guest."""
+        if not self.check_extension(lib.KVM_CAP_X86_USER_SPACE_MSR):
+            raise CapabilityError("-w (x86.strictmsr=false) needs KVM_CAP_X86_USER_SPACE_MSR, "
+                                  "which this KVM lacks")
+        self.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, lib.KVM_MSR_EXIT_REASON_UNKNOWN)
+
     def create_vcpu(self, index: int) -> VcpuFd:
         return VcpuFd(self, index, ioctl_int(self.fd, lib.KVM_CREATE_VCPU, index))
 
@@ -301,6 +315,8 @@ class VcpuFd:
         self.exit_internal = ffi.cast("hvf_exit_internal *", exit_area)
         self.exit_fail_entry = ffi.cast("hvf_exit_fail_entry *", exit_area)
         self.exit_system_event = ffi.cast("hvf_exit_system_event *", exit_area)
+        self.exit_debug = ffi.cast("hvf_exit_debug *", exit_area)
+        self.exit_msr = ffi.cast("hvf_exit_msr *", exit_area)
 
     def get_regs(self) -> Any:
         regs = ffi.new("struct kvm_regs *")
@@ -318,8 +334,31 @@ class VcpuFd:
     def set_sregs(self, sregs: Any) -> None:
         ioctl(self.fd, lib.KVM_SET_SREGS, sregs)
 
+    def get_fpu(self) -> Any:
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, lib.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: Any) -> None:
+        ioctl(self.fd, lib.KVM_SET_FPU, fpu)
+
     def set_cpuid2(self, cpuid: Any) -> None:
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid)
+
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: ``control`` (KVM_GUESTDBG_* flags) and, with
+        KVM_GUESTDBG_USE_HW_BP, DR0-DR3 and DR7 in ``debugreg`` (eight values)."""
+        arg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for i, value in enumerate(debugreg):
+            arg.arch.debugreg[i] = value
+        ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, arg)
+
+    def translate(self, linear: int) -> int | None:
+        """KVM_TRANSLATE: the guest-physical address of ``linear`` through the vCPU's
+        current page tables, or None where it is not mapped."""
+        arg = ffi.new("struct kvm_translation *", {"linear_address": linear})
+        ioctl(self.fd, lib.KVM_TRANSLATE, arg)
+        return int(arg.physical_address) if arg.valid else None
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")

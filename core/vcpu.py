@@ -68,6 +68,8 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._kick_lock = threading.Lock()
         self._signalable = False  # the thread runs and may be sent the kick signal
+        #: Kept parked outside KVM_RUN by a debugger (see Machine.hold).
+        self.held = False
         self._unhandled_log = vm.unhandled_log
         view = memoryview(self.fd.run_map)
         self._m8 = view
@@ -248,6 +250,12 @@ class Vcpu:
             return True
         if reason == lib.KVM_EXIT_INTR:
             return vm.vcpu_checkpoint(self)
+        if reason == lib.KVM_EXIT_DEBUG and vm.gdb is not None:
+            vm.gdb.debug_exit(self)
+            return vm.vcpu_checkpoint(self)
+        if reason in (lib.KVM_EXIT_X86_RDMSR, lib.KVM_EXIT_X86_WRMSR):
+            self._unknown_msr(reason == lib.KVM_EXIT_X86_RDMSR)
+            return False
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             fail = self.fd.exit_fail_entry
             vm.request_exit(
@@ -258,6 +266,8 @@ class Vcpu:
             )
             return True
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            if self._debugger_breakpoint():
+                return vm.vcpu_checkpoint(self)
             if self._finish_in_user_space():
                 return False
             vm.request_exit(exitcodes.ERROR, self._internal_error_report())
@@ -270,6 +280,26 @@ class Vcpu:
             f"vcpu {self.index}: unexpected exit reason {reason}\n" + self.register_dump(),
         )
         return True
+
+    def _unknown_msr(self, read: bool) -> None:
+        """With ``-w``: an MSR KVM does not know reads as zero, a write to it is dropped
+        (bhyve's x86.strictmsr=false)."""
+        msr = self.fd.exit_msr
+        if read:
+            self._unhandled_log(f"rdmsr to register {msr.index:#x} on vcpu {self.index}")
+            msr.data = 0
+        else:
+            self._unhandled_log(
+                f"wrmsr to register {msr.index:#x}({msr.data:#x}) on vcpu {self.index}")
+        msr.error = 0
+
+    def _debugger_breakpoint(self) -> bool:
+        """A debugger's ``int3`` that KVM failed to emulate (kvm_pvm): a breakpoint hit."""
+        gdb = self.vm.gdb
+        insn = self._failed_instruction()
+        if gdb is None or insn is None or insn[:1] != bytes([emulate.INT3]):
+            return False
+        return gdb.breakpoint_trap(self)
 
     def _failed_instruction(self) -> bytes | None:
         """The bytes of the instruction KVM failed to emulate, when it reported them."""

@@ -24,6 +24,7 @@ from hvf.control import ControlServer
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
 from hvf.eventloop import EventLoop
+from hvf.gdbstub import GdbStub
 from hvf.iobus import MmioBus, PortBus
 from hvf.interrupts import InterruptController
 from hvf.kvm import Kvm, is_pvm
@@ -40,6 +41,8 @@ log = logging.getLogger("hvf")
 HALT_POLL_INTERVAL = 0.5
 #: x86 RFLAGS.IF
 RFLAGS_IF = 1 << 9
+#: CPUID leaf 1 ECX: x2APIC
+CPUID_X2APIC = 1 << 21
 
 #: Where KVM may put the TSS and identity-map pages it needs (just below the BIOS).
 TSS_ADDR = 0xFFFB_D000
@@ -104,15 +107,20 @@ class Machine:
         self.control: ControlServer | None = None
         self._restore_log: Callable[[], None] | None = None
 
+        if not config.get_bool("x86.strictmsr", default=True):
+            self.vmfd.exit_on_unknown_msrs()  # -w
         cpuid = self.kvm.supported_cpuid()
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
         for vcpu in self.vcpus:
             vcpu.fd.set_cpuid2(self._cpuid_for(cpuid, vcpu.index))
+        self.gdb: GdbStub | None = GdbStub.from_config(self)  # -G
 
     # ---- building ----
 
     def _cpuid_for(self, supported: Any, apic_id: int) -> Any:
-        """The supported CPUID with this vCPU's APIC ID and the CPU count filled in."""
+        """The supported CPUID with this vCPU's APIC ID and the CPU count filled in, and
+        x2APIC offered only with -x (x86.x2apic, as bhyve)."""
+        x2apic = self.config.get_bool("x86.x2apic")
         n = supported.nent
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
         ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
@@ -122,6 +130,7 @@ class Machine:
                 e.ebx = (e.ebx & 0x0000FFFF) | (apic_id << 24) | (min(self.ncpus, 255) << 16)
                 if self.ncpus > 1:
                     e.edx |= 1 << 28  # HTT: more than one logical processor
+                e.ecx = e.ecx | CPUID_X2APIC if x2apic else e.ecx & ~CPUID_X2APIC
             elif e.function in (0xB, 0x1F):
                 e.edx = apic_id
         return cpuid
@@ -179,6 +188,8 @@ class Machine:
         self.loop.start()
         with self._cond:
             self._running = len(self.vcpus)
+        if self.gdb is not None:
+            self.gdb.start()
         for vcpu in self.vcpus:
             vcpu.start()
         while not self._exited.wait(HALT_POLL_INTERVAL):
@@ -257,7 +268,7 @@ class Machine:
                     self._running -= 1
                     self._cond.notify_all()
                     return True
-                if not self._pause_requested and not self._holds:
+                if not self._pause_requested and not self._holds and not vcpu.held:
                     return False
                 self._parked += 1
                 self._cond.notify_all()
@@ -290,6 +301,30 @@ class Machine:
     def paused(self) -> bool:
         return self._pause_requested
 
+    def hold(self, vcpus: list[Vcpu]) -> None:
+        """Keep ``vcpus`` parked outside KVM_RUN until :meth:`release` (a debugger's
+        stop; pause and resume leave them held). :meth:`wait_parked` waits for them."""
+        with self._cond:
+            for vcpu in vcpus:
+                vcpu.held = True
+        for vcpu in vcpus:
+            vcpu.kick()
+
+    def release(self, vcpus: list[Vcpu]) -> None:
+        with self._cond:
+            for vcpu in vcpus:
+                vcpu.held = False
+            self._cond.notify_all()
+
+    def wait_parked(self, timeout: float = 10.0) -> bool:
+        """Wait until every running vCPU is parked; False when the machine exits first."""
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._exit is not None or self._parked >= self._running, timeout
+            ):
+                raise HvfError(f"vCPUs did not stop within {timeout} s")
+            return self._exit is None
+
     @contextlib.contextmanager
     def others_stopped(self, me: Vcpu, timeout: float = 10.0) -> Iterator[None]:
         """Hold every vCPU but ``me`` (the caller's) outside KVM_RUN for the block."""
@@ -316,6 +351,9 @@ class Machine:
     def close(self) -> None:
         """Release every device's host resources (backends flush what they can), then
         guest RAM."""
+        if self.gdb is not None:
+            self.gdb.close(self.exit_status)
+            self.gdb = None
         if self._restore_log is not None:
             self._restore_log()
             self._restore_log = None
