@@ -2,11 +2,14 @@
 """The MC146818 RTC and CMOS RAM at ports 0x70/0x71, as firmware and OSes expect.
 
 Time registers read the host clock (UTC, or local time with ``rtc.use_localtime``,
-bhyve's default), in BCD or binary and 12- or 24-hour form as register B selects; a
-guest that sets the clock keeps its offset from the host's. CMOS bytes 0x10-0x3F and
-0x5B-0x5D carry the memory sizes PC firmware reads. Update, alarm and periodic
-interrupts are not generated (register C reads 0); register A never shows an update in
-progress, so a guest polling UIP proceeds at once.
+bhyve's default; ``-u`` turns it off), in BCD or binary and 12- or 24-hour form as
+register B selects; a guest that sets the clock keeps its offset from the host's. The
+guest can set any real date and time of the years 1-9999 (the century register holds
+two digits); a set to an impossible one (month 13, 25 o'clock, 30 February) leaves the
+clock as it was. In local time a date is read with the daylight saving in force on it.
+CMOS bytes 0x10-0x3F and 0x5B-0x5D carry the memory sizes PC firmware reads. Update,
+alarm and periodic interrupts are not generated (register C reads 0); register A never
+shows an update in progress, so a guest polling UIP proceeds at once.
 
 The state (:class:`RtcState`) keeps the guest's clock as its offset from the host's in
 integer nanoseconds (state version 2: exact, with no NaN or infinity to guard
@@ -15,7 +18,7 @@ against); version 1 kept float seconds, which a restore converts.
 
 from __future__ import annotations
 
-import calendar
+import datetime
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +34,9 @@ if TYPE_CHECKING:
 INDEX_PORT = 0x70
 CMOS_SIZE = 128
 NS = 1_000_000_000
-#: A saved clock differs from the host's by less than this many seconds: 30000 years,
-#: beyond any date a guest can set (year 0 to binary century 255, year 255, plus what
-#: out-of-range months and days add).
-MAX_CLOCK_OFFSET = 30_000 * 366 * 86400
+#: A saved clock differs from the host's by less than this many seconds: 10000 years,
+#: more than lies between any two dates of the years 1-9999 a guest can set.
+MAX_CLOCK_OFFSET = 10_000 * 366 * 86400
 NMI_DISABLE = 0x80
 
 SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
@@ -83,7 +85,7 @@ class RtcState:
         offset = fields["offset"]
         if type(offset) is not int or not abs(offset) < MAX_CLOCK_OFFSET * NS:
             raise ValueError("saved field 'offset' is not a clock offset in nanoseconds "
-                             "within 30000 years")
+                             "within 10000 years")
         return cls(bytearray(cmos), field_int(fields, "index", 7), offset)
 
 
@@ -92,7 +94,7 @@ def _upgrade_v1(fields: Fields) -> Fields:
     offset = fields.get("offset")
     if type(offset) not in (int, float) or not abs(offset) < MAX_CLOCK_OFFSET:
         raise ValueError("saved field 'offset' is not a clock offset in seconds "
-                         "within 30000 years")
+                         "within 10000 years")
     return {**fields, "offset": round(offset * NS)}
 
 
@@ -158,7 +160,7 @@ class Rtc(Device):
             values = {
                 SECONDS: min(now.tm_sec, 59), MINUTES: now.tm_min, WEEKDAY: (now.tm_wday + 1) % 7 + 1,
                 DAY: now.tm_mday, MONTH: now.tm_mon, YEAR: now.tm_year % 100,
-                CENTURY: now.tm_year // 100,
+                CENTURY: now.tm_year // 100 % 100,
             }
             return self._encode(values[index])
         if index == REG_C:
@@ -186,12 +188,14 @@ class Rtc(Device):
             hour = hour % 12 + (12 if hour_byte & 0x80 else 0)
         year = self._decode(c[CENTURY]) * 100 + self._decode(c[YEAR])
         try:
-            fields = (year, self._decode(c[MONTH]), self._decode(c[DAY]), hour,
-                      self._decode(c[MINUTES]), self._decode(c[SECONDS]), 0, 0, 0)
-            target = time.mktime(fields) if self.use_localtime else calendar.timegm(fields)
-        except (OverflowError, ValueError):
+            # A naive datetime is local time, with the daylight saving of its own date.
+            when = datetime.datetime(year, self._decode(c[MONTH]), self._decode(c[DAY]), hour,
+                                     self._decode(c[MINUTES]), self._decode(c[SECONDS]),
+                                     tzinfo=None if self.use_localtime else datetime.UTC)
+            target = int(when.timestamp())
+        except (OverflowError, OSError, ValueError):
             return  # an impossible date: keep the clock as it was
-        self.state.offset = int(target) * NS - time.time_ns()
+        self.state.offset = target * NS - time.time_ns()
 
     # ---- state ----
 
