@@ -132,6 +132,7 @@ class PciDevice(Device):
         self._intx_route: Callable[[PciDevice, bool], None] | None = None
         self._capabilities: dict[int, int] = {}  # offset -> length
         self._capability_writers: dict[int, Callable[[int, int], None]] = {}
+        self._capability_restorers: list[Callable[[], None]] = []
         for offset, mask in ((CACHE_LINE_SIZE, 0xFF), (LATENCY_TIMER, 0xFF), (INTERRUPT_LINE, 0xFF)):
             self.wmask[offset] = mask
         self.cfg[INTERRUPT_LINE] = 0xFF
@@ -194,12 +195,15 @@ class PciDevice(Device):
         *,
         writable: bytes = b"",
         on_write: Callable[[int, int], None] | None = None,
+        on_restore: Callable[[], None] | None = None,
     ) -> int:
         """Append a capability (ID, next pointer, then ``body``); returns its offset.
 
         ``writable`` gives per-byte guest-writable masks for ``body``; ``on_write``,
         when given, is called as ``on_write(offset, size)`` (offset from the
-        capability's start) after each guest write that touches the capability.
+        capability's start) after each guest write that touches the capability;
+        ``on_restore`` after :meth:`restore_state` has loaded config space, to bring
+        what the capability drives (interrupt vectors) in line with its registers.
         """
         last = max(self._capabilities, default=0)
         start = (last + self._capabilities[last] + 3) & ~3 if last else FIRST_CAPABILITY
@@ -218,6 +222,8 @@ class PciDevice(Device):
         self._capabilities[start] = 2 + len(body)
         if on_write is not None:
             self._capability_writers[start] = on_write
+        if on_restore is not None:
+            self._capability_restorers.append(on_restore)
         return start
 
     def request_intx(self, pin: int = 1) -> None:
@@ -432,6 +438,8 @@ class PciDevice(Device):
         self.write_raw(COMMAND, 2, new_command)
         self._command_changed(0, new_command)
         self.set_intx(level)
+        for restored in self._capability_restorers:
+            restored()
 
     @staticmethod
     def _bar_can_hold(bar: Bar, address: int) -> bool:

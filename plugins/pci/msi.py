@@ -5,7 +5,9 @@ per-vector masking, backed by an :class:`hvf.interrupts.MsiVector` like MSI-X's.
 Message control advertises one vector (Multiple Message Capable 0), 64-bit addresses
 and per-vector masking; the mask and pending bits live in config space. The vector is
 bound to KVM while MSI is enabled and unmasked; a trigger while masked sets the
-pending bit and is delivered on unmask.
+pending bit and is delivered on unmask. The pending bit is saved with config space: a
+restored one is a trigger waiting for the unmask, and a restored capability is bound
+as its registers say (nothing for the device to do).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class MsiCapability:
         writable = (b"\x01\x00" + b"\xfc\xff\xff\xff" + b"\xff" * 4 + b"\xff\xff\x00\x00"
                     + b"\x01\x00\x00\x00" + bytes(4))
         self.offset = device.add_capability(CAP_ID_MSI, body, writable=writable,
-                                            on_write=self._written)
+                                            on_write=self._written, on_restore=self._restored)
         self.vector = interrupts.msi_vector()
 
     def _reg(self, offset: int, size: int) -> int:
@@ -48,9 +50,16 @@ class MsiCapability:
     def _written(self, offset: int, size: int) -> None:
         self.apply()
 
+    def _restored(self) -> None:
+        """Config space came from a snapshot: its pending bit becomes the vector's."""
+        self.vector.mask()
+        self.vector.take_pending()
+        if self._reg(PENDING, 4) & 1:
+            self.vector.trigger()
+        self.apply()
+
     def apply(self) -> None:
-        """Bind or unbind the vector as message control and the mask bit say (also
-        after a restore of config space)."""
+        """Bind or unbind the vector as message control and the mask bit say."""
         if self.enabled and not self._reg(MASK, 4) & 1:
             address = self._reg(ADDRESS_LO, 4) | self._reg(ADDRESS_HI, 4) << 32
             self.vector.program(address, self._reg(DATA, 2))
