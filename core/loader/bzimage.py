@@ -66,11 +66,14 @@ def _u(image: bytes | bytearray, offset: int, fmt: str) -> int:
     return int(struct.unpack_from("<" + fmt, image, offset)[0])
 
 
-def load(
-    vm: Machine, image: bytes, *, path: str, initrd: bytes | None, initrd_path: str | None,
-    cmdline: str, rsdp: int | None,
-) -> None:
-    """Load the bzImage ``image`` and prepare the boot vCPU's long-mode entry."""
+def check(image: bytes, path: str) -> None:
+    """Refuse a bzImage (an ``image`` with the HdrS magic) hvf cannot boot: truncated
+    (the setup header, or the setup code its ``setup_sects`` claims, runs past the end
+    of the file), too old a boot protocol, not relocatable, no 64-bit entry point."""
+    needed = max(HDR_INIT_SIZE + 4, ((image[HDR_SETUP_SECTS] or 4) + 1) * 512)
+    if len(image) < needed:
+        raise LoaderError(f"'{path}' is a truncated bzImage: {len(image)} bytes, but its "
+                          f"setup header and code take {needed}")
     version = _u(image, HDR_VERSION, "H")
     if version < MIN_PROTOCOL:
         raise LoaderError(f"'{path}' uses boot protocol {version >> 8}.{version & 0xFF:02d}; "
@@ -83,6 +86,14 @@ def load(
     if not image[HDR_LOADFLAGS] & LOADED_HIGH:
         raise LoaderError(f"'{path}' is a zImage (loaded low), not a bzImage")
 
+
+def load(
+    vm: Machine, image: bytes, *, path: str, initrd: bytes | None, initrd_path: str | None,
+    cmdline: str, rsdp: int | None,
+) -> None:
+    """Load the bzImage ``image`` (passed by :func:`check`) and prepare the boot vCPU's
+    long-mode entry."""
+    version = _u(image, HDR_VERSION, "H")
     setup_sects = image[HDR_SETUP_SECTS] or 4
     kernel = image[(setup_sects + 1) * 512 :]
     align = max(_u(image, HDR_KERNEL_ALIGNMENT, "I"), 2 * MiB)
