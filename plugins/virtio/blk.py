@@ -29,6 +29,7 @@ from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.block.backend import BlockBackend, Status
 from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions, legacy_config
+from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
 from hvf.plugins.virtio.pci import VirtioPciDevice
 from hvf.snapshot_api import Fields, check_fields
 
@@ -71,17 +72,27 @@ _BACKEND_STATUS = {Status.OK: S_OK, Status.UNSUPPORTED: S_UNSUPP}
 
 @attrs.define
 class BlkState:
-    """The device's own saved state: none beyond the transport's (requests are drained
-    before a save)."""
+    """The device's own saved state beyond the transport's (requests are drained before
+    a save): the image as the snapshot saw it (None in snapshots of version 1)."""
+
+    image: ImageRecord | None = None
 
     def to_fields(self) -> Fields:
-        return attrs.asdict(self)
+        return {"image": None if self.image is None else self.image.to_fields()}
 
     @classmethod
     def from_fields(cls, fields: Fields) -> BlkState:
         """Rebuild; ``ValueError`` names a bad field."""
-        check_fields(fields, attrs.fields_dict(cls))
-        return cls()
+        check_fields(fields, ("image",))
+        return cls(ImageRecord.from_fields(fields["image"]))
+
+
+def _record_nothing(fields: Fields) -> Fields:
+    """Version 1 → 2: version 1 recorded no image."""
+    device = fields.get("device")
+    if not isinstance(device, dict):
+        raise ValueError("saved field 'device' is not a mapping")
+    return {**fields, "device": {**device, "image": None}}
 
 
 def _split(views: list[memoryview], count: int) -> tuple[list[memoryview], list[memoryview]]:
@@ -112,6 +123,8 @@ class _Request:
 
 class VirtioBlk(VirtioPciDevice):
     device_type = TYPE_BLOCK
+    state_version = 2
+    state_upgrades = {1: _record_nothing}
     class_code = 0x010000  # mass storage, SCSI (as other virtio-blk devices)
     queue_max_sizes = (QUEUE_SIZE,)
 
@@ -285,13 +298,15 @@ class VirtioBlk(VirtioPciDevice):
     def save_device(self) -> Fields:
         if self.in_flight:
             raise DeviceError(f"{self.name}: {self.in_flight} requests still in flight")
-        return BlkState().to_fields()
+        return BlkState(record_image(self.image)).to_fields()
 
     def restore_device(self, fields: Fields, version: int) -> None:
         try:
-            BlkState.from_fields(fields)
+            state = BlkState.from_fields(fields)
         except ValueError as e:
             raise DeviceError(f"{self.name}: {e}") from None
+        check_restored_image(self.image, state.image, self.name,
+                             "pci.{}.{}.{}.path".format(*self.address))
 
     def close(self) -> None:
         super().close()
