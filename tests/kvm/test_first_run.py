@@ -77,6 +77,7 @@ def test_the_demo_says_what_it_shows_and_how_to_leave(
         os.close(slave)
     terminal = bytearray()
     quit_sent = False
+    ctl: subprocess.CompletedProcess[str] | None = None
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline:
@@ -87,6 +88,8 @@ def test_the_demo_says_what_it_shows_and_how_to_leave(
                     break
                 terminal += data
             if not quit_sent and re.search(rb"No bootable device\.  Retrying", terminal):
+                ctl = subprocess.run([str(venv / "hvf"), "ctl", "--vm", "demo", "status"],
+                                     capture_output=True, text=True, timeout=60)
                 os.write(master, b"\x01x")  # Ctrl-A x, as the demo says
                 quit_sent = True
             if proc.poll() is not None and not select.select([master], [], [], 0.1)[0]:
@@ -100,6 +103,8 @@ def test_the_demo_says_what_it_shows_and_how_to_leave(
     text = terminal.decode(errors="replace").replace("\r\n", "\n")
     flat = " ".join(text.split())  # the demo's messages are folded to the terminal
     assert quit_sent, text
+    assert ctl is not None and ctl.returncode == 0, ctl
+    assert ctl.stdout.startswith("demo: running"), ctl  # the name the demo tells of
     assert status == 130, text
     assert "to leave at any time: Ctrl-A x" in flat
     assert "hvf ctl --vm demo poweroff" in flat
