@@ -47,6 +47,7 @@ GUESTS: tuple[str, ...] = (
     "lowload",
     "acpi_pmtimer",
     "com_echo",
+    "randio",
 )
 
 #: Guests linked somewhere other than 1 MiB.
