@@ -29,6 +29,7 @@ from hvf.iobus import MmioBus, PortBus
 from hvf.interrupts import InterruptController
 from hvf.kvm import Kvm, is_pvm
 from hvf.memory import GuestMemory, parse_size
+from hvf.preflight import MAX_VCPUS
 from hvf.terminal_log import divert
 from hvf.vcpu import RateLimitedLog, Vcpu
 
@@ -74,9 +75,10 @@ class Machine:
 
         self.kvm = Kvm()
         self.kvm.require_capabilities()
-        limit = self.kvm.max_vcpus()
+        limit = min(self.kvm.max_vcpus(), MAX_VCPUS)
         if not 1 <= self.ncpus <= limit:
-            raise ConfigError(f"{self.ncpus} vCPUs requested but only {limit} available")
+            raise ConfigError(f"{self.ncpus} vCPUs requested but only {limit} available "
+                              f"(cpus: 1 to {limit})")
         self.vmfd = self.kvm.create_vm()
         self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
         self.vmfd.set_tss_addr(TSS_ADDR)
@@ -86,7 +88,9 @@ class Machine:
         self.interrupts = InterruptController(
             self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
         self.memory = GuestMemory(memory_size, ram_file,
-                                  shared=config.get_bool("memory.shared"))
+                                  shared=config.get_bool("memory.shared"),
+                                  wired=config.get_bool("memory.wired"),  # -S
+                                  in_core=config.get_bool("memory.guest_in_core"))  # -C
         for slot, region in enumerate(self.memory.regions):
             self.vmfd.set_user_memory_region(
                 slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset
