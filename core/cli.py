@@ -5,44 +5,71 @@ from __future__ import annotations
 
 import getopt
 import logging
+import os
 import re
 import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hvf import exitcodes
+from hvf import exitcodes, preflight
 from hvf.config import DEFAULTS, Config
 from hvf.errors import ConfigError, HvfError, UsageError
-from hvf.memory import parse_size
+from hvf.memory import is_memsize
 from hvf.pluginmanager import Plugins
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
 
-USAGE = """\
-Usage: hvf [-aCDeHhPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
-           [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|k|M|m|G|g|T|t]]
-           [-o var=value] [-p vcpu:hostcpu] [-s slot,emulation[,conf]] [-U uuid]
+SYNOPSIS = """\
+Usage: hvf [-aACDeHhIPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+           [-G [w][bind_address:]port] [-k config_file] [-K layout] [-l lpcdev[,conf]]
+           [-m memsize[K|k|M|m|G|g|T|t]] [-o var=value] [-p vcpu:hostcpu]
+           [-s slot,emulation[,conf]] [-U uuid]
            [--kernel FILE [--initrd FILE[,FILE...]] [--append CMDLINE]] vmname
        hvf -r SNAPSHOT [-l comN,BACKEND ...] [vmname]
        hvf ctl [--vm NAME] [--json] suspend [--exit] [PATH] | checkpoint [PATH] |
                pause | resume | status | poweroff | list
-       hvf snapshot info SNAPSHOT
-       hvf -l help
-       hvf -s help
-
-       -c: number of CPUs and/or topology specification
-       -e: exit on unhandled I/O access (strict I/O)
-       -h: help
-       -k: configuration file (bhyve's key=value lines, or TOML if it ends in .toml)
-       -l: LPC device configuration
-       -m: memory size (a bare number is MiB)
-       -o: set a configuration variable
-       -r: restore from a snapshot (options given may only redirect consoles)
-       -s: <slot,driver,configinfo> PCI slot config
-       --kernel, --initrd, --append: boot a kernel directly (multiboot)
+       hvf snapshot info|verify SNAPSHOT
+       hvf -l help | -s help
 """
+OPTIONS = """\
+Options (hvf(8) has more):
+  -a             xAPIC mode for the vCPUs, the default (x86.x2apic=false)
+  -A             ACPI tables (hvf always builds them; acpi_tables=true)
+  -c spec        vCPU count, 1 to 255, and/or topology: sockets=, cores=, threads=
+  -C             keep guest memory in core dumps (memory.guest_in_core=true)
+  -D             destroy the VM at power-off (a KVM VM always ends with hvf)
+  -e             stop on an access to an unemulated I/O port (x86.strictio=true)
+  -G [w][addr:]port  GDB remote stub on addr (localhost) and port; w: wait for gdb
+  -h             this help
+  -H             let a halted vCPU sleep (KVM always does; x86.vmexit_on_hlt=true)
+  -I             ignored, as by bhyve (an I/O APIC is always present)
+  -k file        configuration file: key=value lines, or TOML if it ends in .toml
+  -K layout      VNC keyboard layout: refused (hvf has no framebuffer)
+  -l dev[,conf]  LPC device: comN,BACKEND, bootrom,ROM[,VARS], fwcfg, ... (-l help)
+  -m size        guest memory: K, M, G, T suffixes; bare numbers below 1 MiB are MiB
+  -o var=value   set a configuration variable (bhyve_config(5) names)
+  -p vcpu:cpu    run vCPU vcpu on host CPU cpu only (repeat to allow more CPUs)
+  -P             let a vCPU spinning on PAUSE yield (KVM's pause-loop exiting does)
+  -r snapshot    restore from a snapshot; other options may only redirect consoles
+  -s slot,emu    PCI device at [bus:]slot[:function], emulation emu (-s help)
+  -S             wire guest memory: lock it into host RAM (needs RLIMIT_MEMLOCK)
+  -u             the RTC keeps UTC, not local time (rtc.use_localtime=false)
+  -U uuid        the VM's UUID, for SMBIOS and fw_cfg
+  -w             ignore unknown MSRs: reads give 0, writes are dropped
+  -W             virtio with MSI instead of MSI-X: refused (not implemented)
+  -x             x2APIC mode for the vCPUs (x86.x2apic=true)
+  -Y             no MP table (hvf never builds one; x86.mptable=false)
+  --kernel file  boot a Linux bzImage or multiboot kernel directly
+  --initrd file  its initramfs, or its multiboot modules (comma-separated)
+  --append text  the kernel's command line
+  --help         this help
+
+Exit status: 0 rebooted, 1 powered off, 2 halted, 3 triple fault, 4 an error
+(a configuration hvf cannot run), 64 a command line that does not parse.
+"""
+USAGE = SYNOPSIS + "\n" + OPTIONS
 
 SHORT_OPTS = "aehuwxACDHIPSWYk:o:p:G:c:s:m:l:K:U:r:"
 LONG_OPTS = ["kernel=", "initrd=", "append=", "help"]
@@ -164,11 +191,9 @@ def parse_args(argv: Sequence[str], plugins: Plugins, *, defaults: bool = True) 
                 raise HelpRequested(_listing([(e.name, e.help) for e in plugins.lpc_devices]))
             _apply_lpc(config, value, plugins)
         elif opt == "-m":
-            try:
-                parse_size(value)
-            except ConfigError:
-                raise UsageError(f"invalid memsize '{value}'") from None
-            config.set("memory.size", value)
+            if not is_memsize(value):
+                raise UsageError(f"invalid memsize '{value}'")
+            config.set("memory.size", value)  # its range: hvf.preflight
         elif opt == "-c":
             for key, v in parse_cpus(value).items():
                 config.set(key, v)
@@ -225,10 +250,10 @@ def _apply_lpc(config: Config, arg: str, plugins: Plugins) -> None:
     entry = registry.get(name)
     if entry is None:
         raise UsageError(f"invalid lpc device configuration '{arg}'")
-    try:
+    try:  # the device refusing its options is a configuration error, as bhyve's bootrom
         values = entry.parse(conf) if entry.parse else {entry.name: "true", **generic_options(conf)}
     except ConfigError as e:
-        raise UsageError(f"invalid lpc device configuration '{arg}': {e}") from None
+        raise ConfigError(f"invalid lpc device configuration '{arg}': {e}") from None
     for key, value in values.items():
         config.set(f"lpc.{key}", value)
 
@@ -318,12 +343,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if not config.get("name") and restore_from is None:
             raise UsageError("no VM name given (the last argument)")
+        for warning in preflight.check(config, plugins):
+            sys.stderr.write(f"hvf: warning: {warning}\n")
         return run_vm(config, plugins, restore_from)
     except HelpRequested as h:
         sys.stdout.write(h.text)
         return 0
     except UsageError as e:
-        sys.stderr.write(f"hvf: {e}\n{USAGE}")
+        sys.stderr.write(f"hvf: {e}\n{SYNOPSIS}Run 'hvf -h' for what each option does.\n")
         return exitcodes.USAGE
     except HvfError as e:
         sys.stderr.write(f"hvf: {e}\n")
@@ -331,4 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    """The ``hvf`` console script: :func:`main`, and a reader that goes away (``hvf
+    snapshot info DIR | head``) ends hvf quietly by SIGPIPE, as it would a C program."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+        status = 128 + signal.SIGPIPE  # what a shell reports for death by SIGPIPE
+    sys.exit(status)

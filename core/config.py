@@ -10,9 +10,9 @@ order, so a later setting overrides an earlier one: ``pci.0.31.0.device=lpc``,
 from __future__ import annotations
 
 import copy
+import difflib
 import re
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -28,8 +28,27 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 
-#: Values set before any option is parsed (bhyve's defaults).
-DEFAULTS = {"memory.size": "256M", "cpus": "1"}
+#: Values set before any option is parsed (bhyve's defaults; ``cpus`` has none, so that
+#: a topology alone gives the count).
+DEFAULTS = {"memory.size": "256M"}
+#: The most a ``-k`` file may hold.
+MAX_CONFIG_FILE = 1 << 20
+
+#: The variables the core reads, or bhyve_config(5) defines (those the command line
+#: sets), as patterns: ``*`` stands for one name, a trailing ``**`` for a subtree.
+#: Plugins add theirs through ``hvf_config_keys``; a configured device's subtree (see
+#: :func:`unknown_keys`) is the device's own.
+CORE_KEYS = (
+    "name", "cpus", "sockets", "cores", "threads", "uuid", "keyboard.layout",
+    "memory.size", "memory.wired", "memory.guest_in_core", "memory.shared",
+    "acpi_tables", "destroy_on_poweroff", "virtio_msix", "config.dump", "config.strict",
+    "x86.mptable", "x86.x2apic", "x86.strictio", "x86.strictmsr", "x86.vmexit_on_hlt",
+    "x86.vmexit_on_pause", "x86.emulate", "vcpu.*.cpuset",
+    "gdb.address", "gdb.port", "gdb.wait", "rtc.use_localtime",
+    "bios.**", "system.**", "board.**", "chassis.**",
+    "boot.kernel", "boot.initrd", "boot.append", "pci.enable_bars",
+    "lpc.bootvars", "lpc.pcireg.**",
+)
 
 
 class Config:
@@ -115,9 +134,18 @@ class Config:
     def load_file(self, path: str) -> None:
         """Load a ``-k`` file: TOML when it ends in ``.toml``, else bhyve's key=value lines."""
         try:
-            text = Path(path).read_text()
+            with open(path, "rb") as f:
+                data = f.read(MAX_CONFIG_FILE + 1)
         except OSError:
             raise ConfigError(f"Failed to open configuration file {path}") from None
+        if len(data) > MAX_CONFIG_FILE:
+            raise ConfigError(f"-k {path}: larger than {MAX_CONFIG_FILE >> 20} MiB, so not a "
+                              "configuration file")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"-k {path}: not UTF-8 text (byte {data[e.start]:#04x} at "
+                              f"offset {e.start})") from None
         if path.endswith(".toml"):
             self._load_toml(path, text)
         else:
@@ -154,6 +182,28 @@ class Config:
             if not sep or not key or " " in line:
                 raise ConfigError(f"{path} line {n}: invalid config option '{line}'")
             self.set(key, value)
+
+
+def unknown_keys(config: Config, patterns: Iterable[str], device_nodes: Iterable[str]) -> \
+        Iterator[tuple[str, str | None]]:
+    """Each key of ``config`` that no pattern (see :data:`CORE_KEYS`) matches and that
+    is not one of ``device_nodes`` or inside one (a device checks its own options), with
+    the known name it most resembles, or None."""
+    compiled = [_pattern(p) for p in patterns]
+    names = [p for p in patterns if "*" not in p]
+    nodes = set(device_nodes)
+    inside = tuple(f"{node}." for node in nodes)
+    for key, _value in config.items():
+        if key in nodes or key.startswith(inside) or any(p.fullmatch(key) for p in compiled):
+            continue
+        close = difflib.get_close_matches(key, names, n=1)
+        yield key, close[0] if close else None
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    parts = [r"[^.]+" if part == "*" else re.escape(part) for part in pattern.split(".")]
+    text = r"\.".join(parts)
+    return re.compile(text.replace(re.escape("**"), r"[^.]+(\.[^.]+)*"))
 
 
 @attrs.frozen

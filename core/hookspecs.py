@@ -89,6 +89,21 @@ def hvf_register_ctl_commands(commands: CtlCommands) -> None:
     """
 
 
+@hookspec
+def hvf_config_keys() -> list[str]:
+    """The configuration variables this plugin reads outside device subtrees, so that
+    hvf does not call them unknown (it warns of unknown variables, and with
+    ``config.strict=true`` refuses them).
+
+    Return patterns of dotted names: ``*`` stands for one name, a trailing ``**`` for a
+    whole subtree (``["myplugin.level", "myplugin.rules.**"]``). The core's own and
+    bhyve_config(5)'s variables are :data:`hvf.config.CORE_KEYS`. A device's options need
+    no declaring: everything under a configured ``pci.B.S.F`` node (one with
+    ``device``) and under ``lpc.NAME`` for a registered LPC device ``NAME`` is that
+    device's to check.
+    """
+
+
 # ---- building the machine ----
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import resource
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
+from cffi import FFI
 
 from hvf import extents
 from hvf._kvm import ffi
@@ -35,19 +38,62 @@ BIOS_BASE = 0xF0000
 E820_RAM = 1
 E820_RESERVED = 2
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
-_SUFFIX = {"": MiB, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+_libc_ffi = FFI()
+_libc_ffi.cdef("int mlock(const void *addr, size_t len);")
+_libc: Any = _libc_ffi.dlopen(None)
+
+
+def _mlock(addr: int, length: int) -> None:
+    """``mlock(2)``: fault the range in and keep it out of swap."""
+    if _libc.mlock(_libc_ffi.cast("void *", addr), length) != 0:
+        errno = _libc_ffi.errno
+        raise OSError(errno, os.strerror(errno))
+
+
+def _wire_error(size: int, e: OSError) -> str:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else describe_size(soft)
+    return (f"-S: cannot wire {describe_size(size)} of guest memory ({e.strerror}): "
+            f"RLIMIT_MEMLOCK is {limit} (raise it with 'ulimit -l' or the memlock limit "
+            "in limits.conf, or run without -S)")
+
+TiB = 1024 * GiB
+_SIZE_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)[bB]?\s*$")
+_SUFFIX = {"k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def is_memsize(text: str) -> bool:
+    """Whether ``text`` has the form of a memory size (``-m``), whatever its value."""
+    return _SIZE_RE.match(text) is not None
 
 
 def parse_size(text: str) -> int:
-    """Parse a bhyve memory size: ``512M``, ``2G``, ``1024K``; a bare number is MiB."""
+    """A bhyve memory size in bytes: ``512M``, ``2G``, ``65536K``; a bare number below
+    1 MiB counts MiB and from 1 MiB on bytes (bhyverun.c ``vm_parse_memsize``), so
+    ``1024`` is 1 GiB and ``268435456`` is 256 MiB. Guest RAM is at least 1 MiB, in
+    whole host pages."""
     m = _SIZE_RE.match(text)
     if not m:
         raise ConfigError(f"invalid memsize '{text}'")
-    size = int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    number, suffix = int(m.group(1), 0), m.group(2).lower()
+    if suffix:
+        size = number * _SUFFIX[suffix]
+    else:
+        size = number * MiB if number < MiB else number
     if size < MiB:
-        raise ConfigError(f"invalid memsize '{text}': at least 1M of guest memory is needed")
+        raise ConfigError(f"invalid memsize '{text}': out of range (at least 1 MiB)")
+    if size % mmap.PAGESIZE:
+        raise ConfigError(f"invalid memsize '{text}': not a multiple of "
+                          f"{describe_size(mmap.PAGESIZE)}")
     return size
+
+
+def describe_size(size: int) -> str:
+    """``size`` bytes for people: ``16 MiB``, ``976.6 TiB``."""
+    for unit, name in ((TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if size >= unit:
+            return f"{size // unit} {name}" if size % unit == 0 else f"{size / unit:.1f} {name}"
+    return f"{size} bytes"
 
 
 @attrs.frozen
@@ -77,27 +123,45 @@ class GuestMemory:
     open descriptor this object takes over) mapped copy-on-write, so that pages load
     from the file on first touch and the file is never modified. With ``shared``, a
     snapshot's RAM file is instead loaded into a new memfd, mapped shared, so that other
-    processes (vhost-user back ends) can map guest RAM too."""
+    processes (vhost-user back ends) can map guest RAM too. ``wired`` locks it in host
+    memory (``-S``, ``mlock``); ``in_core`` keeps it in core dumps (``-C``)."""
 
-    def __init__(self, size: int, ram_file: int | None = None, *, shared: bool = False) -> None:
+    def __init__(self, size: int, ram_file: int | None = None, *, shared: bool = False,
+                 wired: bool = False, in_core: bool = False) -> None:
         if size % mmap.PAGESIZE:
             raise ConfigError(f"memory size {size} is not a multiple of the page size")
         self.size = size
         self.regions = pc_layout(size)
         #: Whether :attr:`map` is a private (copy-on-write) mapping of :attr:`fd`.
         self.private = ram_file is not None and not shared
-        if ram_file is None or shared:
-            self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
-            flags = mmap.MAP_SHARED
-        else:
-            self.fd = ram_file
-            flags = mmap.MAP_PRIVATE
-        self.map = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+        new_file = ram_file is None or shared
+        self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC) if new_file else ram_file
+        try:
+            if new_file:
+                os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED if new_file else
+                                 mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, OverflowError) as e:
+            os.close(self.fd)
+            if ram_file is not None and shared:
+                os.close(ram_file)
+            reason = e.strerror if isinstance(e, OSError) else "too large"
+            raise ConfigError(
+                f"-m: cannot map {describe_size(size)} of guest memory ({reason}); "
+                "memory.size must be at least 1 MiB and fit in this host's address space "
+                "and memory") from None
         self.view = memoryview(self.map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
+        if not in_core:  # as bhyve, guest RAM stays out of core dumps unless -C
+            self.map.madvise(mmap.MADV_DONTDUMP)
         if ram_file is not None and shared:
             self._load(ram_file)
+        if wired:
+            try:
+                _mlock(self.host_addr, size)
+            except OSError as e:
+                self.close()
+                raise ConfigError(_wire_error(size, e)) from None
 
     def _load(self, ram_file: int) -> None:
         """Copy the data of a snapshot's RAM file (holes stay holes) and close it."""

@@ -49,7 +49,7 @@ def test_config_dump_builds_bhyve_tree(capsys: pytest.CaptureFixture[str], tmp_p
     (["-s", "3,nosuch", "vm"], 4, 'pci slot 0:3:0: unknown device "nosuch"'),
     (["-s", "3,hostbridge", "-s", "3:0,lpc", "vm"], 4, "pci slot 0:3:0 already occupied!"),
     (["-l", "com9,stdio", "vm"], 64, "invalid lpc device configuration 'com9,stdio'"),
-    (["-l", "fwcfg,bhyve", "vm"], 64, "invalid lpc device configuration 'fwcfg,bhyve'"),
+    (["-l", "fwcfg,bhyve", "vm"], 4, "invalid lpc device configuration 'fwcfg,bhyve'"),
     (["-m", "12Q", "vm"], 64, "invalid memsize '12Q'"),
     (["-c", "cpus=x", "vm"], 64, "invalid cpu topology 'cpus=x'"),
     (["-o", "novalue", "vm"], 64, "invalid configuration option 'novalue'"),
