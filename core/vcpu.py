@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from hvf import emulate, exitcodes
 from hvf._kvm import ffi, lib
 from hvf.errors import HvfError, KvmError
 from hvf.kvm import VcpuFd
+from hvf.preflight import host_cpuset
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
@@ -70,6 +72,8 @@ class Vcpu:
         self._signalable = False  # the thread runs and may be sent the kick signal
         #: Kept parked outside KVM_RUN by a debugger (see Machine.hold).
         self.held = False
+        #: The host CPUs its thread may run on (-p), or None.
+        self.cpuset = host_cpuset(vm.config, index)
         self._unhandled_log = vm.unhandled_log
         view = memoryview(self.fd.run_map)
         self._m8 = view
@@ -101,6 +105,8 @@ class Vcpu:
         with self._kick_lock:
             self._signalable = True
         try:
+            if self.cpuset:
+                os.sched_setaffinity(0, self.cpuset)  # 0: this thread
             self._run_loop()
         except HvfError as e:
             self.vm.request_exit(exitcodes.ERROR, f"vcpu {self.index}: {e}")
