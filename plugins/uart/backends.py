@@ -247,6 +247,9 @@ class TcpConsole(SocketConsole):
         if not sep or not port.isdigit() or not host:
             raise ConfigError(f"{self.owner}: invalid tcp console '{self.spec}' "
                               "(expected tcp=ADDRESS:PORT)")
+        if int(port) > 65535:
+            raise ConfigError(f"{self.owner}: tcp console '{self.spec}': port {port} is out of "
+                              "range (0 to 65535)")
         if ":" in host:
             self.family = socket.AF_INET6
         return (host, int(port))
