@@ -22,7 +22,7 @@ def hvf_register_pci_devices(registry: Registry) -> None:
                  help="virtio console (1af4:1043), NAME=BACKEND ports as -l com1 takes")
     registry.add("virtio-blk", blk.create, parse=blk.parse,
                  help="virtio disk (1af4:1042), PATH[,ro][,nocache][,direct][,sectorsize=L[/P]]"
-                      "[,ser=ID]")
+                      "[,ser=ID][,num_queues=N][,bootindex=N]")
     registry.add("vhost-user-blk", vhost_user_blk.create, parse=vhost_user_blk.parse,
                  help="virtio disk served by a vhost-user back end (qemu-storage-daemon), "
                       "socket=PATH[,queues=N]")

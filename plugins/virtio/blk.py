@@ -5,7 +5,7 @@
 ``[,bootindex=N]`` as in bhyve (configuration ``pci.B.S.F.path``, ``.ro``, ``.ser``,
 ``.bootindex``, ...); ``bootindex`` puts the disk in the firmware's boot order as
 ``/pci@i0cf8/scsi@S/disk@0,0`` (:mod:`hvf.bootorder`). One request
-queue. The I/O thread takes each chain, checks it and hands it to the
+queue, or ``num_queues=N`` of them (``VIRTIO_BLK_F_MQ``). The I/O thread takes each chain, checks it and hands it to the
 :class:`~hvf.plugins.block.backend.BlockBackend` with the guest's buffers as views (no
 copy); the completion, on a worker thread, writes the status byte, returns the chain
 and interrupts, under the device lock. A request that breaks the rules (no status
@@ -47,6 +47,7 @@ F_RO = 1 << 5
 F_BLK_SIZE = 1 << 6
 F_FLUSH = 1 << 9
 F_TOPOLOGY = 1 << 10
+F_MQ = 1 << 12
 F_DISCARD = 1 << 13
 F_WRITE_ZEROES = 1 << 14
 
@@ -61,6 +62,8 @@ ID_BYTES = 20
 #: Bytes per guest buffer (``size_max``), and segments per request (``seg_max``).
 SIZE_MAX = 1 << 20
 SEG_MAX = QUEUE_SIZE - 2
+#: Most request queues a disk offers (``num_queues=N``).
+MAX_QUEUES = 16
 #: Discard / write-zeroes limits: sectors per segment and segments per request.
 MAX_RANGE_SECTORS = (1 << 32) - 1 & ~7
 MAX_RANGE_SEGMENTS = 32
@@ -129,7 +132,8 @@ class VirtioBlk(VirtioPciDevice):
     queue_max_sizes = (QUEUE_SIZE,)
 
     def __init__(self, name: str, image: Image, serial: bytes, *, threads: int = 4,
-                 bootindex: int | None = None) -> None:
+                 bootindex: int | None = None, queues: int = 1) -> None:
+        self.queue_max_sizes = (QUEUE_SIZE,) * queues
         super().__init__(name)
         self.image = image
         self.serial = serial
@@ -139,7 +143,8 @@ class VirtioBlk(VirtioPciDevice):
         self.discard = image.discard and not image.readonly
         self.device_features = (F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_TOPOLOGY | F_FLUSH
                                 | (F_RO if self.readonly else 0)
-                                | (F_DISCARD | F_WRITE_ZEROES if self.discard else 0))
+                                | (F_DISCARD | F_WRITE_ZEROES if self.discard else 0)
+                                | (F_MQ if queues > 1 else 0))
         self.backend = BlockBackend(image, threads=threads, name=name)
         #: Chains handed to the back end and not yet returned to the guest.
         self.in_flight = 0
@@ -159,7 +164,7 @@ class VirtioBlk(VirtioPciDevice):
             0, 0, 0,  # geometry (not offered)
             sector.logical,
             per_physical.bit_length() - 1, 0, per_physical, 0,  # topology
-            0, 0, 1,  # writeback, unused, num_queues
+            0, 0, len(self.queues),  # writeback, unused, num_queues
             limit, segments, align, limit, segments, 1 if self.discard else 0)
 
     # ---- requests (I/O thread, lock held) ----
@@ -333,10 +338,13 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     if ser is not None and (len(ser) > ID_BYTES or not ser.isascii()):
         raise ConfigError(f"{where}: ser= takes at most {ID_BYTES} ASCII characters")
     bootindex = parse_bootindex(values.get("bootindex"), where)
+    queues = values.get("num_queues", "1")
+    if not queues.isdigit() or not 1 <= int(queues) <= MAX_QUEUES:
+        raise ConfigError(f"{where}: num_queues= takes 1 to {MAX_QUEUES}, not '{queues}'")
     image = open_image(path, ImageOptions.from_config(values))
     try:
         return VirtioBlk(where, image, ser.encode() if ser is not None else default_serial(path),
-                         bootindex=bootindex)
+                         bootindex=bootindex, queues=int(queues))
     except BaseException:
         image.close()
         raise

@@ -6,9 +6,15 @@
  *
  *   blk capacity C
  *   blk wrote N
+ *   blk flushed N            (the flush completed: the N sectors are durable)
  *   blk read N ok            (or: blk mismatch at sector S word W)
+ *   blk discarded N          (discard=1: then `blk zero N ok` after reading
+ *                             the discarded sectors back as zeros)
  *   blk id STRING
  *   blk done
+ *
+ * queues=Q (VIRTIO_BLK_F_MQ) spreads the requests over Q queues, slot k on
+ * queue k % Q.
  *
  * With ro=1 it only expects a write to be refused with IOERR and prints
  * `blk write refused`.  Requests are three-descriptor chains (header,
@@ -21,11 +27,14 @@
 
 #define VIRTIO_BLK_F_BLK_SIZE	(1ull << 6)
 #define VIRTIO_BLK_F_FLUSH	(1ull << 9)
+#define VIRTIO_BLK_F_MQ		(1ull << 12)
+#define VIRTIO_BLK_F_DISCARD	(1ull << 13)
 
 #define BLK_T_IN		0
 #define BLK_T_OUT		1
 #define BLK_T_FLUSH		4
 #define BLK_T_GET_ID		8
+#define BLK_T_DISCARD		11
 
 #define BLK_S_OK		0
 #define BLK_S_IOERR		1
@@ -36,6 +45,7 @@
 #define PATTERN_MUL		0x9E3779B1u
 #define PATTERN_XOR		0xA5A5A5A5u
 #define MAX_SLOTS		(VQ_MAX_SIZE / 3)
+#define MAX_QUEUES		8
 
 struct blk_hdr {
 	uint32_t type;
@@ -43,7 +53,15 @@ struct blk_hdr {
 	uint64_t sector;
 };
 
+struct blk_discard {
+	uint64_t sector;
+	uint32_t num_sectors;
+	uint32_t flags;
+};
+
 struct slot {
+	struct vq *q;		/* its queue, and its chain's first descriptor there */
+	uint16_t head;
 	volatile struct blk_hdr *hdr;
 	volatile uint8_t *status;
 	uint32_t *data;
@@ -54,7 +72,8 @@ struct slot {
 };
 
 static struct vio_dev blk;
-static struct vq *q;
+static struct vq *qs[MAX_QUEUES];
+static uint32_t nqueues = 1;
 static struct slot slots[MAX_SLOTS];
 static uint32_t nslots;
 
@@ -62,8 +81,9 @@ static uint32_t nslots;
 static void submit(uint32_t k, uint32_t type, uint32_t sector, uint32_t len)
 {
 	struct slot *s = &slots[k];
-	volatile struct vring_desc *d = &q->desc[3 * k];
-	uint16_t head = (uint16_t)(3 * k);
+	struct vq *q = s->q;
+	uint16_t head = s->head;
+	volatile struct vring_desc *d = &q->desc[head];
 
 	s->type = type;
 	s->sector = sector;
@@ -82,7 +102,8 @@ static void submit(uint32_t k, uint32_t type, uint32_t sector, uint32_t len)
 		d[1].addr = (uint32_t)s->data;
 		d[1].len = len;
 		d[1].flags = VRING_DESC_F_NEXT |
-			     (type == BLK_T_OUT ? 0 : VRING_DESC_F_WRITE);
+			     (type == BLK_T_OUT || type == BLK_T_DISCARD ? 0 :
+			      VRING_DESC_F_WRITE);
 		d[1].next = (uint16_t)(head + 2);
 	} else {
 		d[0].next = (uint16_t)(head + 2);
@@ -97,9 +118,10 @@ static void submit(uint32_t k, uint32_t type, uint32_t sector, uint32_t len)
 	q->pending++;
 }
 
-/* A completed slot, or -1 if the used ring has nothing new. */
-static int reap(void)
+/* A completed slot on queue qi, or -1 if its used ring has nothing new. */
+static int reap_queue(uint32_t qi)
 {
+	struct vq *q = qs[qi];
 	uint16_t used_idx = q->used->idx;
 	uint32_t id, k;
 
@@ -110,7 +132,7 @@ static int reap(void)
 	barrier();
 	id = q->used->ring[q->last_used & (q->size - 1)].id;
 	q->last_used++;
-	k = id / 3;
+	k = id / 3 * nqueues + qi;
 	if (id % 3 || k >= nslots || !slots[k].busy) {
 		con_puts("virtio-blk: used ring returned a descriptor not in flight: ");
 		con_dec(id);
@@ -121,11 +143,24 @@ static int reap(void)
 	return (int)k;
 }
 
-static int wait_slot(void)
+static int reap(void)
 {
+	uint32_t qi;
 	int k;
 
-	vq_kick(q);
+	for (qi = 0; qi < nqueues; qi++)
+		if ((k = reap_queue(qi)) >= 0)
+			return k;
+	return -1;
+}
+
+static int wait_slot(void)
+{
+	uint32_t qi;
+	int k;
+
+	for (qi = 0; qi < nqueues; qi++)
+		vq_kick(qs[qi]);
 	while ((k = reap()) < 0)
 		vio_wait(&blk);
 	return k;
@@ -228,6 +263,9 @@ static void run_rw(uint32_t total, uint32_t per_req)
 	submit(0, BLK_T_FLUSH, 0, 0);
 	if (*slots[wait_slot()].status != BLK_S_OK)
 		bad_status("flush", &slots[0]);
+	con_puts("blk flushed ");
+	con_dec(total);
+	con_putc('\n');
 
 	/* Reads, compared as they complete; the lowest bad sector is kept. */
 	for (next = 0, k = 0; k < nslots && next < total; k++) {
@@ -267,6 +305,50 @@ static void run_rw(uint32_t total, uint32_t per_req)
 	con_puts(" ok\n");
 }
 
+/* Discard sectors [0, total) in requests of at most `limit`, one segment each,
+ * then read them back: a discarded sector reads as zeros on this device. */
+static void run_discard(uint32_t total, uint32_t limit, uint32_t per_req)
+{
+	volatile struct blk_discard *seg = (struct blk_discard *)slots[0].data;
+	uint32_t next, cnt, i, w;
+	struct slot *s;
+
+	if (limit == 0)
+		fail("blk: the device's max_discard_sectors is 0");
+	for (next = 0; next < total; next += cnt) {
+		cnt = total - next < limit ? total - next : limit;
+		seg->sector = next;
+		seg->num_sectors = cnt;
+		seg->flags = 0;
+		submit(0, BLK_T_DISCARD, 0, sizeof(struct blk_discard));
+		s = &slots[wait_slot()];
+		if (*s->status != BLK_S_OK)
+			bad_status("discard", s);
+	}
+	con_puts("blk discarded ");
+	con_dec(total);
+	con_putc('\n');
+	for (next = 0; next < total; next += cnt) {
+		cnt = total - next < per_req ? total - next : per_req;
+		submit(0, BLK_T_IN, next, cnt * SECTOR);
+		s = &slots[wait_slot()];
+		if (*s->status != BLK_S_OK)
+			bad_status("read after discard", s);
+		for (i = 0; i < cnt * SECTOR_WORDS; i++) {
+			if (s->data[i]) {
+				w = next + i / SECTOR_WORDS;
+				con_puts("blk not zero after discard at sector ");
+				con_dec(w);
+				con_putc('\n');
+				guest_exit(1);
+			}
+		}
+	}
+	con_puts("blk zero ");
+	con_dec(total);
+	con_puts(" ok\n");
+}
+
 static void get_id(void)
 {
 	uint8_t *id = (uint8_t *)slots[0].data;
@@ -300,7 +382,7 @@ static void run_ro(uint32_t per_req, uint32_t total)
 
 int main(void)
 {
-	uint32_t total, bufsz, depth, ro, k;
+	uint32_t total, bufsz, depth, ro, discard, k, qi, per_queue;
 	uint64_t capacity;
 
 	opt_init();
@@ -308,6 +390,10 @@ int main(void)
 	bufsz = opt_num("buf=", 65536);
 	depth = opt_num("depth=", 8);
 	ro = opt_num("ro=", 0);
+	discard = opt_num("discard=", 0);
+	nqueues = opt_num("queues=", 1);
+	if (nqueues == 0 || nqueues > MAX_QUEUES)
+		fail("blk: queues= must be 1..8");
 	if (bufsz < SECTOR || bufsz % SECTOR || bufsz > (1u << 20))
 		fail("blk: buf= must be a multiple of 512 from 512 to 1048576");
 	if (depth == 0 || depth > MAX_SLOTS)
@@ -319,16 +405,31 @@ int main(void)
 	irq_init();
 	cpu_sti();
 	vio_begin(&blk, VIO_MSIX);
-	vio_negotiate(&blk, VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE);
-	q = vio_setup_queue(&blk, 0, VQ_MAX_SIZE);
+	vio_negotiate(&blk, VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE |
+		      (nqueues > 1 ? VIRTIO_BLK_F_MQ : 0) |
+		      (discard ? VIRTIO_BLK_F_DISCARD : 0));
+	if (nqueues > 1 && !(blk.drv_features & VIRTIO_BLK_F_MQ))
+		fail("blk: queues= needs VIRTIO_BLK_F_MQ, which the device does not offer");
+	if (nqueues > vio_cfg_read16(&blk, 34) && nqueues > 1)
+		fail("blk: queues= is more than the device's num_queues");
+	if (discard && !(blk.drv_features & VIRTIO_BLK_F_DISCARD))
+		fail("blk: discard=1 needs VIRTIO_BLK_F_DISCARD, which the device does not offer");
+	per_queue = MAX_SLOTS;
+	for (qi = 0; qi < nqueues; qi++) {
+		qs[qi] = vio_setup_queue(&blk, (uint16_t)qi, VQ_MAX_SIZE);
+		if (qs[qi]->size / 3u < per_queue)
+			per_queue = qs[qi]->size / 3u;
+	}
 	vio_driver_ok(&blk);
 
 	nslots = depth;
-	if (nslots > q->size / 3u)
-		nslots = q->size / 3u;
+	if (nslots > per_queue * nqueues)
+		nslots = per_queue * nqueues;
 	if (nslots == 0)
 		fail("blk: queue too small for a three-descriptor chain");
 	for (k = 0; k < nslots; k++) {
+		slots[k].q = qs[k % nqueues];
+		slots[k].head = (uint16_t)(3 * (k / nqueues));
 		slots[k].hdr = mem_alloc(sizeof(struct blk_hdr), 16);
 		slots[k].status = mem_alloc(1, 1);
 		slots[k].data = mem_alloc(bufsz, 4096);
@@ -348,6 +449,8 @@ int main(void)
 		run_ro(bufsz / SECTOR, total);
 	} else {
 		run_rw(total, bufsz / SECTOR);
+		if (discard)
+			run_discard(total, vio_cfg_read32(&blk, 36), bufsz / SECTOR);
 		get_id();
 	}
 	vio_reset(&blk);

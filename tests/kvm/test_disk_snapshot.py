@@ -40,7 +40,7 @@ def check_image(img: Path, sectors: int) -> None:
 
 def done_lines(sectors: int) -> list[str]:
     return [f"blk capacity {IMAGE_SIZE // SECTOR}", f"blk wrote {sectors}",
-            f"blk read {sectors} ok"]
+            f"blk flushed {sectors}", f"blk read {sectors} ok"]
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_restore_mid_write_guest_and_image_agree(mid_write: tuple[Path, Path, st
     with Hvf(["-r", snap], tmp_path, "b") as vm:
         assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
         after = vm.stdout
-    assert (before + after).splitlines()[-5:-2] == done_lines(SECTORS), (before, after)
+    assert (before + after).splitlines()[-6:-2] == done_lines(SECTORS), (before, after)
     check_image(img, SECTORS)
 
 
@@ -94,5 +94,5 @@ def test_restore_takes_a_copy_of_the_same_size_and_refuses_another(
     with Hvf(["-r", snap, "-o", f"pci.0.3.0.path={copy}"], tmp_path, "c") as vm:
         assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
         after = vm.stdout
-    assert (before + after).splitlines()[-5:-2] == done_lines(SECTORS), (before, after)
+    assert (before + after).splitlines()[-6:-2] == done_lines(SECTORS), (before, after)
     check_image(copy, SECTORS)

@@ -95,7 +95,7 @@ def check_image(img: Path, sectors: int) -> None:
 
 def blk_lines(sectors: int) -> list[str]:
     return [f"blk capacity {IMAGE_SIZE // SECTOR}", f"blk wrote {sectors}",
-            f"blk read {sectors} ok"]
+            f"blk flushed {sectors}", f"blk read {sectors} ok"]
 
 
 def test_guest_io_through_qemu_storage_daemon(guests: dict[str, Path],
@@ -104,7 +104,7 @@ def test_guest_io_through_qemu_storage_daemon(guests: dict[str, Path],
                   "-s", f"3,vhost-user-blk,socket={daemon.socket}", timeout=300)
     assert r.returncode == 1, (r.stdout, r.stderr)
     lines = r.stdout.splitlines()
-    assert lines[-5:-2] == blk_lines(2048), r.stdout
+    assert lines[-6:-2] == blk_lines(2048), r.stdout
     assert lines[-2].startswith("blk id ") and lines[-1] == "blk done", r.stdout
     assert "lost" not in r.stderr, r.stderr
     daemon.kill()
@@ -123,7 +123,7 @@ def test_qcow2_image_served_by_the_daemon(guests: dict[str, Path], tmp_path: Pat
                       "-s", f"3,vhost-user-blk,socket={d.socket}", timeout=300)
     finally:
         d.stop()
-    assert r.returncode == 1 and r.stdout.splitlines()[-5:-2] == blk_lines(2048), r.stdout
+    assert r.returncode == 1 and r.stdout.splitlines()[-6:-2] == blk_lines(2048), r.stdout
     raw = tmp_path / "converted.img"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow, raw], check=True)
     check_image(raw, 2048)
@@ -167,7 +167,7 @@ def test_daemon_restarted_mid_run_the_guest_carries_on(
         daemon.start()
         assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
         assert "reconnected" in vm.stderr, vm.stderr
-    assert vm.stdout.splitlines()[-5:-2] == blk_lines(sectors), vm.stdout
+    assert vm.stdout.splitlines()[-6:-2] == blk_lines(sectors), vm.stdout
     daemon.kill()
     check_image(daemon.image, sectors)
 
@@ -190,7 +190,7 @@ def test_suspend_mid_write_and_restore_into_shared_memory(
     with Hvf(["-r", snap], tmp_path, "b") as vm:
         assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
         rest = vm.stdout
-    assert (first + rest).splitlines()[-5:-2] == blk_lines(sectors), (first, rest)
+    assert (first + rest).splitlines()[-6:-2] == blk_lines(sectors), (first, rest)
     daemon.kill()
     check_image(daemon.image, sectors)
 

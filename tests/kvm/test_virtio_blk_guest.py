@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_guest
+import signal
+
+from conftest import BASE_ARGS, popen_hvf, run_guest, stop, wait_for_text
 
 pytestmark = pytest.mark.kvm
 
@@ -51,9 +53,10 @@ def test_blk_write_flush_read_and_id(guests: dict[str, Path], tmp_path: Path) ->
     img = sparse_image(tmp_path)
     r = run_guest(guests["virtio_blk"], "-s", f"3,virtio-blk,{img},ser={SERIAL}", timeout=300)
     assert r.returncode == 1, (r.stdout, r.stderr)  # guest exit 0
-    assert r.stdout.splitlines()[-5:] == [
+    assert r.stdout.splitlines()[-6:] == [
         f"blk capacity {IMAGE_SIZE // SECTOR}",
         f"blk wrote {SECTORS}",
+        f"blk flushed {SECTORS}",
         f"blk read {SECTORS} ok",
         f"blk id {SERIAL}",
         "blk done",
@@ -81,3 +84,34 @@ def test_blk_read_only_refuses_writes(guests: dict[str, Path], tmp_path: Path) -
     ], r.stdout
     assert img.stat().st_size == IMAGE_SIZE
     assert is_zero(img, 0), "read-only image was written"
+
+
+@pytest.mark.parametrize("queues", [1, 4])
+def test_blk_discard_leaves_the_image_sparse(guests: dict[str, Path], tmp_path: Path,
+                                             queues: int) -> None:
+    """Writes, flush, read-back and discard of 1 MiB over one queue and over four
+    (VIRTIO_BLK_F_MQ): the guest reads the discarded sectors back as zeros and the
+    image file's blocks are given back (holes punched)."""
+    img = sparse_image(tmp_path)
+    r = run_guest(guests["virtio_blk"], "-s", f"3,virtio-blk,{img},num_queues={queues}",
+                  append=f"queues={queues} discard=1", timeout=300)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stdout.splitlines()[-5:-2] == [
+        f"blk read {SECTORS} ok", f"blk discarded {SECTORS}", f"blk zero {SECTORS} ok"], r.stdout
+    assert img.stat().st_size == IMAGE_SIZE
+    assert img.stat().st_blocks * 512 < 64 * 1024, "the discarded range still holds blocks"
+    assert is_zero(img, 0)
+
+
+def test_sigkill_after_a_flush_loses_no_write(guests: dict[str, Path], tmp_path: Path) -> None:
+    """hvf killed with SIGKILL once the guest saw its flush complete: every sector the
+    guest wrote before the flush is in the image."""
+    img, log = sparse_image(tmp_path), tmp_path / "debug.log"
+    proc = popen_hvf([*BASE_ARGS[:-2], "-l", f"debugcon,{log}", "-s", f"3,virtio-blk,{img}",
+                      "--kernel", guests["virtio_blk"], "--append", "n=8192", "vm-sigkill"])
+    try:
+        wait_for_text(log, "blk flushed 8192", proc, timeout=300)
+    finally:
+        stop(proc, signal.SIGKILL)
+    with img.open("rb") as f:
+        assert f.read(8192 * SECTOR) == pattern(8192), "a flushed write is missing"

@@ -235,8 +235,9 @@ def test_save_restore_and_stats(image: Path) -> None:
     with disk(image) as d:
         d.request(blk.T_IN, 0, into=[512])
         saved = d.device.save_state()
-        assert saved["device"] == {}
-        d.device.restore_state(saved, 1)
+        assert saved["device"]["image"]["path"] == str(image)
+        assert saved["device"]["image"]["size"] == image.stat().st_size
+        d.device.restore_state(saved, 2)
         stats = d.device.stats()
         assert stats["in_flight"] == 0 and stats["block_reads"] == 1
 
