@@ -1,19 +1,14 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""bhyve's ``-G [w][bind:]port``: a GDB remote stub on TCP.
+"""bhyve's ``-G [w][bind:]port``: a GDB remote stub on TCP, one debugger at a time.
 
-One debugger at a time. While it holds the guest every vCPU is parked outside
-``KVM_RUN`` (:meth:`hvf.vm.Machine.hold`) and the stub's thread reads and writes
-registers and memory itself; a resume releases the vCPUs the command names (a
-single step releases only the stepped one, as bhyve does). Breakpoints: ``Z0`` patches
-``int3`` into guest RAM (``KVM_GUESTDBG_USE_SW_BP``), ``Z1``, ``Z2`` and ``Z4`` use the
-four debug registers (``KVM_GUESTDBG_USE_HW_BP``); ``s`` is
-``KVM_GUESTDBG_SINGLESTEP``. The vCPU that stops reports from its own thread
-(:meth:`GdbStub.debug_exit`), which holds the others. Memory addresses are linear ones,
-translated by the current thread's page tables (``KVM_TRANSLATE``); only guest RAM is
-reachable. Detaching (``D``, ``k`` or a lost connection) removes every breakpoint and
-lets the guest run on. Where ``int3`` cannot be emulated by this host's KVM
-(``kvm_pvm``), the failed emulation of a patched ``int3`` counts as the breakpoint
-(:meth:`GdbStub.breakpoint_trap`).
+While gdb holds the guest every vCPU is parked outside ``KVM_RUN``
+(:meth:`hvf.vm.Machine.hold`) and the stub's thread reads and writes registers and
+memory (:mod:`hvf.gdbstub_target`) itself; a resume releases the vCPUs it names (a
+legacy ``s`` only the stepped one, as bhyve). ``s`` is ``KVM_GUESTDBG_SINGLESTEP``. The
+vCPU that stops reports from its own thread (:meth:`GdbStub.debug_exit`) and the others
+are held. Detaching (``D``, ``k`` or a lost connection) removes every breakpoint and
+lets the guest run on. Where this host's KVM cannot emulate ``int3`` (``kvm_pvm``), the
+failed emulation of a patched one counts as the hit (:meth:`GdbStub.breakpoint_trap`).
 """
 
 from __future__ import annotations
@@ -49,8 +44,17 @@ log = logging.getLogger("hvf.gdb")
 
 BP_VECTOR = 3
 EIO = 0x05
-SUPPORTED = (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+"
-             % PACKET_SIZE)
+SEND_TIMEOUT = 30.0
+#: Packets kept for later while the guest runs (gdb sends none but Ctrl-C then).
+MAX_PENDING = 64
+_CONSTANT_REPLIES = {
+    "qSupported": b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+"
+                  % PACKET_SIZE,
+    "qAttached": b"1",  # an existing process: quitting gdb detaches, the guest runs on
+    "qsThreadInfo": b"l",
+    "vCont?": b"vCont;c;C;s;S",
+    "QStartNoAckMode": b"OK",
+}
 
 
 @attrs.frozen
@@ -210,11 +214,12 @@ class GdbStub:
 
     def _session(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(SEND_TIMEOUT)  # a peer that stops reading is dropped
         reader = PacketReader()
         pending: collections.deque[Packet | BadPacket | Interrupt] = collections.deque()
         announce = False  # the stop on connecting is told when gdb asks ('?')
-        self._no_ack = False
-        self._running = True
+        self._no_ack, self._running = False, True
+        self._current, self._resume_thread = 0, None
         with self._lock:
             self._attached = True
             self._stop = Stop(self._current)
@@ -256,6 +261,8 @@ class GdbStub:
                         self.interrupt()
                     elif not retry:
                         pending.append(event)
+                if len(pending) > MAX_PENDING:
+                    raise HvfError(f"more than {MAX_PENDING} packets sent while the guest ran")
 
     def _event(self, conn: socket.socket, event: Packet | BadPacket | Interrupt) -> None:
         if isinstance(event, BadPacket):
@@ -357,24 +364,16 @@ class GdbStub:
         return b"OK"
 
     def _query(self, name: str) -> bytes | None:
+        if name in _CONSTANT_REPLIES:
+            return _CONSTANT_REPLIES[name]
         if name == "?":
             return self._reported.reply()
         if name == "g":
             return x86.encode(self.layout, x86.read_state(self._fd())).hex().encode()
-        if name == "qSupported":
-            return SUPPORTED
         if name == "qC":
             return b"QC%x" % (self._current + 1)
-        if name == "qAttached":
-            return b"1"  # quitting gdb detaches: the guest runs on
         if name == "qfThreadInfo":
             return b"m" + b",".join(b"%x" % (v.index + 1) for v in self.vm.vcpus)
-        if name == "qsThreadInfo":
-            return b"l"
-        if name == "vCont?":
-            return b"vCont;c;C;s;S"
-        if name == "QStartNoAckMode":
-            return b"OK"
         with self._lock:  # D and k
             self._attached = False
         return b"OK" if name == "D" else None
@@ -394,23 +393,8 @@ class GdbStub:
     # ---- resuming ----
 
     def _resume(self, cmd: Resume) -> None:
-        steps: set[int] = set()
-        run: set[int] = set()
-        everyone = set(range(len(self.vm.vcpus)))
-        if cmd.legacy:  # c: everyone; s: the Hc thread only
-            action = cmd.actions[0][0]
-            if action == "s":
-                step = self._current if self._resume_thread is None else self._resume_thread
-                steps, run = {step}, {step}
-            else:
-                run = everyone
-        else:
-            for action, thread in cmd.actions:  # the leftmost action for a thread wins
-                index = self._thread_index(thread)
-                chosen = (everyone if index is None else {index}) - run
-                run |= chosen
-                if action == "s":
-                    steps |= chosen
+        step = self._current if self._resume_thread is None else self._resume_thread
+        run, steps = cmd.plan(len(self.vm.vcpus), step)
         for vcpu in self.vm.vcpus:
             vcpu.fd.set_guest_debug(self.guest.control(vcpu.index in steps),
                                     self.guest.debugreg())

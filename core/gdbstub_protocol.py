@@ -198,6 +198,25 @@ class Resume:
     actions: tuple[tuple[str, int], ...]
     legacy: bool = False
 
+    def plan(self, threads: int, step_thread: int) -> tuple[set[int], set[int]]:
+        """(vCPUs to run, of which to single-step) among ``threads`` vCPUs; a legacy
+        ``s`` steps ``step_thread`` alone, ``c`` runs them all. Raises PacketError for
+        a thread that does not exist."""
+        everyone = set(range(threads))
+        if self.legacy:
+            return ({step_thread}, {step_thread}) if self.actions[0][0] == "s" else (everyone,
+                                                                                    set())
+        run: set[int] = set()
+        steps: set[int] = set()
+        for action, thread in self.actions:  # the leftmost action for a thread wins
+            if thread > threads:
+                raise PacketError(f"no thread {thread:x}")
+            chosen = (everyone if thread in (ANY_THREAD, ALL_THREADS) else {thread - 1}) - run
+            run |= chosen
+            if action == "s":
+                steps |= chosen
+        return run, steps
+
 
 @attrs.frozen
 class SetThread:

@@ -172,7 +172,24 @@ def test_every_vcpu_stays_stopped_while_the_debugger_holds_the_guest(
     gdbc.close()
     after = out.read_text().count("\n")
     wait_for_text(out, rf"^count {after + 1} ap", proc, 60, regex=True)  # it runs on
-    assert proc.poll() is None
+
+    again = Client(port)  # a second debugger stops it again ...
+    assert again(b"?") == b"T05thread:1;"
+    held = int.from_bytes(bytes.fromhex(again(b"m%x,4" % counter).decode()), "little")
+    again.raw(frame(b"c") + frame(b"?") * 100)  # ... and is dropped for flooding it
+    received = b""
+    try:
+        while chunk := again.sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    assert set(received) <= set(b"+")  # acks, no reply, then the stub hung up
+    again.close()
+    after = out.read_text().count("\n")
+    wait_for_text(out, rf"^count {after + 1} ap", proc, 60, regex=True)  # running on
+    third = Client(port)
+    assert int.from_bytes(bytes.fromhex(third(b"m%x,4" % counter).decode()), "little") > held
+    third.close()
 
 
 def test_hardware_watchpoint(target: Path, tmp_path: Path,

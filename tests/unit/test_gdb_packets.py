@@ -287,3 +287,25 @@ def test_debug_registers(guest: GuestDebug) -> None:
     assert e.value.reply == b"E1c"
     guest.remove_all()
     assert guest.debugreg() == [0] * 8
+
+
+@pytest.mark.parametrize(("payload", "run", "steps"), [
+    (b"c", {0, 1, 2}, set()),
+    (b"s", {1}, {1}),  # the legacy step: the Hc thread alone, as bhyve
+    (b"vCont;c", {0, 1, 2}, set()),
+    (b"vCont;s:1", {0}, {0}),
+    (b"vCont;s:3;c", {0, 1, 2}, {2}),
+    (b"vCont;c:2;s", {0, 1, 2}, {0, 2}),
+    (b"vCont;s:1;s:1;c:1", {0}, {0}),  # the leftmost action wins
+])
+def test_resume_plans(payload: bytes, run: set[int], steps: set[int]) -> None:
+    command = parse(payload)
+    assert isinstance(command, Resume)
+    assert command.plan(3, 1) == (run, steps)
+
+
+def test_resuming_a_thread_that_does_not_exist_is_refused() -> None:
+    command = parse(b"vCont;s:4")
+    assert isinstance(command, Resume)
+    with pytest.raises(PacketError):
+        command.plan(3, 0)
