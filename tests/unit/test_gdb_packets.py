@@ -309,3 +309,18 @@ def test_resuming_a_thread_that_does_not_exist_is_refused() -> None:
     assert isinstance(command, Resume)
     with pytest.raises(PacketError):
         command.plan(3, 0)
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    ("1234", {"gdb.port": "1234", "gdb.wait": "false"}),
+    ("w1234", {"gdb.port": "1234", "gdb.wait": "true"}),
+    ("w0.0.0.0:1234", {"gdb.port": "1234", "gdb.wait": "true", "gdb.address": "0.0.0.0"}),
+    ("[::1]:1234", {"gdb.port": "1234", "gdb.wait": "false", "gdb.address": "[::1]"}),
+])
+def test_g_option_sets_bhyves_variables(option: str, expected: dict[str, str]) -> None:
+    from hvf.cli import parse_args
+    from hvf.pluginmanager import Plugins
+
+    config = parse_args(["-G", option, "vm"], Plugins())
+    assert {k: config.get(k) for k in expected} == expected
+    assert "gdb.address" in expected or config.get("gdb.address") is None
