@@ -1,0 +1,220 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""Numbers from the specifications the AHCI model follows: AHCI 1.3.1 (registers,
+command list, FISes), ATA8-ACS/ACS-3 (commands, status and error bits) and SPC/MMC
+(the ATAPI CD-ROM's SCSI commands and sense codes)."""
+
+from __future__ import annotations
+
+# ---- PCI identity (bhyve's: an Intel ICH8 AHCI controller) ----
+VENDOR_INTEL = 0x8086
+DEVICE_ICH8_AHCI = 0x2821
+CLASS_SATA_AHCI = 0x010601  # mass storage, SATA, AHCI 1.0 programming interface
+ABAR_INDEX = 5
+MAX_PORTS = 32
+PORT_BASE = 0x100
+PORT_STRIDE = 0x80
+ABAR_SIZE = PORT_BASE + PORT_STRIDE * MAX_PORTS
+
+# ---- generic host control (AHCI §3.1) ----
+CAP, GHC, IS, PI, VS, CCC_CTL, CCC_PORTS, EM_LOC, EM_CTL, CAP2, BOHC = (
+    0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x18, 0x1C, 0x20, 0x24, 0x28)
+
+CAP_S64A = 1 << 31
+CAP_SNCQ = 1 << 30
+CAP_SSNTF = 1 << 29
+CAP_SMPS = 1 << 28
+CAP_SSS = 1 << 27
+CAP_SALP = 1 << 26
+CAP_SAL = 1 << 25
+CAP_SCLO = 1 << 24
+CAP_ISS_GEN3 = 3 << 20
+CAP_SAM = 1 << 18
+CAP_PMD = 1 << 15
+CAP_SSC = 1 << 14
+CAP_PSC = 1 << 13
+CAP_NCS_SHIFT = 8
+CAP_SXS = 1 << 5
+CAP2_APST = 1 << 2
+
+GHC_HR = 1 << 0
+GHC_IE = 1 << 1
+GHC_AE = 1 << 31
+
+AHCI_VERSION = 0x00010301  # 1.3.1
+
+# ---- port registers (AHCI §3.3), offsets inside a port's 0x80 bytes ----
+P_CLB, P_CLBU, P_FB, P_FBU, P_IS, P_IE, P_CMD = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x18
+P_TFD, P_SIG, P_SSTS, P_SCTL, P_SERR, P_SACT, P_CI, P_SNTF, P_FBS = (
+    0x20, 0x24, 0x28, 0x2C, 0x30, 0x34, 0x38, 0x3C, 0x40)
+
+# PxIS / PxIE bits
+IS_DHRS = 1 << 0   # D2H register FIS received
+IS_PSS = 1 << 1    # PIO setup FIS received
+IS_DSS = 1 << 2    # DMA setup FIS received
+IS_SDBS = 1 << 3   # set device bits FIS received
+IS_OFS = 1 << 24   # overflow
+IS_HBFS = 1 << 29  # host bus fatal error
+IS_TFES = 1 << 30  # task file error
+IS_MASK = 0xFDC000FF  # the bits that exist (PxIS and PxIE alike)
+
+# PxCMD bits
+CMD_ST = 1 << 0
+CMD_SUD = 1 << 1
+CMD_POD = 1 << 2
+CMD_CLO = 1 << 3
+CMD_FRE = 1 << 4
+CMD_CCS_SHIFT = 8
+CMD_FR = 1 << 14
+CMD_CR = 1 << 15
+CMD_ATAPI = 1 << 24
+#: Bits software writes and reads back (the rest are status, or zero here).
+CMD_STORED = CMD_ST | CMD_SUD | CMD_POD | CMD_FRE | CMD_ATAPI | 0x0E800000  # APSTE, DLAE, ALPE, ASP
+
+# PxSSTS / PxSCTL
+SSTS_DET_PRESENT = 0x3
+SSTS_IPM_ACTIVE = 0x100
+SSTS_SPD_SHIFT = 4
+SCTL_DET_MASK = 0xF
+SCTL_DET_COMRESET = 0x1
+SCTL_SPD_SHIFT = 4
+SCTL_WRITABLE = 0xFFF
+
+SIG_ATA = 0x00000101
+SIG_ATAPI = 0xEB140101
+SIG_NONE = 0xFFFFFFFF
+TFD_NONE = 0x7F
+
+# ---- command list and table (AHCI §4.2) ----
+COMMAND_HEADER_SIZE = 32
+COMMAND_LIST_ALIGN = 1024
+FIS_AREA_ALIGN = 256
+TABLE_ALIGN = 128
+HEADER_CFL_MASK = 0x1F
+HEADER_ATAPI = 1 << 5
+HEADER_WRITE = 1 << 6
+HEADER_RESET = 1 << 8
+HEADER_CLEAR_BUSY = 1 << 10
+TABLE_CFIS = 0x00
+TABLE_ACMD = 0x40
+TABLE_PRDT = 0x80
+PRD_SIZE = 16
+PRD_DBC_MASK = 0x3FFFFF
+
+# ---- received FIS area (AHCI §4.2.1) ----
+RX_PIO_SETUP = 0x20
+RX_D2H = 0x40
+RX_SDB = 0x58
+
+# ---- FIS types (SATA 3.x §10.5) ----
+FIS_H2D = 0x27
+FIS_D2H = 0x34
+FIS_SDB = 0xA1
+FIS_PIO_SETUP = 0x5F
+FIS_COMMAND = 0x80  # H2D byte 1: a command (not a device control) FIS
+FIS_INTERRUPT = 0x40
+FIS_PIO_IN = 0x20   # PIO setup byte 1: data moves from the device to the host
+CONTROL_SRST = 0x04
+
+# ---- ATA status and error bits ----
+ST_ERR = 0x01
+ST_DRQ = 0x08
+ST_DSC = 0x10
+ST_DF = 0x20
+ST_RDY = 0x40
+ST_BSY = 0x80
+ST_OK = ST_RDY | ST_DSC
+ER_ABRT = 0x04
+ER_IDNF = 0x10
+ER_UNC = 0x40
+
+# ---- ATA commands (ACS-3) ----
+NOP = 0x00
+DATA_SET_MANAGEMENT = 0x06
+DEVICE_RESET = 0x08
+READ_SECTORS = 0x20
+READ_SECTORS_EXT = 0x24
+READ_DMA_EXT = 0x25
+READ_MULTIPLE_EXT = 0x29
+READ_LOG_EXT = 0x2F
+WRITE_SECTORS = 0x30
+WRITE_SECTORS_EXT = 0x34
+WRITE_DMA_EXT = 0x35
+WRITE_MULTIPLE_EXT = 0x39
+READ_VERIFY = 0x40
+READ_VERIFY_EXT = 0x42
+READ_LOG_DMA_EXT = 0x47
+READ_FPDMA_QUEUED = 0x60
+WRITE_FPDMA_QUEUED = 0x61
+PACKET = 0xA0
+IDENTIFY_PACKET_DEVICE = 0xA1
+READ_MULTIPLE = 0xC4
+WRITE_MULTIPLE = 0xC5
+SET_MULTIPLE_MODE = 0xC6
+READ_DMA = 0xC8
+WRITE_DMA = 0xCA
+STANDBY_IMMEDIATE = 0xE0
+IDLE_IMMEDIATE = 0xE1
+STANDBY = 0xE2
+IDLE = 0xE3
+CHECK_POWER_MODE = 0xE5
+SLEEP = 0xE6
+FLUSH_CACHE = 0xE7
+IDENTIFY_DEVICE = 0xEC
+FLUSH_CACHE_EXT = 0xEA
+SET_FEATURES = 0xEF
+
+NCQ_COMMANDS = frozenset({READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED})
+
+# SET FEATURES subcommands
+SF_ENABLE_WRITE_CACHE = 0x02
+SF_SET_TRANSFER_MODE = 0x03
+SF_ENABLE_SATA_FEATURE = 0x10
+SF_DISABLE_READ_LOOK_AHEAD = 0x55
+SF_DISABLE_REVERTING = 0x66
+SF_DISABLE_WRITE_CACHE = 0x82
+SF_DISABLE_SATA_FEATURE = 0x90
+SF_ENABLE_READ_LOOK_AHEAD = 0xAA
+SF_ENABLE_REVERTING = 0xCC
+
+# General purpose logs
+LOG_DIRECTORY = 0x00
+LOG_NCQ_ERROR = 0x10
+LOG_SECTOR = 512
+
+DSM_TRIM = 0x01
+DSM_RANGE_SIZE = 8
+
+# ---- SCSI / MMC commands (SPC-4, MMC-6) ----
+TEST_UNIT_READY = 0x00
+REQUEST_SENSE = 0x03
+INQUIRY = 0x12
+START_STOP_UNIT = 0x1B
+PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+READ_CAPACITY_10 = 0x25
+READ_10 = 0x28
+WRITE_10 = 0x2A
+READ_TOC = 0x43
+GET_CONFIGURATION = 0x46
+GET_EVENT_STATUS_NOTIFICATION = 0x4A
+MODE_SENSE_10 = 0x5A
+REPORT_LUNS = 0xA0
+READ_12 = 0xA8
+WRITE_12 = 0xAA
+
+# Sense keys and additional sense codes
+SK_NO_SENSE = 0x0
+SK_NOT_READY = 0x2
+SK_MEDIUM_ERROR = 0x3
+SK_ILLEGAL_REQUEST = 0x5
+SK_DATA_PROTECT = 0x7
+ASC_UNRECOVERED_READ_ERROR = 0x11
+ASC_INVALID_OPCODE = 0x20
+ASC_LBA_OUT_OF_RANGE = 0x21
+ASC_INVALID_FIELD_IN_CDB = 0x24
+ASC_WRITE_PROTECTED = 0x27
+ASC_SAVING_PARAMETERS_NOT_SUPPORTED = 0x39
+ASC_MEDIUM_REMOVAL_FAILED = 0x53
+
+CD_SECTOR = 2048
+#: ATAPI interrupt reason in the sector count register at completion: C/D and I/O.
+ATAPI_REASON_COMPLETE = 0x03
