@@ -4,8 +4,8 @@
 Two layouts, gdb's ``i386:x86-64`` and ``i386`` ones (features
 ``org.gnu.gdb.i386.core``, ``.sse`` and ``.segments``), each with the control registers
 in a feature of hvf's own. gdb refuses a description whose architecture does not match
-its ELF file, so the stub offers the one of the vCPU's mode when gdb connects (long mode:
-x86-64). The target description (``target.xml``, read with ``qXfer:features:read``)
+its ELF file, so the stub offers the one of the code the vCPU runs when gdb connects
+(64-bit code: x86-64; otherwise i386, compatibility mode included). The target description (``target.xml``, read with ``qXfer:features:read``)
 tells gdb the order and sizes; the ``g`` packet is the registers, little-endian, one
 after another. The x87 tag word is given in full, built from the abridged FXSAVE form
 KVM keeps.
@@ -123,16 +123,17 @@ def _layout(architecture: str, gprs: tuple[str, ...], bits: int, xmms: int) -> L
     ))
 
 
-#: gdb's i386:x86-64 registers, for a vCPU in long mode.
+#: gdb's i386:x86-64 registers, for a vCPU running 64-bit code.
 AMD64 = _layout("i386:x86-64", GPRS, 64, 16)
-#: gdb's i386 registers, for a vCPU in real or protected mode (32-bit ELF files).
+#: gdb's i386 registers, for 16- and 32-bit code (compatibility mode included), which
+#: 32-bit ELF files hold.
 I386 = _layout("i386", I386_GPRS, 32, 8)
-EFER_LMA = 1 << 10
 
 
 def layout_for(fd: VcpuFd) -> Layout:
-    """The layout matching the vCPU's mode now (gdb keeps it for the session)."""
-    return AMD64 if fd.get_sregs().efer & EFER_LMA else I386
+    """The layout for the code the vCPU runs now (a 64-bit code segment: x86-64); gdb
+    keeps it for the session."""
+    return AMD64 if fd.get_sregs().cs.l else I386
 
 
 # ---- reading and writing a vCPU's registers ----
