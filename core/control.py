@@ -64,9 +64,11 @@ PROTOCOL_VERSION = 1
 MAX_CLIENTS = 64
 IDLE_TIMEOUT = 60.0
 #: Replies a client has not read yet; past this, its requests are not read either.
-MAX_UNREAD = 256 * 1024
+MAX_UNREAD = 64 * 1024
 #: How long accepting pauses when the process has no file descriptor to spare.
 ACCEPT_BACKOFF = 0.1
+#: A shortage of file descriptors is logged at most this often (seconds).
+WARN_INTERVAL = 60.0
 _UCRED = struct.Struct("3i")
 _FD_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -148,7 +150,7 @@ class ControlServer:
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._selector = selectors.DefaultSelector()
         self._accept_again_at: float | None = None
-        self._short_of_fds = False
+        self._warned_at: float | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -254,21 +256,26 @@ class ControlServer:
                     continue  # that client is gone; the next one may be waiting
                 if e.errno in _FD_SHORTAGE:
                     if self._evict("hvf ran out of file descriptors"):
+                        self._warn(e, "closing idle clients to make room")
                         continue
+                    self._warn(e, "refusing clients until some close")
                     self._refuse_one(e)
                 else:
                     log.warning("control socket: accept failed: %s", e.strerror or e)
                 self._selector.unregister(self.listener)
                 self._accept_again_at = time.monotonic() + ACCEPT_BACKOFF
                 return
-            self._short_of_fds = False
             self._admit(sock)
+
+    def _warn(self, cause: OSError, action: str) -> None:
+        """Log a shortage of descriptors, at most once every :data:`WARN_INTERVAL`."""
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= WARN_INTERVAL:
+            self._warned_at = now
+            log.warning("control socket: %s; %s", cause.strerror, action)
 
     def _refuse_one(self, cause: OSError) -> None:
         """Out of descriptors with every client busy: tell one waiting client so."""
-        if not self._short_of_fds:
-            log.warning("control socket: %s; refusing clients until some close", cause.strerror)
-            self._short_of_fds = True
         if self._reserve is None:
             return
         os.close(self._reserve)

@@ -2,9 +2,10 @@
 """Control requests: one JSON line in, one reply object out (:mod:`hvf.control` has
 the protocol and the connections).
 
-A request line is checked before it is decoded: larger than :data:`MAX_REQUEST`
-bytes (the server's check) or nested deeper than :data:`MAX_DEPTH`, it gets an error
-reply, as malformed JSON and unknown commands do. A command's exceptions become error
+A request larger than :data:`MAX_REQUEST` bytes (the server's check) or nested
+deeper than :data:`MAX_DEPTH` gets an error reply, as malformed JSON and unknown
+commands do (:func:`json.loads` is linear in its input and stops deep nesting at the
+interpreter's recursion limit; the depth of what it returns is checked after). A command's exceptions become error
 replies; nothing a client sends raises here.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,22 +29,24 @@ MAX_REQUEST = 64 * 1024
 #: Deepest nesting of lists and objects in a request (the request object is level 1).
 MAX_DEPTH = 32
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
 Send = Callable[[bytes], None]
 
 
-def nesting_depth(line: bytes) -> int:
-    """How deeply the lists and objects of the JSON text ``line`` nest."""
-    brackets = _STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for byte in brackets:
-        if byte in b"[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deeply the lists and dicts of a decoded JSON ``value`` nest (the value
+    itself is level 1), counting no further than ``limit + 1``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((child, depth + 1) for child in item)
     return deepest
 
 
@@ -76,13 +78,16 @@ class Requests:
 
     def parse(self, line: bytes) -> Request | dict[str, Any]:
         """The request in ``line``, or the error reply it gets."""
-        if line.count(b"[") + line.count(b"{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
-            return error(None, "MalformedRequest",
-                         f"the request is nested more than {MAX_DEPTH} deep")
+        too_deep = error(None, "MalformedRequest", f"the request is nested more than "
+                                                   f"{MAX_DEPTH} deep")
         try:
             request = json.loads(line)
-        except (ValueError, RecursionError) as e:
+        except RecursionError:  # (the decoder stops at the interpreter's recursion limit)
+            return too_deep
+        except ValueError as e:
             return error(None, "MalformedRequest", f"not a JSON object: {e}")
+        if nesting_depth(request, MAX_DEPTH) > MAX_DEPTH:
+            return too_deep
         if not isinstance(request, dict):
             return error(None, "MalformedRequest", "a request must be a JSON object")
         rid = request.get("id")

@@ -373,6 +373,7 @@ def test_client_closes_its_socket_when_the_greeting_fails(
     try:
         with pytest.raises(CtlError, match=error):
             ControlClient(path, timeout=5)
+        t.join(5)  # (its accepted socket is closed once it is done)
         left_open = [s for s in created if s.fileno() != -1]
     finally:
         monkeypatch.undo()
