@@ -20,9 +20,12 @@ if TYPE_CHECKING:
     from hvf.context import DeviceContext
 
 #: Accesses after which host input may be wanted again: an RBR read, an FCR write
-#: (FIFO reset or enable) or an MCR write (loopback off).
+#: (FIFO reset or enable) or an MCR write (loopback off; OUT2 also gates the IRQ). A
+#: read that touches RBR starts at it; a wide write reaches FCR or MCR from below, so
+#: whether a write touches them is looked up by offset (0-7) and size (1-8).
 _READ_GATES = frozenset({RBR_THR})
-_WRITE_GATES = frozenset({IIR_FCR, MCR})
+_WRITE_GATES = tuple(tuple(offset <= IIR_FCR < offset + size or offset <= MCR < offset + size
+                           for size in range(9)) for offset in range(8))
 
 
 class SerialPort:
@@ -71,7 +74,7 @@ class SerialPort:
                 if self.backend is not None:
                     self.backend.write(bytes(self._tx_buffer))
                 self._tx_buffer.clear()
-            if offset in _WRITE_GATES:
+            if _WRITE_GATES[offset][size]:
                 if self._gate:
                     self._update_line()  # OUT2 may have changed
                 self._want_input()
