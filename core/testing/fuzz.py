@@ -29,13 +29,16 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from hvf.device import Device
 from hvf.iobus import MmioBus, PortBus
 from hvf.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from hvf.testing.fakes import FakeVmfd
 
 __all__ = ["Access", "Action", "FuzzFailure", "FuzzMachine", "HostCall", "RamExpect", "RamWrite",
            "Report", "Target", "Window", "close_machine", "fuzz", "main", "plain_copy",
@@ -45,12 +48,15 @@ SIZE_NAMES = {1: "b", 2: "w", 4: "l", 8: "q"}
 
 
 class FuzzMachine(Protocol):
-    """What the harness drives: a :class:`hvf.testing.fakes.FakeVm` will do."""
+    """What the harness drives: a :class:`hvf.testing.fakes.FakeVm` will do (its record
+    of KVM's interrupt side, ``irqs`` and ``vmfd``, is compared too)."""
 
     pio: PortBus
     mmio: MmioBus
     memory: GuestMemory
     devices: list[Device]
+    irqs: list[tuple[int, bool]]
+    vmfd: FakeVmfd
 
     def device(self, name: str) -> Device | None: ...
 
@@ -203,10 +209,14 @@ def _never(vm: FuzzMachine, action: Action) -> bool:
 
 
 def close_machine(vm: FuzzMachine) -> None:
-    """Close every device (last attached first) and guest RAM."""
+    """Close every device (last attached first), guest RAM, and a fake machine's event
+    loop if a device made it."""
     for device in reversed(vm.devices):
         device.close()
     vm.memory.close()
+    loop = getattr(vm, "_loop", None)
+    if loop is not None:
+        loop.close()
 
 
 @attrs.frozen
@@ -344,8 +354,19 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [f"{where} {a!r} vs {b!r}"[:200]]
 
 
+def _interrupts(vm: FuzzMachine) -> dict[str, Any]:
+    """What KVM was last told: each line's level, the GSIs of bound irqfds (MSI vectors
+    unmasked) and the MSI routes."""
+    levels: dict[int, bool] = {}
+    for irq, level in vm.irqs:
+        levels[irq] = level
+    return {"levels": {irq: True for irq, level in levels.items() if level},
+            "irqfds": sorted(vm.vmfd.irqfds.values()), "routes": vm.vmfd.routes}
+
+
 def _compare(vm: FuzzMachine, twin: FuzzMachine) -> None:
     mine, theirs = _states(vm), _states(twin)
+    mine["interrupts"], theirs["interrupts"] = _interrupts(vm), _interrupts(twin)
     for name, fields in mine.items():
         if theirs[name] != fields:
             raise AssertionError(f"{name}: the restored twin ended in another state after "

@@ -4,7 +4,8 @@
 The machine is built as hvf builds one, through the plugins' own hooks, on a fake
 machine with real buses, interrupt controller and guest RAM (a memfd mapping of its
 own): host bridge, LPC bridge and what sits behind it (RTC, keyboard controller, reset
-ports, ACPI PM, COM1-COM4, fw_cfg, the debug console, pc-testdev), the PCI UART,
+ports, ACPI PM, COM1-COM4, fw_cfg, the debug console, pc-testdev), the PCI UART (it and
+COM1 with a file console, /dev/null, behind them),
 virtio-rng (virtio-pci and MSI-X) and a function with the MSI capability. Each target
 aims at one device's ranges, with the register sequences that reach deep into it
 (selections and DMA descriptors for fw_cfg, mechanism #1 and ECAM for config space).
@@ -46,8 +47,9 @@ from hvf.testing.fuzz import (
 )
 
 RAM = 64 * MiB
-ARGS = ("-s", "0,hostbridge", "-s", "2,uart", "-s", "3,virtio-rnd", "-s", "31,lpc",
-        "-l", "pc-testdev", "-l", "fwcfg", "-l", "debugcon,/dev/null")
+ARGS = ("-s", "0,hostbridge", "-s", "2,uart,file=/dev/null", "-s", "3,virtio-rnd",
+        "-s", "31,lpc", "-l", "com1,file=/dev/null", "-l", "pc-testdev", "-l", "fwcfg",
+        "-l", "debugcon,/dev/null")
 HOSTBRIDGE, PCI_UART, VIRTIO, MSI_FUNCTION, LPC = (0, 0, 0), (0, 2, 0), (0, 3, 0), (0, 5, 0), \
     (0, 31, 0)
 FUNCTIONS = (HOSTBRIDGE, PCI_UART, VIRTIO, MSI_FUNCTION, LPC)

@@ -224,7 +224,25 @@ def test_the_script_prints_counts_per_device_and_failures_to_rerun(
     assert out.splitlines()[-1] == "seed 9: 1 passed, 1 failed"
 
 
-# ---- what the fuzzer found in the PCI code (each test failed before its fix) ----
+# ---- what the fuzzer found in the UART and PCI code (each failed before its fix) ----
+
+
+@pytest.mark.parametrize("port, size, value", [(0x3FB, 2, 0x0003), (0x3F9, 4, 0x0003_0002),
+                                               (0x3FB, 2, 0x1B03)])
+def test_com_irq_follows_out2_and_loopback_through_a_wide_write(port: int, size: int,
+                                                                value: int) -> None:
+    """A write reaching MCR from LCR (or IER) below it turned OUT2 off, or loopback on,
+    without the IRQ line hearing of it: IRQ 4 stayed high with the chip's output gated
+    off, so COM3, sharing it, could raise no more edges."""
+    vm = build_machine()
+    try:
+        outp(vm, 0x3FC, 1, 0x08)  # MCR: OUT2
+        outp(vm, 0x3F9, 1, 0x02)  # IER: THR empty, pending at once
+        assert vm.irqs[-1] == (4, True)
+        outp(vm, port, size, value)  # LCR 8N1 and MCR without OUT2 (or with loopback)
+        assert vm.irqs[-1] == (4, False)
+    finally:
+        close_machine(vm)
 
 
 class _MsiMachine:
