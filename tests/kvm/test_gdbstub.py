@@ -27,12 +27,12 @@ from hvf.gdbstub_protocol import Packet, PacketReader, frame
 
 pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")]
-GUEST = Path(__file__).parent.parent / "guests" / "gdb_target.S"
+GUESTS = Path(__file__).parent.parent / "guests"
 
 
 @pytest.fixture(scope="module")
 def target(hvf_guest) -> Path:  # type: ignore[no-untyped-def]
-    return hvf_guest(GUEST)
+    return hvf_guest(GUESTS / "gdb_target.S")
 
 
 def free_port() -> int:
@@ -46,9 +46,12 @@ def symbol(elf: Path, name: str) -> int:
     return int(re.search(rf"^([0-9a-f]+) \w {name}$", out, re.M)[1], 16)  # type: ignore[index]
 
 
-def gdb(elf: Path, port: int, *commands: str, timeout: float = 120) -> str:
-    args = ["gdb", "-nx", "-batch", "-ex", "set tcp connect-timeout 60",
-            "-ex", f"target remote 127.0.0.1:{port}"]
+def gdb(elf: Path, port: int, *commands: str, timeout: float = 120,
+        architecture: str | None = None) -> str:
+    args = ["gdb", "-nx", "-batch", "-ex", "set tcp connect-timeout 60"]
+    if architecture is not None:
+        args += ["-ex", f"set architecture {architecture}"]
+    args += ["-ex", f"target remote 127.0.0.1:{port}"]
     for command in commands:
         args += ["-ex", command]
     r = subprocess.run([*args, str(elf)], capture_output=True, text=True, timeout=timeout,
@@ -135,6 +138,31 @@ def test_gdb_reads_registers_breaks_steps_and_the_guest_finishes(
     assert out.read_text().splitlines() == [
         "gdb_target start", "gdb_target ticks 3", "gdb_target value 0000002a",
         "gdb_target done"]
+
+
+def test_gdb_in_64_bit_code_through_the_guests_page_tables(
+        hvf_guest, tmp_path: Path,  # type: ignore[no-untyped-def]
+        running: list[subprocess.Popen[bytes]]) -> None:
+    elf = hvf_guest(GUESTS / "gdb_long.S")
+    port = free_port()
+    proc, out = start(running, tmp_path, "-G", str(port), "--kernel", elf, name="gdblong")
+    wait_for_text(out, "gdb_long waiting\n", proc, 60)
+    alias = 0x40000000 + symbol(elf, "gdb_value")  # linear alias of gdb_value's page
+    log = gdb(elf, port, "info registers rip cs efer", "set {int}&gdb_go = 1",
+              f"set {{int}}{alias:#x} = 0x77", "x/wx &gdb_value", f"x/wx {alias:#x}",
+              "break gdb_long_here", "continue", "stepi", "p/x $rax", "info symbol $pc",
+              "continue", architecture="i386:x86-64")  # the ELF file is a 32-bit one
+    assert re.search(r"^rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <gdb_long_wait", log, re.M), log
+    assert re.search(r"^cs\s+0x18\s", log, re.M), log
+    assert re.search(r"^efer\s+0x500\s", log, re.M), log  # LME and LMA
+    assert re.search(rf"^0x{symbol(elf, 'gdb_value'):x}.*:\s+0x00000077$", log, re.M), log
+    assert re.search(rf"^{alias:#x}:\s+0x00000077$", log, re.M), log
+    assert "Breakpoint 1, 0x00000000001000" in log and "in gdb_long_here ()" in log, log
+    assert "$1 = 0x1122334455667788" in log, log  # all 64 bits of RAX
+    assert "gdb_long_next in section .text" in log, log
+    assert "[Inferior 1 (Remote target) exited with code 01]" in log, log
+    assert proc.wait(60) == 1
+    assert out.read_text().splitlines()[-1] == "gdb_long value 00000077"
 
 
 def test_every_vcpu_stays_stopped_while_the_debugger_holds_the_guest(
