@@ -354,7 +354,7 @@ class Machine:
 
     def close(self) -> None:
         """Release every device's host resources (backends flush what they can), then
-        guest RAM."""
+        guest RAM and the VM's KVM descriptors."""
         if self.gdb is not None:
             self.gdb.close(self.exit_status)
             self.gdb = None
@@ -371,3 +371,9 @@ class Machine:
         if self.control is not None:
             self.control.close()
         self.memory.close()
+        if self.vmfd.fd >= 0:  # the KVM descriptors, once (a machine in-process must not leak them)
+            for vcpu in self.vcpus:
+                vcpu.fd.close()
+            self.vmfd.close()
+            self.kvm.close()
+            self.vmfd.fd = -1
