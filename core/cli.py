@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import getopt
+import io
 import logging
 import os
 import re
@@ -359,7 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def console_main() -> None:
     """The ``hvf`` console script: :func:`main`, and a reader that goes away (``hvf
-    snapshot info DIR | head``) ends hvf quietly by SIGPIPE, as it would a C program."""
+    snapshot info DIR | head``) ends hvf quietly by SIGPIPE, as it would a C program.
+    Arguments that are not UTF-8 go back out as the bytes they came in as."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         status = main()
         sys.stdout.flush()

@@ -382,3 +382,13 @@ def test_guest_memory_left_out_of_core_dumps_unless_asked() -> None:
     finally:
         mem.close()
         in_core.close()
+
+
+def test_argument_bytes_that_are_not_utf8_go_back_out_unchanged() -> None:
+    """``-o name=$'\\xff' -o config.dump=1`` under a strict UTF-8 stdout (an en_US.UTF-8
+    locale): the byte comes back, not a UnicodeEncodeError."""
+    r = subprocess.run([sys.executable, "-m", "hvf", "-o", os.fsdecode(b"name=\xff"),
+                        "-o", "config.dump=1"], capture_output=True, timeout=60,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert (r.returncode, r.stderr) == (1, b"")
+    assert b"name=\xff\n" in r.stdout
