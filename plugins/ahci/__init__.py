@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: BSD-2-Clause
-"""AHCI host bus adapter with ATA disks and ATAPI CD-ROMs (bhyve's ``ahci``, ``ahci-hd``, ``ahci-cd``)."""
+"""AHCI host bus adapter with ATA disks and ATAPI CD-ROMs (bhyve's ``ahci``, ``ahci-hd``
+and ``ahci-cd``)."""
 
 from __future__ import annotations
 

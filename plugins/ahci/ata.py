@@ -24,7 +24,13 @@ from hvf.dma import write_views
 from hvf.errors import GuestMemoryError
 from hvf.plugins.ahci import spec
 from hvf.plugins.ahci.fis import Outcome, aborted, not_found
-from hvf.plugins.ahci.identify import DSM_MAX_BLOCKS, MAX_MULTIPLE, TransferMode, identify_disk
+from hvf.plugins.ahci.identify import (
+    DSM_MAX_BLOCKS,
+    MAX_MULTIPLE,
+    TransferMode,
+    identify_disk,
+    transfer_mode,
+)
 from hvf.plugins.ahci.spec import ER_ABRT, ER_UNC, LOG_SECTOR, SIG_ATA, ST_ERR, ST_OK, ST_RDY
 from hvf.plugins.ahci.state import DiskState
 from hvf.plugins.block.backend import Status
@@ -48,7 +54,6 @@ _MULTIPLE = {spec.READ_MULTIPLE, spec.READ_MULTIPLE_EXT, spec.WRITE_MULTIPLE,
 _NO_OPS = {spec.STANDBY_IMMEDIATE, spec.IDLE_IMMEDIATE, spec.STANDBY, spec.IDLE, spec.SLEEP}
 #: Pages of each general purpose log this disk keeps.
 _LOGS = {spec.LOG_DIRECTORY: 1, spec.LOG_NCQ_ERROR: 1}
-_MODES = {0: 4, 1: 4, 4: 2, 8: 6}  # transfer mode type -> highest mode
 
 
 def _checksummed(page: bytearray) -> bytes:
@@ -207,14 +212,13 @@ class Disk:
         if not write:
             self.backend.read(offset, views, self._io_done(request, write=False, pio_in=pio_in))
             return
-        then = None
-        if fua:  # durable before it completes: the write, then a flush
-            flushed = self._io_done(request, write=True, transferred=length)
-
-            def then() -> None:
-                self.backend.flush(flushed)
-        self.backend.write(offset, views,
-                           self._io_done(request, write=True, pio_in=pio_in, then=then))
+        if not fua:
+            self.backend.write(offset, views, self._io_done(request, write=True, pio_in=pio_in))
+            return
+        # durable before it completes: the write, then a flush
+        flushed = self._io_done(request, write=True, transferred=length)
+        self.backend.write(offset, views, self._io_done(
+            request, write=True, then=lambda: self.backend.flush(flushed)))
 
     def _verify(self, request: Request) -> None:
         lba, count = self._range(request)
@@ -262,11 +266,11 @@ class Disk:
         elif sub in (spec.SF_ENABLE_READ_LOOK_AHEAD, spec.SF_DISABLE_READ_LOOK_AHEAD):
             state.look_ahead = sub == spec.SF_ENABLE_READ_LOOK_AHEAD
         elif sub == spec.SF_SET_TRANSFER_MODE:
-            kind, mode = fis.count8 >> 3, fis.count8 & 7
-            if kind not in _MODES or mode > _MODES[kind]:
+            mode = transfer_mode(fis.count8)
+            if mode is None:
                 self._finish(request, aborted())
                 return
-            state.mode_kind, state.mode = kind, mode
+            state.mode_kind, state.mode = mode.kind, mode.mode
         elif sub not in (spec.SF_DISABLE_REVERTING, spec.SF_ENABLE_REVERTING):
             self._finish(request, aborted())
             return

@@ -23,7 +23,7 @@ from hvf.dma import write_views
 from hvf.errors import GuestMemoryError
 from hvf.plugins.ahci import mmc, spec
 from hvf.plugins.ahci.fis import Outcome, aborted
-from hvf.plugins.ahci.identify import TransferMode, identify_packet
+from hvf.plugins.ahci.identify import TransferMode, identify_packet, transfer_mode
 from hvf.plugins.ahci.mmc import CheckCondition, be16, be32
 from hvf.plugins.ahci.spec import (
     ATAPI_REASON_COMPLETE,
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from hvf.snapshot_api import Fields
 
 _POWER = {spec.STANDBY_IMMEDIATE, spec.IDLE_IMMEDIATE, spec.STANDBY, spec.IDLE, spec.SLEEP}
-_MODES = {0: 4, 1: 4, 4: 2, 8: 6}
 #: Commands whose allocation length is a big-endian u16 at byte 7 (others: see _reply).
 _ALLOC_AT_7 = {spec.READ_TOC, spec.GET_CONFIGURATION, spec.GET_EVENT_STATUS_NOTIFICATION,
                spec.MODE_SENSE_10}
@@ -130,12 +129,11 @@ class Cdrom:
 
     def _set_features(self, request: Request) -> None:
         fis = request.fis
-        kind, mode = fis.count8 >> 3, fis.count8 & 7
-        if fis.features != spec.SF_SET_TRANSFER_MODE or kind not in _MODES \
-                or mode > _MODES[kind]:
+        mode = transfer_mode(fis.count8)
+        if fis.features != spec.SF_SET_TRANSFER_MODE or mode is None:
             request.finish(aborted())
             return
-        self.state.mode_kind, self.state.mode = kind, mode
+        self.state.mode_kind, self.state.mode = mode.kind, mode.mode
         request.finish(Outcome())
 
     # ---- PACKET ----

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from hvf.bootorder import BootEntry, pci_path
 from hvf.plugins.ahci.ata import Disk
 from hvf.plugins.ahci.atapi import Cdrom
-from hvf.plugins.ahci.config import HD, PortConfig, ports_config
+from hvf.errors import ImageError
+from hvf.plugins.ahci.config import CD, HD, PortConfig, ports_config
 from hvf.plugins.ahci.hba import Ahci
+from hvf.plugins.ahci.spec import CD_SECTOR
 from hvf.plugins.block.backend import BlockBackend
 from hvf.plugins.block.image import open_image
 
@@ -28,6 +30,9 @@ INQUIRY_PRODUCT = "HVF DVD-ROM"
 def _drive(port: PortConfig, name: str) -> Drive:
     image = open_image(port.path, port.options)
     try:
+        if port.kind == CD and image.size < CD_SECTOR:
+            raise ImageError(f"{port.path} is {image.size} bytes, less than one "
+                             f"{CD_SECTOR}-byte CD block")
         backend = BlockBackend(image, threads=DISK_THREADS if port.kind == HD else CD_THREADS,
                                name=f"{name} port {port.index}")
     except BaseException:

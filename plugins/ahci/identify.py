@@ -31,6 +31,20 @@ class TransferMode:
     mode: int = 6
 
 
+#: The highest mode of each transfer mode type (PIO default, PIO flow control,
+#: multiword DMA, UDMA) that SET FEATURES may select.
+_HIGHEST_MODE = {0: 4, 1: 4, 4: 2, 8: 6}
+
+
+def transfer_mode(count: int) -> TransferMode | None:
+    """The mode SET FEATURES - set transfer mode selects with ``count``, or None for
+    one this device lacks."""
+    kind, mode = count >> 3, count & 7
+    if kind not in _HIGHEST_MODE or mode > _HIGHEST_MODE[kind]:
+        return None
+    return TransferMode(kind, mode)
+
+
 def ata_string(text: str, length: int) -> list[int]:
     """``text`` padded with spaces to ``length`` bytes, as words (ATA byte order)."""
     raw = text.encode("ascii")[:length].ljust(length, b" ")

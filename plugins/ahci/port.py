@@ -4,13 +4,14 @@ memory, and the commands it hands to the drive behind it.
 
 The guest sets PxCI bits from a vCPU (an MMIO exit that only records them); the port
 runs the commands on the I/O thread (:meth:`Port.process`), round-robin from the slot
-after the last one started (slot 0 once PxCMD.ST is set). Each command's header and table are read from guest memory, its
-register FIS goes to the drive (:mod:`hvf.plugins.ahci.ata` or
-:mod:`hvf.plugins.ahci.atapi`), which moves data through the PRDT
-(:meth:`Request.buffers`, every entry bounds-checked against guest RAM) on the block
-back end's threads and reports an :class:`~hvf.plugins.ahci.fis.Outcome`. The port
-then writes the FISes (PIO setup, D2H register, or set device bits for NCQ) to the
-received-FIS area, updates PxTFD/PxCI/PxSACT/PxIS and interrupts.
+after the last one started (slot 0 once PxCMD.ST is set). Each command's header and
+table are read from guest memory, its register FIS goes to the drive
+(:mod:`hvf.plugins.ahci.ata` or :mod:`hvf.plugins.ahci.atapi`), which moves data
+through the PRDT (:meth:`~hvf.plugins.ahci.request.Request.buffers`, every entry
+bounds-checked against guest RAM) on the block back end's threads and reports an
+:class:`~hvf.plugins.ahci.fis.Outcome`. The port then writes the FISes (PIO setup, D2H
+register, or set device bits for NCQ) to the received-FIS area, updates
+PxTFD/PxCI/PxSACT/PxIS and interrupts.
 
 A non-queued command runs alone; NCQ commands (READ/WRITE FPDMA QUEUED) are accepted
 with a D2H FIS that clears BSY and PxCI and run concurrently, each completed by a set

@@ -50,9 +50,7 @@ P_TFD, P_SIG, P_SSTS, P_SCTL, P_SERR, P_SACT, P_CI, P_SNTF, P_FBS = (
 # PxIS / PxIE bits
 IS_DHRS = 1 << 0   # D2H register FIS received
 IS_PSS = 1 << 1    # PIO setup FIS received
-IS_DSS = 1 << 2    # DMA setup FIS received
 IS_SDBS = 1 << 3   # set device bits FIS received
-IS_OFS = 1 << 24   # overflow
 IS_HBFS = 1 << 29  # host bus fatal error
 IS_TFES = 1 << 30  # task file error
 IS_MASK = 0xFDC000FF  # the bits that exist (PxIS and PxIE alike)
@@ -66,9 +64,14 @@ CMD_FRE = 1 << 4
 CMD_CCS_SHIFT = 8
 CMD_FR = 1 << 14
 CMD_CR = 1 << 15
+CMD_APSTE = 1 << 23
 CMD_ATAPI = 1 << 24
+CMD_DLAE = 1 << 25
+CMD_ALPE = 1 << 26
+CMD_ASP = 1 << 27
 #: Bits software writes and reads back (the rest are status, or zero here).
-CMD_STORED = CMD_ST | CMD_SUD | CMD_POD | CMD_FRE | CMD_ATAPI | 0x0E800000  # APSTE, DLAE, ALPE, ASP
+CMD_STORED = (CMD_ST | CMD_SUD | CMD_POD | CMD_FRE | CMD_APSTE | CMD_ATAPI | CMD_DLAE
+              | CMD_ALPE | CMD_ASP)
 
 # PxSSTS / PxSCTL
 SSTS_DET_PRESENT = 0x3
@@ -89,9 +92,7 @@ COMMAND_HEADER_SIZE = 32
 COMMAND_LIST_ALIGN = 1024
 FIS_AREA_ALIGN = 256
 TABLE_ALIGN = 128
-HEADER_CFL_MASK = 0x1F
 HEADER_ATAPI = 1 << 5
-HEADER_WRITE = 1 << 6
 HEADER_RESET = 1 << 8
 HEADER_CLEAR_BUSY = 1 << 10
 TABLE_CFIS = 0x00
@@ -119,7 +120,6 @@ CONTROL_SRST = 0x04
 ST_ERR = 0x01
 ST_DRQ = 0x08
 ST_DSC = 0x10
-ST_DF = 0x20
 ST_RDY = 0x40
 ST_BSY = 0x80
 ST_OK = ST_RDY | ST_DSC
@@ -168,11 +168,9 @@ NCQ_COMMANDS = frozenset({READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED})
 # SET FEATURES subcommands
 SF_ENABLE_WRITE_CACHE = 0x02
 SF_SET_TRANSFER_MODE = 0x03
-SF_ENABLE_SATA_FEATURE = 0x10
 SF_DISABLE_READ_LOOK_AHEAD = 0x55
 SF_DISABLE_REVERTING = 0x66
 SF_DISABLE_WRITE_CACHE = 0x82
-SF_DISABLE_SATA_FEATURE = 0x90
 SF_ENABLE_READ_LOOK_AHEAD = 0xAA
 SF_ENABLE_REVERTING = 0xCC
 
@@ -182,7 +180,6 @@ LOG_NCQ_ERROR = 0x10
 LOG_SECTOR = 512
 
 DSM_TRIM = 0x01
-DSM_RANGE_SIZE = 8
 
 # ---- SCSI / MMC commands (SPC-4, MMC-6) ----
 TEST_UNIT_READY = 0x00
@@ -202,8 +199,6 @@ READ_12 = 0xA8
 WRITE_12 = 0xAA
 
 # Sense keys and additional sense codes
-SK_NO_SENSE = 0x0
-SK_NOT_READY = 0x2
 SK_MEDIUM_ERROR = 0x3
 SK_ILLEGAL_REQUEST = 0x5
 SK_DATA_PROTECT = 0x7

@@ -108,6 +108,10 @@ def test_bad_images_are_refused_and_nothing_stays_open(image: Path, tmp_path: Pa
         with pytest.raises(ImageError, match=message):
             factory.build("ahci", BDF, {"port": {"0": {"type": "hd", "path": str(image)},
                                                  "1": {"type": "hd", "path": str(path)}}})
+    tiny = tmp_path / "tiny.iso"
+    tiny.write_bytes(bytes(512))
+    with pytest.raises(ImageError, match="less than one 2048-byte CD block"):
+        factory.build("ahci-cd", BDF, {"path": str(tiny)})
     # port 0's image was closed again: a read-write user may take it now
     with hba(disk_config(image)):
         pass

@@ -159,7 +159,8 @@ _REG = st.one_of(
     _REG, st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**64 - 1), st.booleans(),
     st.booleans()), min_size=1, max_size=40),
     garbage=st.binary(min_size=64, max_size=64))
-def test_hostile_register_accesses(accesses: list, garbage: bytes) -> None:  # type: ignore[type-arg]
+def test_hostile_register_accesses(accesses: list,  # type: ignore[type-arg]
+                                   garbage: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "disk.img"
         path.write_bytes(pattern(SIZE))
