@@ -126,8 +126,12 @@ def closed_by_server(s: socket.socket) -> bool:
         return True
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd")) - 1  # (less the one listing them)
+def lowest_free_fd() -> int:
+    """As a soft RLIMIT_NOFILE, this leaves no descriptor to spare: every number below
+    it is in use (a limit bounds the numbers, not how many are open)."""
+    fd = os.dup(0)
+    os.close(fd)
+    return fd
 
 
 @contextlib.contextmanager
@@ -149,7 +153,7 @@ def test_accept_loop_survives_running_out_of_file_descriptors(make_server: Any) 
     clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(40)]
     try:
         # every socket exists already: only the server's accept() can now run out
-        with fd_limit(open_fds() + 3):
+        with fd_limit(lowest_free_fd() + 3):
             for c in clients:
                 c.setblocking(False)
                 with contextlib.suppress(BlockingIOError):
@@ -171,7 +175,7 @@ def test_at_the_limit_an_idle_client_makes_room_for_a_new_one(make_server: Any) 
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2)
     try:
-        with fd_limit(open_fds()):  # not one descriptor to spare in the process
+        with fd_limit(lowest_free_fd()):  # not one descriptor to spare in the process
             probe.connect(str(server.path))
             greeting = read_line(probe)
         assert b'"hvf"' in greeting, greeting
@@ -184,6 +188,32 @@ def test_at_the_limit_an_idle_client_makes_room_for_a_new_one(make_server: Any) 
     finally:
         probe.close()
         for s in idle:
+            s.close()
+
+
+def test_out_of_descriptors_with_every_client_busy_a_newcomer_is_told(
+        make_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    server = make_server()
+    busy = [connect(server) for _ in range(3)]
+    for s in busy:
+        assert read_line(s)
+        s.sendall(b'{"id": 1, "command": "hang", "args": {"seconds": 1.0}}\n')
+    time.sleep(0.2)  # all three commands run: no client is idle
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        with fd_limit(lowest_free_fd()):
+            probe.connect(str(server.path))
+            reply = json.loads(read_line(probe))
+        assert reply["error"] == {"class": "TooManyClients",
+                                  "desc": "hvf cannot take a client now: Too many open files"}
+        assert "Too many open files; refusing clients until some close" in caplog.text
+        assert status_within(server, 2) < 1.0  # the limit is back: served again
+        for s in busy:  # and the busy ones got their replies
+            assert json.loads(read_line(s)) == {"id": 1, "return": {}}
+    finally:
+        probe.close()
+        for s in busy:
             s.close()
 
 
