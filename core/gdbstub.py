@@ -22,8 +22,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
-import attrs
-
+import hvf
 from hvf import gdbstub_x86 as x86
 from hvf._kvm import lib
 from hvf.errors import CapabilityError, ConfigError, HvfError
@@ -31,8 +30,8 @@ from hvf.gdbstub_target import INT3, GuestDebug
 from hvf.gdbstub_protocol import (
     ALL_THREADS, ANY_THREAD, MAX_READ, PACKET_SIZE, BadPacket, Breakpoint, Interrupt,
     Packet, PacketError, PacketReader, Query, ReadFeatures, ReadMemory, ReadRegister,
-    Resume, SetThread, ThreadQuery, WriteMemory, WriteRegister, WriteRegisters, frame,
-    parse,
+    Resume, SetThread, Stop, ThreadQuery, WriteMemory, WriteRegister, WriteRegisters,
+    frame, parse,
 )
 
 if TYPE_CHECKING:
@@ -55,19 +54,6 @@ _CONSTANT_REPLIES = {
     "vCont?": b"vCont;c;C;s;S",
     "QStartNoAckMode": b"OK",
 }
-
-
-@attrs.frozen
-class Stop:
-    """Why the guest stopped: the vCPU, the signal gdb is told, the stop reason."""
-
-    vcpu: int
-    signal: int = signal.SIGTRAP
-    reason: str = ""
-
-    def reply(self) -> bytes:
-        return b"T%02xthread:%x;%s" % (self.signal, self.vcpu + 1,
-                                       (self.reason + ";").encode() if self.reason else b"")
 
 
 class GdbStub:
@@ -101,6 +87,7 @@ class GdbStub:
             vm.kvm.check_extension(lib.KVM_CAP_SET_GUEST_DEBUG2) & lib.KVM_GUESTDBG_BLOCKIRQ))
         #: The registers gdb is shown, chosen by the vCPU's mode when it connects.
         self.layout = x86.AMD64
+        vm.plugins.pm.register(self, name="gdb stub")
 
     @classmethod
     def from_config(cls, vm: Machine) -> GdbStub | None:
@@ -135,6 +122,17 @@ class GdbStub:
         self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self.vm.plugins.pm.unregister(self)
+
+    @hvf.hookimpl
+    def hvf_vm_pause(self, vm: Machine) -> None:
+        if vm is self.vm:
+            self.guest.lift()  # no snapshot keeps the breakpoints' int3 bytes
+
+    @hvf.hookimpl
+    def hvf_vm_resume(self, vm: Machine) -> None:
+        if vm is self.vm:
+            self.guest.plant()
 
     # ---- called on vCPU threads, off their fast path ----
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 
 import attrs
 
@@ -139,6 +140,20 @@ class PacketReader:
         if not set(digits) <= _HEX_DIGITS or int(digits, 16) != checksum(body):
             return BadPacket("bad checksum", retry=True)
         return Packet(unescape(body))
+
+
+@attrs.frozen
+class Stop:
+    """Why the guest stopped: the vCPU, the signal gdb is told, the stop reason
+    (``swbreak:``, ``hwbreak:``, ``watch:ADDR``...)."""
+
+    vcpu: int
+    signal: int = signal.SIGTRAP
+    reason: str = ""
+
+    def reply(self) -> bytes:
+        return b"T%02xthread:%x;%s" % (self.signal, self.vcpu + 1,
+                                       (self.reason + ";").encode() if self.reason else b"")
 
 
 # ---- commands ----

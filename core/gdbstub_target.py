@@ -5,12 +5,15 @@ Addresses are linear ones, translated page by page through a vCPU's page tables
 (``KVM_TRANSLATE``, which knows every paging mode); only guest RAM is reachable, so a
 debugger's address never reaches anything else. Software breakpoints patch ``int3``
 into RAM and are hidden from reads; writes under one change the byte it restores.
-Hardware breakpoints and watchpoints take the four debug registers (DR7 global
-enables), given to KVM with ``KVM_GUESTDBG_USE_HW_BP``.
+While the machine is paused (for a snapshot) the ``int3`` bytes are lifted out of RAM
+(:meth:`GuestDebug.lift`), so that no snapshot keeps them. Hardware breakpoints and
+watchpoints take the four debug registers (DR7 global enables), given to KVM with
+``KVM_GUESTDBG_USE_HW_BP``.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import attrs
@@ -54,6 +57,8 @@ class GuestDebug:
         #: By linear address.
         self.software: dict[int, SoftwareBreakpoint] = {}
         self.hardware: list[HardwareBreakpoint | None] = [None] * 4
+        self._lock = threading.Lock()  # the stub's thread and pause/resume
+        self._lifted = False
 
     # ---- memory ----
 
@@ -97,14 +102,16 @@ class GuestDebug:
         if sum(n for _, _, n in pieces) != len(data):
             raise PacketError(f"no guest RAM for all of {address:#x}+{len(data):#x}", EFAULT)
         at = 0
-        for linear, gpa, n in pieces:
-            chunk = bytearray(data[at : at + n])
-            for i in range(n):
-                bp = self.software.get(linear + i)
-                if bp is not None:
-                    bp.original, chunk[i] = chunk[i], INT3
-            self.memory.write(gpa, chunk)
-            at += n
+        with self._lock:
+            for linear, gpa, n in pieces:
+                chunk = bytearray(data[at : at + n])
+                for i in range(n):
+                    bp = self.software.get(linear + i)
+                    if bp is not None:
+                        bp.original = chunk[i]
+                        chunk[i] = chunk[i] if self._lifted else INT3
+                self.memory.write(gpa, chunk)
+                at += n
 
     # ---- breakpoints ----
 
@@ -131,19 +138,48 @@ class GuestDebug:
         return b"OK"
 
     def _insert_software(self, fd: VcpuFd, address: int) -> None:
-        if address in self.software:
-            return
         pieces = self.pieces(fd, address, 1)
         if not pieces:
             raise PacketError(f"no guest RAM at {address:#x}", EFAULT)
-        gpa = pieces[0][1]
-        self.software[address] = SoftwareBreakpoint(gpa, self.memory.read(gpa, 1)[0])
-        self.memory.write(gpa, bytes((INT3,)))
+        with self._lock:
+            if address not in self.software:
+                bp = SoftwareBreakpoint(pieces[0][1], 0)
+                self.software[address] = bp
+                self._plant(bp)
 
     def _remove_software(self, address: int) -> None:
-        bp = self.software.pop(address, None)
-        if bp is not None and self.memory.read(bp.gpa, 1)[0] == INT3:
+        with self._lock:
+            bp = self.software.pop(address, None)
+            if bp is not None:
+                self._unplant(bp)
+
+    def _plant(self, bp: SoftwareBreakpoint) -> None:
+        alias = next((o for o in self.software.values() if o is not bp and o.gpa == bp.gpa),
+                     None)  # another linear address of the same byte
+        bp.original = self.memory.read(bp.gpa, 1)[0] if alias is None else alias.original
+        if not self._lifted:
+            self.memory.write(bp.gpa, bytes((INT3,)))
+
+    def _unplant(self, bp: SoftwareBreakpoint) -> None:
+        if self._lifted or any(o.gpa == bp.gpa for o in self.software.values()):
+            return
+        if self.memory.read(bp.gpa, 1)[0] == INT3:  # unless the guest wrote it since
             self.memory.write(bp.gpa, bytes((bp.original,)))
+
+    def lift(self) -> None:
+        """Take every ``int3`` out of RAM until :meth:`plant` (the machine is paused)."""
+        with self._lock:
+            for bp in self.software.values():
+                if self.memory.read(bp.gpa, 1)[0] == INT3:
+                    self.memory.write(bp.gpa, bytes((bp.original,)))
+            self._lifted = True
+
+    def plant(self) -> None:
+        with self._lock:
+            self._lifted = False
+            for bp in self.software.values():
+                bp.original = self.memory.read(bp.gpa, 1)[0]
+                self.memory.write(bp.gpa, bytes((INT3,)))
 
     def remove_all(self) -> None:
         for address in list(self.software):

@@ -226,6 +226,27 @@ def test_every_vcpu_stays_stopped_while_the_debugger_holds_the_guest(
     assert proc.poll() is None
 
 
+def test_a_checkpoint_taken_while_debugging_keeps_no_breakpoint(
+        target: Path, tmp_path: Path, running: list[subprocess.Popen[bytes]]) -> None:
+    port, tick = free_port(), symbol(target, "gdb_tick")
+    proc, out = start(running, tmp_path, "-G", f"w{port}", "--kernel", target, name="gdbck")
+    gdbc = Client(port)
+    original = gdbc(b"m%x,1" % tick)
+    assert gdbc(b"Z0,%x,1" % tick) == b"OK"
+    assert gdbc(b"m%x,1" % tick) == original  # hidden from reads
+    r = run_hvf(["ctl", "--vm", "gdbck", "--json", "checkpoint", tmp_path / "ck"])
+    assert r.returncode == 0, r.stderr
+    (ram,) = (tmp_path / "ck").glob("ram-*")
+    with ram.open("rb") as f:  # low RAM lies at its guest-physical address in the file
+        f.seek(tick)
+        assert f.read(1).hex().encode() == original != b"cc"
+    assert gdbc(b"c") == b"T05thread:1;swbreak:;"  # planted again after the save
+    assert gdbc(b"z0,%x,1" % tick) == b"OK" and gdbc(b"D") == b"OK"
+    gdbc.close()
+    assert proc.wait(60) == 1
+    assert "gdb_target done" in out.read_text()
+
+
 def test_hardware_watchpoint(target: Path, tmp_path: Path,
                              running: list[subprocess.Popen[bytes]]) -> None:
     port = free_port()

@@ -254,6 +254,35 @@ def test_software_breakpoints_patch_int3_and_are_hidden(guest: GuestDebug) -> No
     assert guest.memory.read(0x1003, 2) == b"\xaa\xbb"
 
 
+def test_lifted_breakpoints_leave_ram_as_the_guest_wrote_it(guest: GuestDebug) -> None:
+    fd = IdentityTranslation()
+    guest.change(fd, Breakpoint(True, 0, 0x1004, 1))
+    guest.lift()  # paused for a snapshot
+    assert guest.memory.read(0x1004, 1) == b"\x04"
+    guest.change(fd, Breakpoint(True, 0, 0x1005, 1))
+    guest.write(fd, 0x1004, b"\xee")
+    assert guest.memory.read(0x1004, 2) == b"\xee\x05"
+    guest.plant()
+    assert guest.memory.read(0x1004, 2) == bytes([INT3, INT3])
+    assert guest.read(fd, 0x1004, 2) == b"\xee\x05"
+    guest.remove_all()
+    assert guest.memory.read(0x1004, 2) == b"\xee\x05"
+
+
+def test_two_linear_addresses_of_one_byte(guest: GuestDebug) -> None:
+    class Alias(IdentityTranslation):
+        def translate(self, linear: int) -> int:
+            return linear & 0xFFFF
+
+    fd = Alias()
+    guest.change(fd, Breakpoint(True, 0, 0x1004, 1))
+    guest.change(fd, Breakpoint(True, 0, 0x11004, 1))
+    guest.change(fd, Breakpoint(False, 0, 0x1004, 1))
+    assert guest.memory.read(0x1004, 1) == bytes([INT3])  # the other one still holds
+    guest.change(fd, Breakpoint(False, 0, 0x11004, 1))
+    assert guest.memory.read(0x1004, 1) == b"\x04"
+
+
 def test_memory_outside_ram_is_refused(guest: GuestDebug) -> None:
     fd = IdentityTranslation()
     with pytest.raises(PacketError) as e:
