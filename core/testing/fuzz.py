@@ -11,10 +11,12 @@ decodes) and every ``check_every`` actions checks that
 
 * every device's saved state is plain data that restores into a second machine built
   the same way (the *twin*; ``restore_state`` runs the record's ``from_fields``
-  validation) and saves back equal;
+  validation), saves back equal, and leaves KVM's interrupt side as the original's (the
+  lines high, the MSI vectors bound and their routes);
 * the twin, driven with the next ``replay`` actions alongside, reads what the original
   reads (the target's ``volatile`` reads, a clock's, excepted) and, for a
-  ``deterministic`` target, ends in the same state: the record holds what the guest sees.
+  ``deterministic`` target, ends in the same state and interrupts: the record holds
+  what the guest sees.
 
 An exception out of a device, a read that is not an integer of the access's width or a
 broken check ends the run with :class:`FuzzFailure`, naming the seed and the action, so
@@ -27,6 +29,7 @@ import argparse
 import copy
 import random
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,13 +52,15 @@ SIZE_NAMES = {1: "b", 2: "w", 4: "l", 8: "q"}
 
 class FuzzMachine(Protocol):
     """What the harness drives: a :class:`hvf.testing.fakes.FakeVm` will do (its record
-    of KVM's interrupt side, ``irqs`` and ``vmfd``, is compared too)."""
+    of KVM's interrupt side, ``irqs`` and ``vmfd``, is compared too; ``irqs`` and
+    ``events`` are consumed as the run goes)."""
 
     pio: PortBus
     mmio: MmioBus
     memory: GuestMemory
     devices: list[Device]
     irqs: list[tuple[int, bool]]
+    events: list[tuple[Any, ...]]
     vmfd: FakeVmfd
 
     def device(self, name: str) -> Device | None: ...
@@ -268,10 +273,10 @@ def _states(vm: FuzzMachine) -> dict[str, Any]:
     return {d.name: d.save_state() for d in vm.devices}
 
 
-def _restore_twin(vm: FuzzMachine, twin: FuzzMachine,
-                  through: Callable[[Any], Any]) -> dict[str, Any]:
-    """Every device's state into the twin's, checked to save back equal; then the twin's
-    RAM made the original's (the pages the original ever wrote)."""
+def _restore_twin(vm: FuzzMachine, twin: FuzzMachine, through: Callable[[Any], Any]) -> None:
+    """Every device's state into the twin's, checked to save back equal and to drive
+    KVM's interrupt side as the original's does; then the twin's RAM made the
+    original's (the pages the original ever wrote)."""
     saved = _states(vm)
     for device in twin.devices:
         fields = saved[device.name]
@@ -281,10 +286,13 @@ def _restore_twin(vm: FuzzMachine, twin: FuzzMachine,
         if again != fields:
             raise AssertionError(f"{device.name}: restored state saves back different "
                                  f"({'; '.join(_differences(fields, again))})")
+    mine, theirs = _interrupts(vm), _interrupts(twin)
+    if mine != theirs:
+        raise AssertionError("the restored twin drives interrupts differently from the "
+                             f"original ({'; '.join(_differences(mine, theirs))})")
     view, twin_view = vm.memory.view, twin.memory.view
     for start, end in vm.memory.data_extents():
         twin_view[start:end] = view[start:end]
-    return saved
 
 
 def fuzz(target: Target, *, seed: int, accesses: int, check_every: int = 1000,
@@ -354,14 +362,21 @@ def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [f"{where} {a!r} vs {b!r}"[:200]]
 
 
+#: Each machine's line levels as last told KVM, folded from its records (consumed).
+_LEVELS: weakref.WeakKeyDictionary[FuzzMachine, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
 def _interrupts(vm: FuzzMachine) -> dict[str, Any]:
-    """What KVM was last told: each line's level, the GSIs of bound irqfds (MSI vectors
-    unmasked) and the MSI routes."""
-    levels: dict[int, bool] = {}
+    """What KVM was last told that the guest can see: the lines that are high, and the
+    MSI vectors bound (irqfds) with the routes they deliver through."""
+    levels = _LEVELS.setdefault(vm, {})
     for irq, level in vm.irqs:
         levels[irq] = level
-    return {"levels": {irq: True for irq, level in levels.items() if level},
-            "irqfds": sorted(vm.vmfd.irqfds.values()), "routes": vm.vmfd.routes}
+    vm.irqs.clear()  # a device that pulses its line would grow them without end
+    vm.events.clear()
+    bound = set(vm.vmfd.irqfds.values())
+    return {"high lines": sorted(irq for irq, level in levels.items() if level),
+            "bound MSI routes": sorted(r for r in vm.vmfd.routes if r[0] in bound)}
 
 
 def _compare(vm: FuzzMachine, twin: FuzzMachine) -> None:
