@@ -3,7 +3,8 @@
 command tables with random FISes, PRDTs and ATAPI packets, on real images and guest
 RAM. The controller must never raise, never hand the block back end a range outside
 the image, never change the image except where a valid write or TRIM addressed it,
-and always finish a command (PxCI cleared, or an error bit in PxIS)."""
+and always finish a command (PxCI cleared, or an error bit in PxIS); a saved state
+with any field changed restores or is refused with an error, never an exception."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hvf.errors import HvfError
 from hvf.plugins.ahci import spec
 from test_ahci import DATA, SECTORS, SIZE, Hba, h2d, hba, pattern
 
@@ -183,3 +185,47 @@ def test_hostile_register_accesses(accesses: list,  # type: ignore[type-arg]
             assert h.port_read(0, spec.P_IS) & ~spec.IS_MASK == 0
             assert h.device.ports[0].drive.backend.stats()["out_of_range"] == 0
         assert path.read_bytes() == pattern(SIZE)
+
+
+_VALUE = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**65), st.binary(max_size=600),
+                   st.text(max_size=8), st.just({}), st.just([]))
+
+
+def _leaves(fields: dict[str, object],
+            prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The path of every field, nested ones included."""
+    paths = []
+    for key, value in fields.items():
+        paths.append((*prefix, key))
+        if isinstance(value, dict):
+            paths += _leaves(value, (*prefix, key))
+    return paths
+
+
+@_FUZZ
+@given(changes=st.lists(st.tuples(st.integers(0, 10**6), _VALUE), min_size=1, max_size=3))
+def test_hostile_saved_state(changes: list) -> None:  # type: ignore[type-arg]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "disk.img"
+        path.write_bytes(pattern(SIZE))
+        iso = Path(tmp) / "cd.iso"
+        iso.write_bytes(bytes(4 * 2048))
+        tree = {"port": {"0": {"type": "hd", "path": str(path)},
+                         "3": {"type": "cd", "path": str(iso)}}}
+        with hba(tree) as h:
+            saved = h.device.save_state()
+            paths = _leaves(saved)
+            for pick, value in changes:
+                *parents, key = paths[pick % len(paths)]
+                node = saved
+                for part in parents:
+                    node = node.get(part, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node[key] = value
+            try:
+                h.device.restore_state(saved, 1)
+            except HvfError:
+                return
+            # accepted: the controller still works
+            h.start(0)
+            assert h.run(0, h2d(spec.READ_DMA_EXT, count=1), [(DATA, 512)]).ok
