@@ -22,6 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from hvf.bootorder import BootEntry, pci_path
 from hvf.errors import DeviceError, GuestMemoryError
 from hvf.plugins.block.backend import BlockBackend
 from hvf.plugins.nvme import identify, state
@@ -78,11 +79,13 @@ _SHST_MASK = 3 << _SHST_SHIFT
 class NvmeController(QueueEngine):
     """One NVMe controller with one namespace on ``image``."""
 
-    def __init__(self, name: str, image: Image, identity: Identity, *, ioslots: int) -> None:
+    def __init__(self, name: str, image: Image, identity: Identity, *, ioslots: int,
+                 bootindex: int | None = None) -> None:
         super().__init__(name, vectors=identity.maxq + 1, ioslots=ioslots)
         self.set_identity(identify.VENDOR_ID, identify.DEVICE_ID, CLASS_NVME,
                           subsystem_vendor=identify.VENDOR_ID, subsystem=identify.DEVICE_ID)
         self.identity = identity
+        self.bootindex = bootindex
         self.backend = BlockBackend(image, name=name)
         self.bar = self.add_bar(0, BAR_MEM64, BAR_SIZE, self._bar_read, self._bar_write)
         self.request_intx()
@@ -286,6 +289,12 @@ class NvmeController(QueueEngine):
             self._update_intx()
         for doorbell in self.sq_doorbells:  # work posted while paused
             doorbell.signal()
+
+    def boot_entries(self) -> list[BootEntry]:
+        if self.bootindex is None:
+            return []
+        return [BootEntry(self.bootindex, pci_path(self.address, "nvme", "namespace@1,0"),
+                          self.name)]
 
     def stats(self) -> dict[str, int]:
         with self.lock:

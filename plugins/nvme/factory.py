@@ -31,7 +31,8 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
             blocks_per_physical=sector.physical // sector.logical, dsm=dsm,
             write_cache=not image.direct, readonly=image.readonly,
             maxq=options.maxq, qsz=options.qsz)
-        return NvmeController(where, image, identity, ioslots=options.ioslots)
+        return NvmeController(where, image, identity, ioslots=options.ioslots,
+                              bootindex=options.bootindex)
     except BaseException:
         image.close()
         raise

@@ -24,6 +24,8 @@ configuration ``pci.B.S.F.path``, ``.maxq``, ... (bhyve_config(5)):
 ``dsm``
     Dataset Management (deallocate): ``auto`` offers it when the image can discard
     (not ``ro``, not ``nodelete``), ``enable`` always, ``disable`` never
+``bootindex``
+    the controller's place in the firmware's boot order (:mod:`hvf.bootorder`)
 
 A value that is not one of these is a :class:`~hvf.errors.ConfigError` naming the
 option; so is an option the device does not know.
@@ -37,6 +39,7 @@ from typing import Any
 
 import attrs
 
+from hvf.bootorder import parse_bootindex
 from hvf.config import Config
 from hvf.errors import ConfigError
 from hvf.plugins.block.options import ImageOptions, SectorSize, legacy_config
@@ -67,6 +70,7 @@ class NvmeOptions:
     serial: bytes = b""
     eui64: int = 0
     dsm: str = "auto"
+    bootindex: int | None = None
 
 
 def _number(values: Config, where: str, key: str, default: int, low: int, high: int) -> int:
@@ -117,9 +121,9 @@ def read_options(config: Mapping[str, Any], where: str, slot: tuple[int, int, in
     if dsm not in DSM_MODES:
         raise ConfigError(f"{where}: invalid dsm='{dsm}': it must be auto, enable or disable")
     eui64 = _number(values, where, "eui64", default_eui64(vm_name, slot), 0, (1 << 64) - 1)
-    _number(values, where, "bootindex", 0, 0, 0xFFFF)
     return NvmeOptions(
         path=path, image=image, dsm=dsm, eui64=eui64,
+        bootindex=parse_bootindex(values.get("bootindex"), where),
         serial=serial.encode().ljust(SERIAL_BYTES),
         maxq=_number(values, where, "maxq", MAX_QUEUES, 1, MAX_QUEUES),
         qsz=_number(values, where, "qsz", 2048, 2, MAX_QUEUE_ENTRIES),

@@ -48,6 +48,7 @@ GUESTS: tuple[str, ...] = (
     "acpi_pmtimer",
     "com_echo",
     "randio",
+    "nvme_disk",
 )
 
 #: Guests linked somewhere other than 1 MiB.

@@ -552,7 +552,7 @@ def test_options() -> None:
         "path": "/vm/d.img", "maxq": "4", "ro": "true", "dsm": "disable"}
     opts = options.read_options({"path": "/x", "device": "nvme"}, "nvme", BDF, "vm0")
     assert (opts.maxq, opts.qsz, opts.ioslots, opts.dsm) == (16, 2048, 8, "auto")
-    assert opts.serial == b"NVME-5-0".ljust(20)
+    assert opts.serial == b"NVME-5-0".ljust(20) and opts.bootindex is None
     assert opts.eui64 >> 40 == options.OUI_FREEBSD_NVME and opts.eui64 & 0xFFFF == 1
     assert opts.eui64 != options.read_options({"path": "/x"}, "nvme", BDF, "vm1").eui64
     sized = options.read_options({"path": "/x", "sectsz": "4096"}, "nvme", BDF, "vm0")
@@ -591,3 +591,11 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         factory.create(vm=FakeVm(), slot=BDF, config={"path": str(tmp_path), "maxq": "99"})
     assert info.value.exit_status == 4
+
+
+def test_boot_entries(image: Path) -> None:
+    with rig(image, queue=0, bootindex="3") as r:
+        (entry,) = r.dev.boot_entries()
+        assert (entry.index, entry.path) == (3, "/pci@i0cf8/nvme@5/namespace@1,0")
+    with rig(image, queue=0) as r:
+        assert r.dev.boot_entries() == []
