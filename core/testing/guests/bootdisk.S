@@ -21,7 +21,7 @@
  *      hvf exits with 1 or 3), then powers off through ACPI PM1a_CNT at 0x604
  *      (hvf exits with 1), then halts.
  *
- * The parameters sit at offset 0x10 of the first sector (magic "HVFBOOT1"), patched by
+ * Lines end in CR LF. The parameters sit at offset 0x10 of the first sector (magic "HVFBOOT1"), patched by
  * the image builder; hex is lowercase.
  */
 
@@ -193,8 +193,8 @@ putdec:
 	ret
 
 newline:
-	movb	$'\n', %al
-	jmp	putc
+	movw	$s_newline, %si
+	jmp	puts
 
 /* " lba XXXXXXXX" for EAX */
 put_lba:
@@ -381,15 +381,16 @@ s_bootdisk:	.asciz	"bootdisk "
 s_drive:	.asciz	"drive "
 s_sector:	.asciz	" sector "
 s_read:		.asciz	"read "
-s_bytes_ok:	.asciz	" bytes ok\n"
+s_bytes_ok:	.asciz	" bytes ok\r\n"
 s_readfail:	.asciz	"read FAIL"
-s_mismatch:	.asciz	" mismatch\n"
+s_mismatch:	.asciz	" mismatch\r\n"
 s_lba:		.asciz	" lba "
 s_status:	.asciz	" status "
 s_wrote:	.asciz	"wrote "
 s_sectors_at:	.asciz	" sectors at"
 s_writefail:	.asciz	"write FAIL"
-s_done:		.asciz	"done\n"
+s_done:		.asciz	"done\r\n"
+s_newline:	.asciz	"\r\n"
 
 	.balign	4
 remaining:	.long	0
