@@ -62,8 +62,8 @@ def _targets() -> dict[str, Target]:
 def test_device_holds_under_random_io(name: str) -> None:
     report = fuzz(_targets()[name], seed=14, accesses=SUITE_ACCESSES, check_every=500,
                   through=through_snapshot, seconds=SUITE_SECONDS)
-    assert report.reached >= min(SUITE_ACCESSES, 5000), report
-    assert report.checks >= 10
+    assert report.reached >= min(SUITE_ACCESSES, 2000), report
+    assert report.checks >= 4
 
 
 def test_every_built_in_device_has_a_target() -> None:
