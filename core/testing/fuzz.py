@@ -227,8 +227,8 @@ def close_machine(vm: FuzzMachine) -> None:
 @attrs.frozen
 class Target:
     """What to fuzz: ``build()`` makes a machine (each call a new one, with its own guest
-    RAM); ``actions(rng, vm)`` yields actions against it for ever; accesses to ranges
-    whose owner is in ``owners`` count as reaching the device."""
+    RAM); ``actions(rng, vm)`` yields actions against it (the run ends when they do);
+    accesses to ranges whose owner is in ``owners`` count as reaching the device."""
 
     name: str
     build: Callable[[], FuzzMachine]
