@@ -10,7 +10,10 @@
   configuration accesses, for driving a device's registers from the host side;
 * :mod:`hvf.testing.virtio`: the guest's side of virtio (a split virtqueue's driver,
   a virtio-pci function's registers), on top of those accesses;
-* :mod:`hvf.testing.guestkit`: a real Linux guest (``python -m hvf.testing.guestkit``).
+* :mod:`hvf.testing.guestkit`: a real Linux guest (``python -m hvf.testing.guestkit``);
+* :mod:`hvf.testing.bootdisk`: disk images and ISOs whose boot program checks the
+  firmware's int 13h disk access (for a disk front end's SeaBIOS boot tests);
+* :mod:`hvf.testing.grubdisk`: the demo's GRUB disk (``python -m hvf.testing.grubdisk``).
 """
 
 from hvf.testing.process import (
