@@ -118,14 +118,10 @@ def _bar(vm: Any, bdf: tuple[int, int, int], index: int) -> int:
 # ---- action generators ----
 
 
-def _spans(windows: list[Window], *, margin: int = 4, sizes: tuple[int, ...] = (1, 2, 4),
-           host: Any = None):  # type: ignore[no-untyped-def]
+def _spans(*windows: Window):  # type: ignore[no-untyped-def]
     def actions(rng: random.Random, vm: Any) -> Iterator[Action]:
         while True:
-            if host is not None and rng.random() < 0.05:
-                yield host(rng)
-            else:
-                yield window_access(rng, windows, margin=margin, sizes=sizes)
+            yield window_access(rng, windows)
     return actions
 
 
@@ -149,7 +145,9 @@ def com_actions(rng: random.Random, vm: Any) -> Iterator[Action]:
 
 def pci_uart_actions(rng: random.Random, vm: Any) -> Iterator[Action]:
     windows = [Window("pio", _bar(vm, PCI_UART, 0), 8)]
-    yield from _spans(windows, host=_uart_input("uart@pci.0.2.0"))(rng, vm)
+    host = _uart_input("uart@pci.0.2.0")
+    while True:
+        yield host(rng) if rng.random() < 0.05 else window_access(rng, windows)
 
 
 def _config_offset(rng: random.Random) -> int:
@@ -224,8 +222,9 @@ def pm_actions(rng: random.Random, vm: Any) -> Iterator[Action]:
 
 
 def pm_timer_read(vm: Any, action: Action) -> bool:
+    """A read of the PM timer (an access goes to the range of its first port)."""
     return isinstance(action, Access) and action.space == "pio" and \
-        0x608 - 3 <= action.address < 0x60C
+        0x608 <= action.address < 0x60C
 
 
 def rtc_clock_read(vm: Any, action: Action) -> bool:
@@ -240,17 +239,16 @@ def _dma_address(rng: random.Random, length: int, *, planted: float) -> tuple[in
     """A guest-physical address for a DMA buffer or descriptor, and whether it is in the
     area where buffers are planted (with canaries around them); ``planted`` is how often
     it is."""
-    pick = rng.random()
-    if pick < planted:
+    if rng.random() < planted:
         return BUFFERS + rng.randrange(0x10000), True
-    pick = 0.5 + (pick - planted) / (1 - planted) / 2  # the rest, as below
-    if pick < 0.65:  # across the end of RAM
+    pick = rng.random()
+    if pick < 0.3:  # across the end of RAM
         return (RAM - length + rng.randrange(-8, 9)) % (1 << 64), False
-    if pick < 0.75:
+    if pick < 0.5:
         return rng.getrandbits(32), False
-    if pick < 0.85:
+    if pick < 0.7:
         return rng.getrandbits(64), False
-    if pick < 0.92:  # the end of the address space: gpa + length wraps past 2^64
+    if pick < 0.85:  # the end of the address space: gpa + length wraps past 2^64
         return (1 << 64) - rng.randrange(1, 64), False
     return rng.randrange(BUFFERS + 0x20000, RAM), False
 
@@ -355,9 +353,9 @@ def targets() -> dict[str, Target]:
                volatile=rtc_clock_read),
         target("kbc", kbc_actions, frozenset({"kbc data", "kbc command"})),
         target("pm", pm_actions, "acpi ", volatile=pm_timer_read),
-        target("reset", _spans([Window("pio", 0xCF9, 1), Window("pio", 0x92, 1)]),
+        target("reset", _spans(Window("pio", 0xCF9, 1), Window("pio", 0x92, 1)),
                frozenset({"reset control", "system control port a"})),
-        target("debugcon", _spans([Window("pio", 0x402, 1)]), frozenset({"debugcon"})),
+        target("debugcon", _spans(Window("pio", 0x402, 1)), frozenset({"debugcon"})),
         target("fwcfg", fwcfg_actions, frozenset({"fwcfg"})),
         target("pc-testdev", pctestdev_actions, "pc-testdev"),
         target("virtio-pci", virtio_actions, "virtio-rnd@pci.0.3.0"),
