@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import hvf
@@ -44,6 +45,7 @@ log = logging.getLogger("hvf.gdb")
 BP_VECTOR = 3
 EIO = 0x05
 SEND_TIMEOUT = 30.0
+ACCEPT_RETRY = 0.5
 #: Packets kept for later while the guest runs (gdb sends none but Ctrl-C then).
 MAX_PENDING = 64
 _CONSTANT_REPLIES = {
@@ -185,8 +187,9 @@ class GdbStub:
                 continue
             try:
                 conn, peer = self._listener.accept()
-            except OSError as e:
+            except OSError as e:  # out of descriptors, say: try again soon
                 log.warning("gdb: accept failed: %s", e)
+                time.sleep(ACCEPT_RETRY)
                 continue
             log.info("gdb: debugger connected from %s", peer[0])
             try:
