@@ -11,6 +11,7 @@ the caller names for a vector (an MSI-X irqfd of the fake machine).
 
 from __future__ import annotations
 
+import os
 import select
 import struct
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from hvf.memory import GuestMemory
+from hvf.plugins.pci import CAP_ID_MSIX
 from hvf.plugins.nvme.spec import (
     ADMIN_CREATE_CQ,
     ADMIN_CREATE_SQ,
@@ -202,7 +204,9 @@ class NvmeDriver:
             if left <= 0:
                 raise TimeoutError(f"queue {qid}: {len(found)} of {count} completions")
             if vector is not None and self.vector_fd is not None:
-                select.select([self.vector_fd(vector)], [], [], min(left, 0.05))
+                fd = self.vector_fd(vector)
+                if select.select([fd], [], [], min(left, 0.05))[0]:
+                    os.eventfd_read(fd)  # the interrupt, taken
             else:
                 time.sleep(0.0002)
         return found
@@ -216,6 +220,20 @@ class NvmeDriver:
 
     def admin(self, opcode: int, **fields: object) -> Completion:
         return self.command(0, opcode, **fields)
+
+    def enable_msix(self) -> None:
+        """Turn MSI-X on with every vector unmasked (on the fake machine each vector's
+        eventfd then counts its interrupts)."""
+        pointer = cfg_read(self.vm, self.bdf, 0x34, 1)
+        while cfg_read(self.vm, self.bdf, pointer, 1) != CAP_ID_MSIX:
+            pointer = cfg_read(self.vm, self.bdf, pointer + 1, 1)
+        count = (cfg_read(self.vm, self.bdf, pointer + 2, 2) & 0x7FF) + 1
+        table = cfg_read(self.vm, self.bdf, pointer + 4, 4) & ~7  # in BAR 0
+        for vector in range(count):
+            entry = table + 16 * vector
+            for offset, value in ((0, 0xFEE0_0000), (4, 0), (8, 0x40 + vector), (12, 0)):
+                self.write(entry + offset, value)
+        cfg_write(self.vm, self.bdf, pointer + 2, 2, 1 << 15)
 
     def create_queue_pair(self, qid: int, size: int = 64, *, cq_size: int | None = None,
                           vector: int | None = None) -> None:
