@@ -338,13 +338,26 @@ def virtio_actions(rng: random.Random, vm: Any) -> Iterator[Action]:
             yield window_access(rng, windows, sizes=(1, 2, 4, 8))
 
 
+def _everything(generators: list[Any]):  # type: ignore[no-untyped-def]
+    """Every device's actions at once: each step from one generator picked at random."""
+    def actions(rng: random.Random, vm: Any) -> Iterator[Action]:
+        running = [generator(rng, vm) for generator in generators]
+        while True:
+            yield next(rng.choice(running))
+    return actions
+
+
+def _clock_read(vm: Any, action: Action) -> bool:
+    return rtc_clock_read(vm, action) or pm_timer_read(vm, action)
+
+
 def targets() -> dict[str, Target]:
-    """The built-in devices, one target each."""
+    """The built-in devices, one target each, and ``machine``: all of them at once."""
     def target(name: str, actions: Any, owners: frozenset[str] | str, **kw: Any) -> Target:
         owners = _owners(owners) if isinstance(owners, str) else owners
         return Target(name, build_machine, actions, owners, **kw)
 
-    return {t.name: t for t in (
+    devices = {t.name: t for t in (
         target("com", com_actions, frozenset({"com1", "com2", "com3", "com4"})),
         target("pci-uart", pci_uart_actions, frozenset({"uart@pci.0.2.0 BAR0"})),
         target("pci-config", pci_config_actions,
@@ -360,6 +373,10 @@ def targets() -> dict[str, Target]:
         target("pc-testdev", pctestdev_actions, "pc-testdev"),
         target("virtio-pci", virtio_actions, "virtio-rnd@pci.0.3.0"),
     )}
+    everything = target("machine", _everything([t.actions for t in devices.values()]),
+                        frozenset().union(*(t.owners for t in devices.values())),
+                        deterministic=False, volatile=_clock_read)
+    return {**devices, everything.name: everything}
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _targets() -> dict[str, Target]:
 
 @pytest.mark.parametrize("name", sorted(targets_names := (
     "com", "pci-uart", "pci-config", "rtc", "kbc", "pm", "reset", "debugcon", "fwcfg",
-    "pc-testdev", "virtio-pci")))
+    "pc-testdev", "virtio-pci", "machine")))
 def test_device_holds_under_random_io(name: str) -> None:
     report = fuzz(_targets()[name], seed=14, accesses=SUITE_ACCESSES, check_every=500,
                   through=through_snapshot, seconds=SUITE_SECONDS)
