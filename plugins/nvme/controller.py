@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hvf.bootorder import BootEntry, pci_path
 from hvf.errors import DeviceError, GuestMemoryError
 from hvf.plugins.block.backend import BlockBackend
+from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
 from hvf.plugins.nvme import identify, state
 from hvf.plugins.nvme.admin import AdminCommands, AsyncEvents
 from hvf.plugins.nvme.engine import QueueEngine, Result
@@ -273,17 +274,24 @@ class NvmeController(QueueEngine):
             if self.io_in_flight:
                 raise DeviceError(f"{self.name}: {self.io_in_flight} commands still in flight")
             return {"pci": super().save_state(), "msix": self.msix.save_state(),
-                    "controller": state.capture(self).to_fields()}
+                    "controller": state.capture(self).to_fields(),
+                    "image": record_image(self.backend.image).to_fields()}
 
     def restore_state(self, fields: dict[str, Any], version: int) -> None:
-        parts = {name: fields.get(name) for name in ("pci", "msix", "controller")}
-        for name, part in parts.items():
+        parts: dict[str, dict[str, Any]] = {}
+        for name in ("pci", "msix", "controller"):
+            part = fields.get(name)
             if not isinstance(part, dict):
                 raise DeviceError(f"{self.name}: saved state lacks its {name!r} part")
+            parts[name] = part
+        if "image" not in fields:
+            raise DeviceError(f"{self.name}: saved state lacks its 'image' part")
+        check_restored_image(self.backend.image, ImageRecord.from_fields(fields["image"]),
+                             self.name, "pci.{}.{}.{}.path".format(*self.address))
         with self.lock:
-            saved = state.ControllerState.from_fields(parts["controller"], self.identity)  # type: ignore[arg-type]
-            super().restore_state(parts["pci"], version)  # type: ignore[arg-type]
-            self.msix.restore_state(parts["msix"])  # type: ignore[arg-type]
+            saved = state.ControllerState.from_fields(parts["controller"], self.identity)
+            super().restore_state(parts["pci"], version)
+            self.msix.restore_state(parts["msix"])
             state.apply(self, saved)
             self._update_doorbells()
             self._update_intx()

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeVm
-from hvf.errors import DeviceError
+from hvf.errors import DeviceError, ImageError
 from hvf.memory import GuestMemory, MiB
 from hvf.plugins.nvme import factory, spec
 from hvf.plugins.nvme.controller import NvmeController
@@ -180,3 +180,31 @@ def test_malformed_state_is_refused(saved_and_device: tuple[dict, NvmeController
     finally:
         dev.restore_state(copy.deepcopy(saved), dev.state_version)
     assert dev.save_state()["controller"] == controller
+
+
+def test_restore_refuses_a_changed_image(memory: GuestMemory, image: Path,
+                                         tmp_path: Path) -> None:
+    vm, dev = build(memory, image)
+    try:
+        NvmeDriver(vm, memory, BDF).enable()
+        saved = dev.save_state()
+    finally:
+        stop(vm, dev)
+    assert saved["image"]["path"] == str(image) and saved["image"]["size"] == SIZE
+    with image.open("r+b") as f:
+        f.write(b"changed")
+    vm, dev = build(memory, image)
+    try:
+        with pytest.raises(ImageError, match="changed since the snapshot.*pci.0.5.0.path=COPY"):
+            dev.restore_state(copy.deepcopy(saved), dev.state_version)
+        assert dev.csts == 0  # nothing was restored
+    finally:
+        stop(vm, dev)
+    copied = tmp_path / "copy.img"  # another path of the same size is taken
+    copied.write_bytes(image.read_bytes())
+    vm, dev = build(memory, copied)
+    try:
+        dev.restore_state(copy.deepcopy(saved), dev.state_version)
+        assert dev.csts == spec.CSTS_RDY
+    finally:
+        stop(vm, dev)
