@@ -77,6 +77,14 @@ _SHST_SHIFT = 2
 _SHST_MASK = 3 << _SHST_SHIFT
 
 
+def _dword_into(address: int, half: int, value: int) -> int:
+    """A 64-bit queue base with its low (``half`` 0) or high dword written; the low 12
+    bits (reserved: the base is page-aligned) stay clear."""
+    if half:
+        return address & _LOW | value << 32
+    return address & ~_LOW | value & ~0xFFF
+
+
 class NvmeController(QueueEngine):
     """One NVMe controller with one namespace on ``image``."""
 
@@ -149,12 +157,10 @@ class NvmeController(QueueEngine):
             self._cc_written(value & CC_WRITABLE)
         elif offset == REG_AQA:
             self.aqa = value & 0x0FFF_0FFF
-        elif offset in (REG_ASQ, REG_ACQ):
-            old = self.asq if offset == REG_ASQ else self.acq
-            setattr(self, "asq" if offset == REG_ASQ else "acq", old & ~_LOW | value & ~0xFFF)
-        elif offset in (REG_ASQ + 4, REG_ACQ + 4):
-            old = self.asq if offset == REG_ASQ + 4 else self.acq
-            setattr(self, "asq" if offset == REG_ASQ + 4 else "acq", old & _LOW | value << 32)
+        elif offset in (REG_ASQ, REG_ASQ + 4):
+            self.asq = _dword_into(self.asq, offset - REG_ASQ, value)
+        elif offset in (REG_ACQ, REG_ACQ + 4):
+            self.acq = _dword_into(self.acq, offset - REG_ACQ, value)
 
     # ---- enable, reset, shutdown ----
 

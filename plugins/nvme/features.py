@@ -96,7 +96,7 @@ def get_feature(features: Features, defaults: Features, fid: int, cdw11: int,
     """Get Features: the current, default or saved (the default) value, or the
     feature's capabilities."""
     known = _GET.get(fid)
-    if known is None:
+    if known is None or select > SEL_CAPABILITIES:
         return INVALID_FIELD, 0
     if select == SEL_CAPABILITIES:
         return SUCCESS, CAP_CHANGEABLE | (CAP_NAMESPACE if fid == FEAT_ERROR_RECOVERY else 0)
