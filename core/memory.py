@@ -46,8 +46,7 @@ _libc: Any = _libc_ffi.dlopen(None)
 def _mlock(addr: int, length: int) -> None:
     """``mlock(2)``: fault the range in and keep it out of swap."""
     if _libc.mlock(_libc_ffi.cast("void *", addr), length) != 0:
-        errno = _libc_ffi.errno
-        raise OSError(errno, os.strerror(errno))
+        raise OSError(_libc_ffi.errno, os.strerror(_libc_ffi.errno))
 
 
 def _wire_error(size: int, e: OSError) -> str:
@@ -157,11 +156,20 @@ class GuestMemory:
         if ram_file is not None and shared:
             self._load(ram_file)
         if wired:
-            try:
-                _mlock(self.host_addr, size)
-            except OSError as e:
-                self.close()
-                raise ConfigError(_wire_error(size, e)) from None
+            self._wire()
+
+    def _wire(self) -> None:
+        """Lock guest RAM into host memory (``-S``), or close it and say why not."""
+        host_ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if self.size > host_ram:  # mlock would try, with CAP_IPC_LOCK, until the OOM killer
+            self.close()
+            raise ConfigError(f"-S: cannot wire {describe_size(self.size)} of guest memory: "
+                              f"the host has {describe_size(host_ram)} of RAM")
+        try:
+            _mlock(self.host_addr, self.size)
+        except OSError as e:
+            self.close()
+            raise ConfigError(_wire_error(self.size, e)) from None
 
     def _load(self, ram_file: int) -> None:
         """Copy the data of a snapshot's RAM file (holes stay holes) and close it."""

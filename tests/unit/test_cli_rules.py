@@ -366,6 +366,14 @@ def test_wired_memory_beyond_rlimit_memlock() -> None:
     assert "RLIMIT_MEMLOCK is 1 MiB" in r.stdout
 
 
+def test_wired_memory_beyond_host_ram() -> None:
+    """Refused before mlock, which with CAP_IPC_LOCK would fault pages in until the OOM
+    killer came (the mapping itself is sparse)."""
+    host_ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(ConfigError, match="-S: cannot wire .* of guest memory: the host has"):
+        GuestMemory(2 * host_ram, wired=True)
+
+
 def _vmflags(mem: GuestMemory) -> set[str]:
     start = f"{mem.host_addr:x}-"
     lines = Path("/proc/self/smaps").read_text().splitlines()
