@@ -400,3 +400,34 @@ def test_argument_bytes_that_are_not_utf8_go_back_out_unchanged() -> None:
                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert (r.returncode, r.stderr) == (1, b"")
     assert b"name=\xff\n" in r.stdout
+
+
+def test_a_plugin_declares_its_keys() -> None:
+    import hvf
+    from hvf import preflight
+    from hvf.pluginmanager import Plugins
+
+    class Declares:
+        @hvf.hookimpl
+        def hvf_config_keys(self) -> list[str]:
+            return ["example.level", "example.rules.**"]
+
+    config = Config({"name": "vm", "example.level": "3", "example.rules.a.b": "x",
+                     "example.colour": "red"})
+    warnings = preflight.check(config, Plugins(extra=(Declares(),)))
+    assert warnings == ["unknown configuration variable 'example.colour' (did you mean "
+                        "'example.level'?)"]
+
+
+@pytest.mark.parametrize(("flag", "line"), [
+    ("-H", "-H: on KVM a vCPU that executes HLT always sleeps"),
+    ("-P", "-P: KVM's pause-loop exiting"),
+    ("-D", "-D: a KVM VM lives only as long as its hvf process"),
+])
+def test_flags_that_kvm_makes_moot_say_so(capsys: pytest.CaptureFixture[str],
+                                          booted: list[Config], caplog: pytest.LogCaptureFixture,
+                                          flag: str, line: str) -> None:
+    with caplog.at_level("INFO", logger="hvf"):
+        status, _, _ = run(capsys, flag, "vm")
+    assert status == BOOTED
+    assert sum(r.getMessage().startswith(line) for r in caplog.records) == 1  # one line
