@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fakes import FakeVm
 from hvf.errors import DeviceError, ImageError
 from hvf.memory import GuestMemory, MiB
+from hvf.plugins import nvme as nvme_plugin
 from hvf.plugins.nvme import factory, spec
 from hvf.plugins.nvme.controller import NvmeController
 from hvf.plugins.nvme.testing import NvmeDriver
@@ -69,7 +70,7 @@ def test_quiesce_drains_and_flushes(memory: GuestMemory, image: Path) -> None:
                      cdw=(i * 256, 0, 255), ring=False)
         d.ring(1)
         d.wait(1, 1)
-        dev.quiesce()
+        nvme_plugin.hvf_vm_pause(vm=vm)  # the plugin's pause hook: every NVMe device
         stats = dev.stats()
         assert stats["block_in_flight"] == 0 and stats["block_flushes"] >= 1
         assert len(d.wait(1, 7)) == 7
