@@ -588,6 +588,15 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Non
     assert lines == ["pci.0.5.0.bootindex=1", "pci.0.5.0.device=nvme", "pci.0.5.0.dsm=enable",
                      "pci.0.5.0.maxq=4", "pci.0.5.0.path=/vm/disk.img", "pci.0.5.0.qsz=256",
                      "pci.0.5.0.ser=S1"]
+    toml = tmp_path / "vm.toml"
+    toml.write_text('[pci.0.6.0]\ndevice = "nvme"\npath = "/vm/d.img"\nmaxq = 2\nro = true\n')
+    assert main(["-k", str(toml), "-o", "config.dump=1", "vm0"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pci.")]
+    assert lines == ["pci.0.6.0.device=nvme", "pci.0.6.0.maxq=2", "pci.0.6.0.path=/vm/d.img",
+                     "pci.0.6.0.ro=true"]
+    opts = options.read_options({"path": "/vm/d.img", "maxq": "2", "ro": "true"}, "nvme",
+                                (0, 6, 0), "vm0")
+    assert opts.maxq == 2 and opts.image.readonly
     with pytest.raises(ConfigError) as info:
         factory.create(vm=FakeVm(), slot=BDF, config={"path": str(tmp_path), "maxq": "99"})
     assert info.value.exit_status == 4
