@@ -65,6 +65,8 @@ IOCTLS = (
     "KVM_SET_GUEST_DEBUG",
     "KVM_TRANSLATE",
     "KVM_ENABLE_CAP",
+    "KVM_GET_DIRTY_LOG",
+    "KVM_CLEAR_DIRTY_LOG",
 )
 
 # Ioctls whose third argument points to a struct: (ioctl, struct). A test checks that
@@ -112,6 +114,8 @@ STRUCT_IOCTLS = (
     ("KVM_SET_GUEST_DEBUG", "struct kvm_guest_debug"),
     ("KVM_TRANSLATE", "struct kvm_translation"),
     ("KVM_ENABLE_CAP", "struct kvm_enable_cap"),
+    ("KVM_GET_DIRTY_LOG", "struct kvm_dirty_log"),
+    ("KVM_CLEAR_DIRTY_LOG", "struct kvm_clear_dirty_log"),
 )
 
 CONSTANTS = (
@@ -149,6 +153,8 @@ CONSTANTS = (
     "KVM_GUESTDBG_USE_HW_BP", "KVM_GUESTDBG_INJECT_BP", "KVM_GUESTDBG_BLOCKIRQ",
     "KVM_CAP_X86_USER_SPACE_MSR",
     "KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "KVM_CAP_DIRTY_LOG_RING",
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "KVM_DIRTY_LOG_INITIALLY_SET",
 )
 
 CDEF = """
@@ -249,6 +255,10 @@ struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 /* One GSI route: irqchip (a = chip, b = pin) or MSI (a, b = address lo/hi, c = data). */
 typedef struct { __u32 gsi; __u32 type; __u32 a; __u32 b; __u32 c; } hvf_route;
 int hvf_set_gsi_routing(int vmfd, const hvf_route *routes, unsigned int n);
+struct kvm_dirty_log { __u32 slot; ...; };
+struct kvm_clear_dirty_log { __u32 slot; __u32 num_pages; __u64 first_page; ...; };
+int hvf_get_dirty_log(int vmfd, __u32 slot, void *bitmap);
+int hvf_clear_dirty_log(int vmfd, __u32 slot, __u64 first_page, __u32 num_pages, void *bitmap);
 
 int hvf_ioctl(int fd, unsigned long request, void *arg);
 int hvf_ioctl_int(int fd, unsigned long request, unsigned long arg);
@@ -316,6 +326,21 @@ static int hvf_set_gsi_routing(int vmfd, const hvf_route *routes, unsigned int n
     r = r < 0 ? -errno : r;
     free(table);
     return r;
+}
+
+/* KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG: the bitmap pointer is in a union, set here. */
+static int hvf_get_dirty_log(int vmfd, __u32 slot, void *bitmap)
+{
+    struct kvm_dirty_log log = { .slot = slot, .dirty_bitmap = bitmap };
+    return ioctl(vmfd, KVM_GET_DIRTY_LOG, &log) < 0 ? -errno : 0;
+}
+
+static int hvf_clear_dirty_log(int vmfd, __u32 slot, __u64 first_page, __u32 num_pages,
+                               void *bitmap)
+{
+    struct kvm_clear_dirty_log log = { .slot = slot, .num_pages = num_pages,
+                                       .first_page = first_page, .dirty_bitmap = bitmap };
+    return ioctl(vmfd, KVM_CLEAR_DIRTY_LOG, &log) < 0 ? -errno : 0;
 }
 
 /* KVM_RUN; cffi releases the GIL around this call. */

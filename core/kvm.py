@@ -167,6 +167,22 @@ class VmFd:
         )
         ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region)
 
+    def get_dirty_log(self, slot: int, bitmap: Any) -> None:
+        """KVM_GET_DIRTY_LOG: the pages of ``slot`` written since the last call (or
+        since the last clear, with manual protection) into ``bitmap`` (one bit per
+        page, a cffi buffer of 64-bit words)."""
+        r = lib.hvf_get_dirty_log(self.fd, slot, bitmap)
+        if r < 0:
+            raise KvmError("KVM_GET_DIRTY_LOG", -r)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: Any) -> None:
+        """KVM_CLEAR_DIRTY_LOG: write-protect again the pages of ``slot`` whose bits
+        are set in ``bitmap`` (from ``first_page``, a multiple of 64), so that their
+        next write is logged."""
+        r = lib.hvf_clear_dirty_log(self.fd, slot, first_page, num_pages, bitmap)
+        if r < 0:
+            raise KvmError("KVM_CLEAR_DIRTY_LOG", -r)
+
     def set_tss_addr(self, addr: int) -> None:
         ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, addr)
 
@@ -344,6 +360,20 @@ class VcpuFd:
 
     def set_cpuid2(self, cpuid: Any) -> None:
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid)
+
+    def get_cpuid2(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """The CPUID the vCPU was given: (function, index, flags, eax, ebx, ecx, edx)."""
+        n = 64
+        while True:
+            cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+            r = lib.hvf_ioctl(self.fd, lib.KVM_GET_CPUID2, cpuid)
+            if r == -errno.E2BIG:
+                n *= 2
+                continue
+            if r < 0:
+                raise KvmError("KVM_GET_CPUID2", -r)
+            return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in (cpuid.entries[i] for i in range(cpuid.nent))]
 
     def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
         """KVM_SET_GUEST_DEBUG: ``control`` (KVM_GUESTDBG_* flags) and, with
