@@ -25,8 +25,11 @@ if TYPE_CHECKING:
     from hvf.vm import Machine
 
 FOUR_GIB = 1 << 32
-SHADOW_SIZE = 128 * 1024
-SHADOW_BASE = 0x100000 - SHADOW_SIZE
+#: The ROM's top, up to this much, is copied below 1 MiB (the legacy BIOS area, which
+#: hvf's host bridge does not shadow itself): 128 KiB ROMs fill 0xE0000-0xFFFFF, and
+#: SeaBIOS's 256 KiB build, whose code also runs from 0xC0000, needs all of it there.
+MAX_SHADOW = 256 * 1024
+LEGACY_TOP = 0x100000
 MAX_ROM_SIZE = 16 << 20
 PAGE = mmap.PAGESIZE
 
@@ -65,9 +68,10 @@ class BootRom(Device):
         if self.vars_path:
             top = self._map_vars(ctx, base)
         self.lowest = top
-        if ctx.memory.contains(SHADOW_BASE, SHADOW_SIZE) and not ctx.restoring:
+        shadow = min(size, MAX_SHADOW)
+        if ctx.memory.contains(LEGACY_TOP - shadow, shadow) and not ctx.restoring:
             # (a restored guest's RAM already holds the shadow as the firmware left it)
-            ctx.memory.write(SHADOW_BASE, self.rom[-SHADOW_SIZE:])
+            ctx.memory.write(LEGACY_TOP - shadow, self.rom[-shadow:])
 
     def _map_vars(self, ctx: DeviceContext, rom_base: int) -> int:
         assert self.vars_path is not None
