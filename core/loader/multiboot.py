@@ -167,7 +167,7 @@ def _load_modules(vm: Machine, specs: list[str], after: int) -> tuple[list[tuple
     placed = []
     for spec in specs:
         mod_path = spec.split()[0]
-        data = read_image(mod_path, "multiboot module")
+        data = read_image(mod_path, "multiboot module", limit=vm.memory.size)
         start = _place(vm, after, max(len(data), 1), f"module '{mod_path}'")
         vm.memory.write(start, data)
         placed.append((start, start + len(data)))
