@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 def hvf_register_pci_devices(registry: Registry) -> None:
     registry.add("virtio-net", options.create, parse=options.parse,
                  help="virtio network card (1af4:1041), BACKEND[,mac=xx:xx:xx:xx:xx:xx]"
-                      "[,mtu=N][,queues=N]; BACKEND a tap (tap0, created when missing)")
+                      "[,mtu=N][,queues=N]; BACKEND a tap (tap0, created when missing) or "
+                      "slirp[,hostfwd=tcp:HOSTADDR:PORT-:PORT[;...]][,restrict=off]")
 
 
 @hvf.hookimpl

@@ -14,7 +14,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from hvf.errors import ConfigError
-from hvf.plugins.net import tap  # noqa: F401  (registers the tap back end)
+from hvf.plugins.net import slirp, tap  # noqa: F401  (register their back ends)
 from hvf.plugins.net.backend import open_backend
 from hvf.plugins.net.device import VirtioNet
 from hvf.plugins.net.spec import is_multicast, parse_mac
