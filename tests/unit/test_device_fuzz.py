@@ -47,8 +47,8 @@ from hvf.testing.fuzz import (
 # ---- the bounded run: every device, a few seconds each ----
 
 #: Accesses that reach each device in the suite (the long run: scripts/fuzz-devices).
-SUITE_ACCESSES = 50_000
-SUITE_SECONDS = 2.0
+SUITE_ACCESSES = 150_000
+SUITE_SECONDS = 2.5
 
 
 @functools.cache
