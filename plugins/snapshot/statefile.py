@@ -515,4 +515,29 @@ def describe(state: StateFile) -> str:
             lines.append("  " + "  ".join(
                 r[i].rjust(widths[i]) if i >= 2 else r[i].ljust(widths[i]) for i in range(4)
             ).rstrip())
+    disks = [(chunk.name, record) for chunk in state.chunks
+             for record in _image_records(chunk.fields)]
+    if disks:
+        lines.append(f"disk images ({len(disks)}):")
+        lines.extend(f"  {name}: {r['path']}, {r['size']!r} bytes, inode {r['inode']!r} on "
+                     f"device {r['device']!r}, modified {r['mtime_ns']!r} ns"
+                     for name, r in disks)
     return "\n".join(lines) + "\n"
+
+
+#: The fields of a disk front end's image record (hvf.plugins.block.record).
+_IMAGE_RECORD = frozenset({"path", "device", "inode", "rdev", "size", "mtime_ns"})
+
+
+def _image_records(value: object, depth: int = 0) -> list[dict[str, object]]:
+    """The image records anywhere in a chunk's fields (a few levels deep)."""
+    if depth > 8:
+        return []
+    if isinstance(value, dict):
+        if set(value) == _IMAGE_RECORD:
+            return [value]
+        return [r for v in value.values() for r in _image_records(v, depth + 1)]
+    if isinstance(value, list):
+        return [r for v in value for r in _image_records(v, depth + 1)]
+    return []
+

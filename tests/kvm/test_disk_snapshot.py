@@ -71,6 +71,10 @@ def test_restore_mid_write_guest_and_image_agree(mid_write: tuple[Path, Path, st
 
 def test_restore_refuses_a_changed_image(mid_write: tuple[Path, Path, str]) -> None:
     img, snap, _ = mid_write
+    info = run_hvf(["snapshot", "info", snap], timeout=60)
+    assert info.returncode == 0, info.stderr
+    assert "disk images (1):" in info.stdout, info.stdout
+    assert f"device.virtio-blk@pci.0.3.0: {img}, {IMAGE_SIZE} bytes" in info.stdout, info.stdout
     with img.open("r+b") as f:
         f.seek(SECTORS * SECTOR)
         f.write(b"someone else")
