@@ -65,23 +65,40 @@ class GuestDma:
     they live, even past :meth:`GuestMemory.close`.
     """
 
-    __slots__ = ("_windows",)
+    __slots__ = ("_memory", "_windows")
 
     def __init__(self, memory: GuestMemory) -> None:
-        #: (guest base, guest end, view of the region) for each RAM region.
+        self._memory = memory
+        #: (guest base, guest end, view of the region, its file offset) for each region.
         self._windows = tuple(
-            (r.guest_base, r.guest_end, memory.view[r.file_offset : r.file_offset + r.size])
+            (r.guest_base, r.guest_end, memory.view[r.file_offset : r.file_offset + r.size],
+             r.file_offset)
             for r in memory.regions
         )
 
     def view(self, gpa: int, length: int) -> memoryview:
-        """A writable view of [gpa, gpa+length) (no copy)."""
+        """A writable view of [gpa, gpa+length) (no copy). While a migration tracks
+        what hvf writes, its pages count as written (it may be written any time until
+        the VM pauses)."""
         if length >= 0:
-            for base, end, window in self._windows:
+            for base, end, window, file_offset in self._windows:
                 if base <= gpa and gpa + length <= end:
                     offset = gpa - base
+                    if self._memory.written is not None:
+                        self._memory.note_written(file_offset + offset, length)
                     return window[offset : offset + length]
         raise _outside(gpa, length)
+
+    def ring(self, gpa: int, length: int, owner: object) -> memoryview:
+        """:meth:`view` for a view the device keeps and writes for long (a ring): a
+        migration resends its pages when the VM stops. ``owner`` (hashable, unique to
+        this ring of this device: the device's and the queue's names, say) replaces
+        the ring it had before."""
+        view = self.view(gpa, length)
+        for base, end, _window, file_offset in self._windows:
+            if base <= gpa and gpa + length <= end:
+                self._memory.rings[owner] = (file_offset + gpa - base, length)
+        return view
 
     def views(self, segments: Iterable[tuple[int, int]], *, limit: int) -> list[memoryview]:
         """Views of every segment, in order; all are checked, and their total length

@@ -27,6 +27,8 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+PAGE_SHIFT = 12
+
 #: Top of low RAM: the 32-bit PCI window begins here (bhyve's lowmem limit).
 LOWMEM_LIMIT = 0xC000_0000
 #: Where RAM above the PCI hole begins.
@@ -123,26 +125,32 @@ class GuestMemory:
     from the file on first touch and the file is never modified. With ``shared``, a
     snapshot's RAM file is instead loaded into a new memfd, mapped shared, so that other
     processes (vhost-user back ends) can map guest RAM too. ``wired`` locks it in host
-    memory (``-S``, ``mlock``); ``in_core`` keeps it in core dumps (``-C``)."""
+    memory (``-S``, ``mlock``); ``in_core`` keeps it in core dumps (``-C``). With
+    ``adopt``, ``ram_file`` is the memfd of a guest handed over by another hvf process
+    (``hvf ctl migrate --local``), mapped shared as it is."""
 
     def __init__(self, size: int, ram_file: int | None = None, *, shared: bool = False,
-                 wired: bool = False, in_core: bool = False) -> None:
+                 wired: bool = False, in_core: bool = False, adopt: bool = False) -> None:
         if size % mmap.PAGESIZE:
             raise ConfigError(f"memory size {size} is not a multiple of the page size")
         self.size = size
         self.regions = pc_layout(size)
         #: Whether :attr:`map` is a private (copy-on-write) mapping of :attr:`fd`.
-        self.private = ram_file is not None and not shared
-        new_file = ram_file is None or shared
+        self.private = ram_file is not None and not shared and not adopt
+        #: Pages hvf itself wrote (one byte each) while a migration tracks them, else None.
+        self.written: bytearray | None = None
+        #: Long-lived views devices write (rings), by owner: file offset and length.
+        self.rings: dict[object, tuple[int, int]] = {}
+        new_file = ram_file is None or (shared and not adopt)
         self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC) if new_file else ram_file
         try:
             if new_file:
                 os.ftruncate(self.fd, size)
-            self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED if new_file else
-                                 mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if self.private else
+                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, OverflowError) as e:
             os.close(self.fd)
-            if ram_file is not None and shared:
+            if ram_file is not None and new_file:
                 os.close(ram_file)
             reason = e.strerror if isinstance(e, OSError) else "too large"
             raise ConfigError(
@@ -153,7 +161,7 @@ class GuestMemory:
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
         if not in_core:  # as bhyve, guest RAM stays out of core dumps unless -C
             self.map.madvise(mmap.MADV_DONTDUMP)
-        if ram_file is not None and shared:
+        if ram_file is not None and new_file:
             self._load(ram_file)
         if wired:
             self._wire()
@@ -238,6 +246,14 @@ class GuestMemory:
     def contains(self, gpa: int, length: int = 1) -> bool:
         return any(r.guest_base <= gpa and gpa + length <= r.guest_end for r in self.regions)
 
+    def note_written(self, offset: int, length: int) -> None:
+        """Record that hvf wrote [offset, offset+length) of the RAM file's layout (KVM's
+        dirty log sees only the guest's writes); nothing unless :attr:`written` is set."""
+        written = self.written
+        if written is not None and length > 0:
+            first, end = offset >> PAGE_SHIFT, ((offset + length - 1) >> PAGE_SHIFT) + 1
+            written[first:end] = b"\1" * (end - first)
+
     def read(self, gpa: int, length: int) -> bytes:
         off = self._offset(gpa, length)
         return bytes(self.view[off : off + length])
@@ -245,10 +261,12 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         off = self._offset(gpa, len(data))
         self.view[off : off + len(data)] = data
+        self.note_written(off, len(data))
 
     def slice(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest RAM (no copy)."""
         off = self._offset(gpa, length)
+        self.note_written(off, length)
         return self.view[off : off + length]
 
     def read_u32(self, gpa: int) -> int:
