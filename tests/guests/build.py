@@ -49,6 +49,7 @@ GUESTS: tuple[str, ...] = (
     "com_echo",
     "randio",
     "nvme_disk",
+    "virtio_net",
 )
 
 #: Guests linked somewhere other than 1 MiB.
