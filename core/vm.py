@@ -52,10 +52,12 @@ IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 class Machine:
     """One virtual machine, built from a configuration tree by the plugins; with
-    ``ram_file`` (a snapshot's RAM file, open) its RAM is that file, copy-on-write."""
+    ``ram_file`` (a snapshot's RAM file, open) its RAM is that file, copy-on-write, and
+    with ``adopt_ram`` too it is a guest's memfd handed over by another hvf process."""
 
     def __init__(
-        self, config: Config, plugins: Plugins, *, ram_file: int | None = None
+        self, config: Config, plugins: Plugins, *, ram_file: int | None = None,
+        adopt_ram: bool = False,
     ) -> None:
         self.config = config
         self.plugins = plugins
@@ -90,11 +92,9 @@ class Machine:
         self.memory = GuestMemory(memory_size, ram_file,
                                   shared=config.get_bool("memory.shared"),
                                   wired=config.get_bool("memory.wired"),  # -S
-                                  in_core=config.get_bool("memory.guest_in_core"))  # -C
-        for slot, region in enumerate(self.memory.regions):
-            self.vmfd.set_user_memory_region(
-                slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset
-            )
+                                  in_core=config.get_bool("memory.guest_in_core"),  # -C
+                                  adopt=adopt_ram)
+        self.log_dirty_pages(False)
         self._next_slot = len(self.memory.regions)
 
         self._cond = threading.Condition()
@@ -139,6 +139,15 @@ class Machine:
                 e.edx = apic_id
         return cpuid
 
+    def log_dirty_pages(self, on: bool) -> None:
+        """Map guest RAM into KVM's slots (slot i is region i), with
+        KVM_MEM_LOG_DIRTY_PAGES when ``on``: KVM then logs the guest's writes (a migration)."""
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        for slot, region in enumerate(self.memory.regions):
+            self.vmfd.set_user_memory_region(
+                slot, region.guest_base, region.size, self.memory.host_addr + region.file_offset,
+                flags)
+
     def add_memory_slot(self, guest_base: int, size: int, host_addr: int, readonly: bool) -> int:
         """Map host memory (a ROM, say) at ``guest_base``; returns the KVM slot number."""
         slot = self._next_slot
@@ -157,11 +166,14 @@ class Machine:
         """The attached device named ``name``, or None."""
         return next((d for d in self.devices if d.name == name), None)
 
-    def build(self, *, restoring: bool = False) -> None:
+    def build(self, *, restoring: bool = False, control: bool = True) -> None:
         """Let the plugins build buses and devices, then load what the guest boots
-        (nothing when the state comes from a snapshot)."""
+        (nothing when the state comes from a snapshot). Without ``control`` the caller
+        sets :attr:`control` before :meth:`run` (a migration's destination takes the
+        VM's name only once the source gives it up)."""
         self.restoring = restoring
-        self.control = ControlServer(self)  # refuses a second VM of the same name
+        if control:
+            self.control = ControlServer(self)  # refuses a second VM of the same name
         self.hook.hvf_machine_build(vm=self)
         self._restore_log = divert(self.config, self.name)  # consoles are open now
         self.hook.hvf_machine_ready(vm=self)
