@@ -14,6 +14,7 @@
     ├── VirtqueueError    a guest's virtqueue is malformed (the device needs a reset)
     ├── LoaderError       a kernel or firmware image cannot be loaded
     ├── SnapshotError     a snapshot cannot be written or read
+    ├── MigrationError    a migration failed, was refused or was cancelled
     └── CtlError          a control-socket request failed
 
 Every message names the thing at fault (argument, device, port, file) so that a user
@@ -87,6 +88,10 @@ class LoaderError(HvfError):
 
 class SnapshotError(HvfError):
     """A snapshot cannot be written or read."""
+
+
+class MigrationError(HvfError):
+    """A live migration failed, was refused by the other side, or was cancelled."""
 
 
 class CtlError(HvfError):
