@@ -237,9 +237,14 @@ def _apply_slot(config: Config, arg: str, plugins: Plugins) -> None:
     if entry is None:
         raise ConfigError(f'pci slot {bus}:{slot}:{func}: unknown device "{emulation}"')
     config.set(f"{node}.device", entry.name)
+    # every PCI device takes romfile= (hvf.plugins.pci): no device's own parse sees it
+    roms = [item.partition("=")[2] for item in conf if item.startswith("romfile=")]
+    conf = [item for item in conf if not item.startswith("romfile=")]
     values = entry.parse(conf) if entry.parse else generic_options(conf)
     for key, value in values.items():
         config.set(f"{node}.{key}", value)
+    for rom in roms:
+        config.set(f"{node}.romfile", rom)
 
 
 def _apply_lpc(config: Config, arg: str, plugins: Plugins) -> None:

@@ -2,11 +2,16 @@
 """The PCI plugin: the root bus, its configuration mechanisms and the host bridge.
 
 Every ``pci.B.S.F`` node of the configuration becomes a device from the PCI device
-registry (``-s slot,NAME``), whichever plugin registered the name.
+registry (``-s slot,NAME``), whichever plugin registered the name. Every device also
+takes QEMU's ``romfile=PATH`` (``-s 3,virtio-net,tap0,romfile=FILE``, ``pci.B.S.F.romfile``):
+the file (at most 16 MiB, a 0x55AA option ROM, padded to a power of two of at least
+2 KiB) is served read-only through the function's expansion ROM BAR, where the firmware
+finds it; the option is taken out of the device's configuration before its factory runs,
+so no device parses it (see :mod:`hvf.plugins.pci.rom`).
 
 This package's names are the PCI device API, the one public API other plugins and
-third parties import from a plugin: :class:`PciDevice` (identity, BARs, capabilities,
-INTx), :class:`Bar` and its kinds, :class:`MsiCapability` and :class:`MsixCapability`,
+third parties import from a plugin: :class:`PciDevice` (identity, BARs, an expansion
+ROM, capabilities, INTx), :class:`Bar` and its kinds, :class:`MsiCapability` and :class:`MsixCapability`,
 the bus (:func:`pci_bus`) and where the root complex is (:data:`ROOT_BRIDGE` in ACPI,
 the ECAM window). Nothing else of the plugin is public.
 """
@@ -21,9 +26,10 @@ from hvf.plugins.pci import hostbridge
 from hvf.plugins.pci.acpi import ROOT_BRIDGE
 from hvf.plugins.pci.acpi import describe as describe_acpi
 from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
-from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, Bar, PciDevice
+from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, BAR_ROM, Bar, PciDevice
 from hvf.plugins.pci.msi import MsiCapability
 from hvf.plugins.pci.msix import CAP_ID_MSIX, MsixCapability
+from hvf.plugins.pci.rom import load_rom
 
 if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
     from hvf.vm import Machine
 
 __all__ = [
-    "BAR_IO", "BAR_MEM32", "BAR_MEM64", "CAP_ID_MSIX", "ECAM_BASE", "ECAM_SIZE", "ROOT_BRIDGE",
+    "BAR_IO", "BAR_MEM32", "BAR_MEM64", "BAR_ROM", "CAP_ID_MSIX", "ECAM_BASE", "ECAM_SIZE", "ROOT_BRIDGE",
     "Bar", "MsiCapability", "MsixCapability", "PciBus", "PciDevice", "pci_bus",
 ]
 
@@ -75,9 +81,15 @@ def hvf_machine_build(vm: Machine) -> None:
         entry = vm.plugins.pci_devices.get(name)
         if entry is None:
             raise ConfigError(f'{where}: unknown device "{name}"')
-        device = entry.factory(vm=vm, slot=bdf, config=node)
+        romfile = node.get("romfile")
+        own = {key: value for key, value in node.items() if key != "romfile"}
+        device = entry.factory(vm=vm, slot=bdf, config=own)
         if not isinstance(device, PciDevice):
             raise ConfigError(f"{where}: emulation '{name}' did not produce a PCI device")
+        if romfile is not None:
+            if not isinstance(romfile, str) or not romfile:
+                raise ConfigError(f"{where}: romfile must name a file")
+            device.set_rom(load_rom(romfile, f"{where} ({name})"))
         bus.add(bdf, device)
 
 

@@ -19,12 +19,14 @@ from hvf.memory import HIGHMEM_BASE, GiB, MiB
 from hvf.plugins.pci.device import (
     BAR_IO,
     BAR_MEM64,
+    COMMAND,
     HEADER_TYPE,
     INTERRUPT_LINE,
     Bar,
     PciDevice,
 )
 from hvf.plugins.pci.intx import PIRQ_COUNT, PIRQ_WRITABLE, IntxRouter
+from hvf.plugins.pci.rom import ROM_ADDRESS
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags
 
 if TYPE_CHECKING:
@@ -155,7 +157,7 @@ class PciBus(Device):
         if device is None or size not in (1, 2, 4) or offset % size or offset >= 256:
             return
         device.config_write(offset, size, value)
-        if offset < 0x28 and offset + size > 0x04:  # command or BARs: ranges may have moved
+        if offset < ROM_ADDRESS + 4 and offset + size > COMMAND:  # ranges may have moved
             for other in self.functions.values():
                 other.decode_pending_bars()
 

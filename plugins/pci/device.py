@@ -3,7 +3,7 @@
 
 A subclass sets its identity in ``__init__`` (:meth:`PciDevice.set_identity`), declares
 BARs with :meth:`PciDevice.add_bar` (each with its own ``read``/``write`` handlers, called
-with the offset inside the BAR), capabilities with :meth:`PciDevice.add_capability` and
+with the offset inside the BAR), an expansion ROM with :meth:`PciDevice.set_rom`, capabilities with :meth:`PciDevice.add_capability` and
 an interrupt pin with :meth:`PciDevice.request_intx`. The bus assigns BAR addresses, and
 moves the BARs' handlers whenever the guest reprograms a BAR or toggles decoding.
 
@@ -20,7 +20,8 @@ import attrs
 
 from hvf.device import Device
 from hvf.errors import DeviceError, ResourceConflict
-from hvf.iobus import MmioBus, PortBus, Range, ReadFn, WriteFn
+from hvf.iobus import MmioBus, PortBus, Range, ReadFn, WriteFn, ignore_write
+from hvf.plugins.pci.rom import ROM_ADDRESS, ROM_ENABLE, rom_image, rom_register
 from hvf.snapshot_api import Fields, check_fields, field_bytes
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ STATUS_INTERRUPT = 1 << 3
 BAR_IO = "io"
 BAR_MEM32 = "mem32"
 BAR_MEM64 = "mem64"
+#: The expansion ROM (:meth:`PciDevice.set_rom`), not one of the six BARs.
+BAR_ROM = "rom"
 _MIN_BAR_SIZE = {BAR_IO: 4, BAR_MEM32: 16, BAR_MEM64: 16}
 
 
@@ -80,9 +83,15 @@ class Bar:
     range: Range | None = None
 
     @property
+    def label(self) -> str:
+        return "ROM" if self.kind == BAR_ROM else f"BAR{self.index}"
+
+    @property
     def low_bits(self) -> int:
         if self.kind == BAR_IO:
             return 0x1
+        if self.kind == BAR_ROM:
+            return 0
         return (0x4 if self.kind == BAR_MEM64 else 0x0) | (0x8 if self.prefetchable else 0)
 
     @property
@@ -92,8 +101,8 @@ class Bar:
 
 @attrs.define
 class PciFunctionState:
-    """What a snapshot holds of a PCI function: config space, where each BAR was, and
-    the INTx level its model drove."""
+    """What a snapshot holds of a PCI function: config space (the expansion ROM
+    register with it), where each BAR was, and the INTx level its model drove."""
 
     config: bytes
     bar_addresses: list[int]
@@ -125,6 +134,7 @@ class PciDevice(Device):
         self.cfg = bytearray(CONFIG_SPACE_SIZE)
         self.wmask = bytearray(CONFIG_SPACE_SIZE)  # guest-writable bits, per byte
         self.bars: list[Bar | None] = [None] * 6
+        self.rom: Bar | None = None
         self.bus: PciBus | None = None
         self.address: tuple[int, int, int] = (0, 0, 0)
         self.intx_level = False
@@ -182,6 +192,20 @@ class PciDevice(Device):
         self.bars[index] = bar
         self.write_raw(BAR0 + 4 * index, 4, bar.low_bits)
         return bar
+
+    def set_rom(self, image: bytes) -> Bar:
+        """Serve ``image`` (padded to a power of two of at least 2 KiB) read-only through
+        the expansion ROM BAR; a type 0 header only (a bridge's ROM is elsewhere)."""
+        if self.rom is not None or self.cfg[HEADER_TYPE] & 0x7F:
+            raise DeviceError(f"{self.name}: an expansion ROM is already set or has no "
+                              "register in this header type")
+        image = rom_image(image)
+
+        def read(offset: int, size: int) -> int:
+            return int.from_bytes(image[offset : offset + size], "little")
+
+        self.rom = Bar(6, BAR_ROM, len(image), read, ignore_write)
+        return self.rom
 
     def _is_upper_half(self, index: int) -> bool:
         """Whether BAR register ``index`` holds the upper half of a 64-bit BAR."""
@@ -260,6 +284,11 @@ class PciDevice(Device):
             if size == 4 and offset % 4 == 0:
                 self._write_bar((offset - BAR0) // 4, value)
             return
+        if ROM_ADDRESS <= offset < ROM_ADDRESS + 4:
+            if self.rom is not None and size == 4 and offset == ROM_ADDRESS:
+                self.write_raw(ROM_ADDRESS, 4, rom_register(value, self.rom.size))
+                self._set_bar_address(self.rom, value & ~ROM_ENABLE & ~(self.rom.size - 1))
+            return
         old_command = self.command
         for i in range(size):
             mask = self.wmask[offset + i]
@@ -299,7 +328,7 @@ class PciDevice(Device):
         r = bar.range
         if r is None:
             return
-        decoding = bool(self.command & bar.decode_bit)
+        decoding = self._decodes(bar)
         self._unmap_bar(bar)
         r.base = address
         if decoding:
@@ -319,7 +348,8 @@ class PciDevice(Device):
             sizing = bar.address + bar.size > (0x10000 if bar.kind == BAR_IO else 1 << 64) or (
                 bar.address | (bar.size - 1)) & 0xFFFFFFFF == 0xFFFFFFFF
             if self.bus is not None and not quiet and not sizing:
-                self.bus.ctx.log(f"{self.name}: BAR {bar.index} not decoded: {e}")
+                what = "the ROM" if bar.kind == BAR_ROM else f"BAR {bar.index}"
+                self.bus.ctx.log(f"{self.name}: {what} not decoded: {e}")
 
     def _unmap_bar(self, bar: Bar) -> None:
         assert bar.range is not None
@@ -331,20 +361,29 @@ class PciDevice(Device):
         """``bar`` started decoding at ``bar.address`` (``bar.range.mapped``) or
         stopped; a device with state tied to guest addresses (ioeventfds) rebinds it."""
 
+    def _all_bars(self) -> list[Bar]:
+        """The BARs and the expansion ROM."""
+        return [bar for bar in (*self.bars, self.rom) if bar is not None]
+
+    def _decodes(self, bar: Bar) -> bool:
+        """Whether ``bar``'s space is on in the command register (and, for the ROM,
+        the ROM's own enable bit is set)."""
+        if bar.kind == BAR_ROM and not self.cfg[ROM_ADDRESS] & ROM_ENABLE:
+            return False
+        return bool(self.command & bar.decode_bit)
+
     def decode_pending_bars(self) -> None:
         """Map BARs whose decoding is on but whose address clashed when last tried."""
-        command = self.command
-        for bar in self.bars:
-            if bar is not None and bar.range is not None and not bar.range.mapped:
-                if command & bar.decode_bit:
-                    self._map_bar(bar, quiet=True)
+        for bar in self._all_bars():
+            if bar.range is not None and not bar.range.mapped and self._decodes(bar):
+                self._map_bar(bar, quiet=True)
 
     def _command_changed(self, old: int, new: int) -> None:
         for bit in (COMMAND_IO, COMMAND_MEMORY):
             if (old ^ new) & bit:
-                for bar in self.bars:
-                    if bar is not None and bar.decode_bit == bit and bar.range is not None:
-                        if new & bit:
+                for bar in self._all_bars():
+                    if bar.decode_bit == bit and bar.range is not None:
+                        if self._decodes(bar):
                             self._map_bar(bar)
                         else:
                             self._unmap_bar(bar)
@@ -352,20 +391,18 @@ class PciDevice(Device):
             self._update_intx()
 
     def register_bars(self, pio: PortBus, mmio: MmioBus) -> None:
-        """Create (undecoded) ranges for every BAR on the buses; the bus maps them as
-        decoding allows."""
-        for bar in self.bars:
-            if bar is None:
-                continue
+        """Create (undecoded) ranges for every BAR and the ROM on the buses; the bus
+        maps them as decoding allows. The ROM keeps the address its register holds."""
+        for bar in self._all_bars():
             bus = pio if bar.kind == BAR_IO else mmio
-            bar.range = bus.register(
-                bar.address, bar.size, f"{self.name} BAR{bar.index}", bar.read, bar.write,
-                mapped=False,
-            )
-            self.write_raw(BAR0 + 4 * bar.index, 4, (bar.address & 0xFFFFFFFF) | bar.low_bits)
+            bar.range = bus.register(bar.address, bar.size, f"{self.name} {bar.label}",
+                                     bar.read, bar.write, mapped=False)
+            if bar.kind != BAR_ROM:
+                self.write_raw(BAR0 + 4 * bar.index, 4,
+                               (bar.address & 0xFFFFFFFF) | bar.low_bits)
             if bar.kind == BAR_MEM64:
                 self.write_raw(BAR0 + 4 * bar.index + 4, 4, bar.address >> 32)
-            if self.command & bar.decode_bit:
+            if self._decodes(bar):
                 self._map_bar(bar)
 
     def enable_decoding(self) -> None:
@@ -422,6 +459,10 @@ class PciDevice(Device):
             if (bar is None and address != 0) or (
                     bar is not None and not self._bar_can_hold(bar, address)):
                 raise DeviceError(f"{self.name}: saved BAR address {address!r} is invalid")
+        rom = int.from_bytes(config[ROM_ADDRESS : ROM_ADDRESS + 4], "little")
+        if rom != (0 if self.rom is None else rom_register(rom, self.rom.size)):
+            raise DeviceError(f"{self.name}: saved expansion ROM register {rom:#x} is "
+                              "invalid for this device")
         old_command = self.command
         self.cfg[:] = config
         for bar, address in zip(self.bars, addresses):
@@ -432,6 +473,10 @@ class PciDevice(Device):
                 self.write_raw(BAR0 + 4 * bar.index, 4, (address & 0xFFFFFFFF) | bar.low_bits)
                 if bar.kind == BAR_MEM64:
                     self.write_raw(BAR0 + 4 * bar.index + 4, 4, address >> 32)
+        if self.rom is not None:
+            if self.rom.range is not None:
+                self._unmap_bar(self.rom)
+            self.rom.address = rom & ~ROM_ENABLE
         new_command = self.command
         self.write_raw(COMMAND, 2, 0)
         self._command_changed(old_command, 0)
