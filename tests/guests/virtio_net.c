@@ -12,6 +12,9 @@
  *   net answered ping SEQ from IP
  *   net announce                (VIRTIO_NET_S_ANNOUNCE seen: a gratuitous
  *                                ARP sent and VIRTIO_NET_CTRL_ANNOUNCE_ACK)
+ *   net tcp connected PORT      (after tcp=PORT: SYN answered by SYN-ACK)
+ *   net tcp got TEXT            (a line the server sent on that connection)
+ *   net tcp reset               (the server refused the connection)
  *
  * and serves (answers ARP and pings) until hvf is stopped.  Options:
  *
@@ -26,6 +29,10 @@
  *                sequence numbers after the Ethernet header)
  *   stall=1      post the receive buffers once and never take a frame:
  *                `net stalled`
+ *   tcp=PORT     once the address is known, connect to the server's TCP
+ *                PORT (a SYN every `period=` until answered), send the line
+ *                "hvf guest" (again every period until acknowledged) and
+ *                print each line the server sends back
  */
 #include "virtio.h"
 
@@ -45,8 +52,15 @@
 #define ETH_TEST		0x88b5
 #define PING_ID			0x4856
 #define DHCP_XID		0x48564631u
+#define TCP_LOCAL_PORT		40404
+#define TCP_ISS			0x48564600u
+#define TCP_SYN			0x02
+#define TCP_RST			0x04
+#define TCP_PSH			0x08
+#define TCP_ACK			0x10
 
 enum dhcp_state { DHCP_OFF, DHCP_DISCOVER, DHCP_REQUEST, DHCP_BOUND };
+enum tcp_state { TCP_CLOSED, TCP_SYN_SENT, TCP_ESTABLISHED };
 
 static struct vio_dev net;
 static struct vq *rxq, *txq, *cq;
@@ -60,6 +74,11 @@ static uint8_t *ctrl_buf;
 static uint32_t ping_count, ping_sent, ping_ok, ping_missed, ping_seq_seen;
 static uint64_t period;
 static uint32_t echo_target, echo_count, echo_lost, echo_next;
+static uint32_t tcp_port, tcp_peer_next;
+static enum tcp_state tcp;
+static int tcp_hello_acked;
+static const char tcp_hello[] = "hvf guest\n";
+#define TCP_HELLO_LEN		(sizeof(tcp_hello) - 1)
 
 static const uint8_t broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
 
@@ -330,6 +349,104 @@ static void dhcp_reply(const uint8_t *b, uint32_t len)
 }
 
 /* ------------------------------------------------------------------ */
+/* TCP: one connection from TCP_LOCAL_PORT to the server's tcp= port    */
+
+/* The TCP checksum of a segment between us and the server (0: it checks). */
+static uint16_t tcp_checksum(const uint8_t *seg, uint32_t len)
+{
+	uint32_t sum = (my_ip >> 16) + (my_ip & 0xffff) + (server_ip >> 16) +
+		       (server_ip & 0xffff) + 6 + len;
+
+	sum += (uint16_t)~checksum(seg, len);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static void send_tcp(uint8_t flags, uint32_t seq, const char *data, uint32_t len)
+{
+	uint8_t *buf, *t;
+
+	if (!server_mac_known) {
+		send_arp(1, broadcast, server_ip, my_ip);
+		return;
+	}
+	buf = tx_alloc();
+	t = ipv4(eth(buf, server_mac, 0x0800), 6, my_ip, server_ip, 20 + len);
+	put16(t, TCP_LOCAL_PORT);
+	put16(t + 2, (uint16_t)tcp_port);
+	put32(t + 4, seq);
+	put32(t + 8, flags & TCP_ACK ? tcp_peer_next : 0);
+	t[12] = 5 << 4;
+	t[13] = flags;
+	put16(t + 14, 8192);	/* window */
+	put32(t + 16, 0);	/* checksum, urgent pointer */
+	memcpy(t + 20, data, len);
+	put16(t + 16, tcp_checksum(t, 20 + len));
+	tx_send(buf, 14 + 20 + 20 + len);
+	tx_flush();
+}
+
+/* A SYN, or the hello line again, while unanswered. */
+static void tcp_tick(void)
+{
+	if (tcp != TCP_ESTABLISHED) {
+		tcp = TCP_SYN_SENT;
+		send_tcp(TCP_SYN, TCP_ISS, 0, 0);
+	} else if (!tcp_hello_acked) {
+		send_tcp(TCP_PSH | TCP_ACK, TCP_ISS + 1, tcp_hello, TCP_HELLO_LEN);
+	}
+}
+
+static void tcp_in(const uint8_t *t, uint32_t len, uint32_t from)
+{
+	uint32_t off, seq, ack, n, i;
+	uint8_t flags;
+
+	if (len < 20 || from != server_ip || get16(t) != tcp_port ||
+	    get16(t + 2) != TCP_LOCAL_PORT || tcp_checksum(t, len))
+		return;
+	off = (t[12] >> 4) * 4u;
+	if (off < 20 || off > len)
+		return;
+	flags = t[13];
+	seq = get32(t + 4);
+	ack = get32(t + 8);
+	if (flags & TCP_RST) {
+		if (tcp != TCP_CLOSED)
+			con_puts("net tcp reset\n");
+		tcp = TCP_CLOSED;
+		tcp_port = 0;
+		return;
+	}
+	if (tcp == TCP_SYN_SENT && (flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) &&
+	    ack == TCP_ISS + 1) {
+		tcp_peer_next = seq + 1;
+		tcp = TCP_ESTABLISHED;
+		con_puts("net tcp connected ");
+		con_dec(tcp_port);
+		con_putc('\n');
+		tcp_tick();
+		return;
+	}
+	if (tcp != TCP_ESTABLISHED)
+		return;
+	if ((flags & TCP_ACK) && ack == TCP_ISS + 1 + TCP_HELLO_LEN)
+		tcp_hello_acked = 1;
+	n = len - off;
+	if (!n)
+		return;
+	if (seq == tcp_peer_next) {
+		tcp_peer_next += n;
+		con_puts("net tcp got ");
+		for (i = 0; i < n && t[off + i] != '\n'; i++)
+			con_putc(t[off + i] >= ' ' && t[off + i] < 0x7f ? (char)t[off + i] : '?');
+		con_putc('\n');
+	}
+	send_tcp(TCP_ACK, TCP_ISS + 1 + (tcp_hello_acked ? TCP_HELLO_LEN : 0), 0, 0);
+}
+
+/* ------------------------------------------------------------------ */
 /* Receiving                                                           */
 
 static void arp_in(const uint8_t *a, uint32_t len)
@@ -409,6 +526,8 @@ static void ipv4_in(const uint8_t *f, const uint8_t *ip, uint32_t len)
 		dhcp_reply(ip + ihl + 8, total - ihl - 8);
 	else if (ip[9] == 1 && my_ip && to == my_ip)
 		icmp_in(f, ip, ip + ihl, total - ihl);
+	else if (ip[9] == 6 && my_ip && to == my_ip && tcp_port)
+		tcp_in(ip + ihl, total - ihl, get32(ip + 12));
 }
 
 static void echo_in(const uint8_t *f, uint32_t len)
@@ -520,7 +639,7 @@ static void check_announce(void)
 
 int main(void)
 {
-	uint64_t wanted = F_MAC | F_STATUS, next_ping, next_dhcp, next_cfg, now;
+	uint64_t wanted = F_MAC | F_STATUS, next_ping, next_dhcp, next_cfg, next_tcp, now;
 	uint32_t i;
 	int stall;
 
@@ -529,6 +648,7 @@ int main(void)
 	ping_count = opt_num("ping=", 3);
 	echo_target = opt_num("echo=", 0);
 	stall = (int)opt_num("stall=", 0);
+	tcp_port = opt_num("tcp=", 0) & 0xffff;
 	if (opt_num("mrg=", 1))
 		wanted |= F_MRG_RXBUF;
 	if (opt_num("announce=", 1))
@@ -572,6 +692,7 @@ int main(void)
 	next_dhcp = now;
 	next_ping = now + period;
 	next_cfg = now + (period >> 2);
+	next_tcp = now;
 	for (;;) {
 		poll_rx();
 		reclaim();
@@ -588,6 +709,10 @@ int main(void)
 			}
 			send_ping();
 			next_ping = now + period;
+		}
+		if (tcp_port && my_ip && server_ip && now >= next_tcp) {
+			tcp_tick();
+			next_tcp = now + period;
 		}
 		if (cq && now >= next_cfg) {
 			check_announce();
