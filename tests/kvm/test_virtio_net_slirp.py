@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from test_snapshot import ctl
+from test_snapshot import Hvf, ctl, suspend_exit, wait_served
 
 from conftest import popen_hvf, run_hvf, stop, wait_for_text
 
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.kvm
 MACHINE = ("-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev")
 LEASE = re.compile(r"^net lease (\S+) mask (\S+) router (\S+) server (\S+) time (\d+)$",
                    re.MULTILINE)
+PING = re.compile(r"^net ping (\d+) ok$", re.MULTILINE)
 
 
 def test_lease_ping_and_a_tcp_service_on_the_host_loopback(
@@ -63,6 +64,30 @@ def test_lease_ping_and_a_tcp_service_on_the_host_loopback(
     assert stats["backend"] == "slirp"
     assert stats["slirp_from_guest"] >= 8 and stats["slirp_to_guest"] >= 6, stats
     assert stats["slirp_to_guest_dropped"] == 0, stats
+
+
+def test_pings_carry_on_after_a_restore_onto_a_new_stack(
+        guests: dict[str, Path], tmp_path: Path) -> None:
+    """The stack is not saved (as in bhyve): the restored hvf starts a new one from the
+    saved configuration, which learns the guest's address again, and the guest's pings
+    to 10.0.2.2 carry on."""
+    name, snap = "slirp-move", tmp_path / "snap"
+    log, log2 = tmp_path / "guest.log", tmp_path / "guest2.log"
+    args = [*MACHINE, "-l", f"debugcon,{log}", "-s", "2,virtio-net,slirp",
+            "--kernel", guests["virtio_net"], "--append", "ping=0 period=0x8000000", name]
+    with Hvf(args, tmp_path, "a") as vm:
+        wait_served(name, vm)
+        wait_for_text(log, r"^net ping 3 ok$", vm.proc, 120, regex=True)
+        suspend_exit(name, vm, snap)
+    before = log.read_text()
+    with Hvf(["-r", snap, "-l", f"debugcon,{log2}"], tmp_path, "b") as vm:
+        after = wait_for_text(log2, r"(^net ping \d+ ok\n(.*\n)*){3}", vm.proc, 120, regex=True)
+        stats = ctl(name, "status")["devices"]["virtio-net@pci.0.2.0"]
+    assert LEASE.search(before) is not None, before
+    last = max(int(n) for n in PING.findall(before))
+    carried_on = [int(n) for n in PING.findall(after)]
+    assert carried_on[0] > last and carried_on == sorted(carried_on), (last, carried_on)
+    assert stats["backend"] == "slirp" and stats["slirp_to_guest"] >= 3, stats
 
 
 @pytest.mark.parametrize(("options", "message"), [
