@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -214,3 +215,232 @@ def test_dhcp_lease_and_ping_both_ways(guests: dict[str, Path], netns: NetNs,
     assert stats["tx_dropped"] == stats["rx_oversize"] == 0
     stop(proc, timeout=30)
     assert not netns.has_link("tap0"), "the tap hvf created outlived it"
+
+
+# ---- bulk frames, a guest that stops reading ----
+
+FRAMES = int(os.environ.get("HVF_NET_FRAMES", "100000"))
+HOST_MAC = bytes.fromhex("020000770001")
+
+
+def test_frame(seq: int, destination: bytes) -> bytes:
+    return destination + HOST_MAC + ETH_TEST.to_bytes(2, "big") + struct.pack(">I", seq).ljust(46, b"\xa5")
+
+
+test_frame.__test__ = False  # type: ignore[attr-defined]
+
+
+def echo_frames(sock: socket.socket, count: int, window: int, guest: bytes,
+                timeout: float) -> tuple[int, float]:
+    """Send ``count`` numbered frames to the echoing guest, never more than ``window``
+    unanswered (so it always has receive buffers), and check every echo comes back
+    in order; returns (echoes, seconds)."""
+    sock.settimeout(5)
+    sent = got = 0
+    started = time.monotonic()
+    while got < count:
+        while sent < count and sent - got < window:
+            sock.send(test_frame(sent, guest))
+            sent += 1
+        data, address = sock.recvfrom(2048)
+        if address[2] == socket.PACKET_OUTGOING or data[12:14] != ETH_TEST.to_bytes(2, "big"):
+            continue
+        assert data[:6] == HOST_MAC and data[6:12] == guest, data[:14].hex()
+        (seq,) = struct.unpack_from(">I", data, 14)
+        assert seq == got, f"echo {seq} where {got} was due"
+        got += 1
+        assert time.monotonic() - started < timeout, f"only {got} echoes in {timeout} s"
+    return got, time.monotonic() - started
+
+
+def test_frames_each_way_none_lost(guests: dict[str, Path], netns: NetNs,
+                                   tmp_path: Path) -> None:
+    """100,000 frames to the guest and its 100,000 echoes back, none lost while the
+    guest has buffers posted; hvf's counters agree."""
+    log = tmp_path / "guest.log"
+    mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+    proc = netns.hvf(guest_args(guests, log, "tap0", f"ip=10.77.0.5 ping=0 echo={FRAMES}",
+                                "net-echo"), "hvf")
+    netns.wait_link("tap0", proc)
+    wait_for_text(log, "net mac", proc, timeout=60)
+    with netns.packet_socket("tap0") as sock:
+        got, seconds = echo_frames(sock, FRAMES, 128, mac, timeout=900)
+    wait_for_text(log, f"net echoed {FRAMES} lost 0", proc, timeout=60)
+    stats = net_stats("net-echo")
+    print(f"{FRAMES} frames each way in {seconds:.1f} s: {FRAMES / seconds:.0f} frames/s "
+          f"each way; hvf {stats}")
+    assert stats["rx_frames"] >= FRAMES and stats["tx_frames"] >= FRAMES
+    assert stats["rx_oversize"] == stats["rx_filtered"] == stats["tx_dropped"] == 0
+    assert stats.get("tap_tx_dropped", 0) == 0
+
+
+def test_a_guest_that_stops_reading_costs_no_memory(guests: dict[str, Path], netns: NetNs,
+                                                    tmp_path: Path) -> None:
+    """The guest posts its receive buffers once and never takes a frame: after they
+    are full hvf stops reading, 100,000 more frames leave its memory as it was, and the
+    tap's drop counter (in ``hvf ctl status``) accounts for them."""
+    log = tmp_path / "guest.log"
+    mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+    proc = netns.hvf(guest_args(guests, log, "tap0", "stall=1", "net-stall"), "hvf")
+    netns.wait_link("tap0", proc)
+    wait_for_text(log, "net stalled", proc, timeout=60)
+    with netns.packet_socket("tap0") as sock:
+        for seq in range(300):  # more than the guest's 256 buffers
+            sock.send(test_frame(seq, mac))
+        time.sleep(1)
+        before = rss_kib(proc.pid)
+        for seq in range(300, 300 + FRAMES):
+            sock.send(test_frame(seq, mac))
+    time.sleep(2)
+    after = rss_kib(proc.pid)
+    stats = net_stats("net-stall")
+    queue = int(netns.run("cat", "/sys/class/net/tap0/tx_queue_len").stdout)
+    print(f"stalled guest: hvf RSS {before} KiB before {FRAMES} more frames, {after} KiB "
+          f"after; delivered {stats['rx_frames']}, tap dropped {stats['tap_tx_dropped']}, "
+          f"tap queue {queue}")
+    assert stats["rx_frames"] == 256 and stats["rx_no_buffers"] >= 1
+    assert after - before < 4096, f"hvf grew by {after - before} KiB"
+    waiting = FRAMES + 300 - stats["rx_frames"] - stats["tap_tx_dropped"]
+    assert 0 <= waiting <= queue + 1, waiting  # the tap's queue and hvf's one bounce frame
+
+
+# ---- suspend and restore onto another tap ----
+
+
+def suspend_and_restore(guests: dict[str, Path], netns: NetNs, tmp_path: Path,
+                        append: str, name: str) -> tuple[str, str, list[bytes]]:
+    """A guest pinging the host on tap0 (hvf's own), suspended, restored onto tap1 (a
+    persistent tap with the host's address); the guest's output before and after and
+    the ARP frames the guest's MAC sent on tap1 in the first seconds."""
+    log, log2, snap = tmp_path / "guest.log", tmp_path / "guest2.log", tmp_path / "snap"
+    proc = netns.hvf(guest_args(guests, log, "tap0", append, name), "hvf")
+    netns.wait_link("tap0", proc)
+    netns.address("tap0")
+    netns.dnsmasq("tap0")
+    wait_for_text(log, r"^net ping 3 ok$", proc, timeout=120, regex=True)
+    out = subprocess.run([sys.executable, "-m", "hvf", "ctl", "--vm", name, "suspend", "--exit",
+                          str(snap)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert proc.wait(60) == 0, (tmp_path / "hvf.stderr").read_text()
+    before = log.read_text()
+    assert not netns.has_link("tap0")
+    netns.run("ip", "tuntap", "add", "tap1", "mode", "tap")
+    netns.address("tap1")
+    mac = bytes.fromhex(GUEST_MAC.replace(":", ""))
+    with netns.packet_socket("tap1") as sock:
+        restored = netns.hvf(["-r", snap, "-l", f"debugcon,{log2}", "-s", "2,virtio-net,tap1"],
+                             "restored")
+        sock.settimeout(1)
+        arp: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not arp:
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                assert restored.poll() is None, (tmp_path / "restored.stderr").read_text()
+                continue
+            if data[6:12] == mac and data[12:14] == b"\x08\x06":
+                arp.append(data)
+    last = max(int(n) for n in re.findall(r"^net ping (\d+) ok$", before, re.MULTILINE))
+    after = wait_for_text(log2, r"(^net ping \d+ ok\n(.*\n)*){3}", restored, timeout=120,
+                          regex=True)
+    carried_on = [int(n) for n in re.findall(r"^net ping (\d+) ok$", after, re.MULTILINE)]
+    assert carried_on[0] > last and carried_on == sorted(carried_on), (last, carried_on)
+    stats = net_stats(name)
+    assert stats["backend"] == "tap tap1"
+    stop(restored, timeout=30)
+    assert netns.has_link("tap1"), "a persistent tap must outlive hvf"
+    return before, after, arp
+
+
+def gratuitous(frame: bytes, ip: str) -> bool:
+    """Whether ``frame`` is an ARP request for ``ip`` from ``ip`` (a gratuitous ARP)."""
+    packed = socket.inet_aton(ip)
+    return frame[20:22] == b"\x00\x01" and frame[28:32] == packed == frame[38:42]
+
+
+@pytest.mark.parametrize("announce", [1, 0], ids=["guest-announces", "hvf-announces"])
+def test_suspend_and_restore_onto_another_tap(guests: dict[str, Path], netns: NetNs,
+                                              tmp_path: Path, announce: int) -> None:
+    """Pings carry on after a restore onto a different tap (``-r`` with
+    ``-s 2,virtio-net,tap1``), and the guest is announced there: by the guest
+    (VIRTIO_NET_S_ANNOUNCE) or, where it did not negotiate GUEST_ANNOUNCE, by hvf."""
+    name = f"net-move{announce}"
+    before, after, arp = suspend_and_restore(guests, netns, tmp_path,
+                                             f"ping=0 period=0x8000000 announce={announce}", name)
+    lease = LEASE.search(before)
+    assert lease, before
+    assert arp and gratuitous(arp[0], lease.group(1)), [a.hex() for a in arp]
+    assert ("net announce" in after) == bool(announce)
+
+
+# ---- refusals ----
+
+
+def refused(args: Sequence[str | os.PathLike[str]], netns: NetNs | None = None,
+            *, prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> str:
+    """Run hvf (in ``netns`` when given) expecting exit 4; its stderr."""
+    cmd = [*prefix, sys.executable, "-m", "hvf", *map(str, args)]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns.name, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL, env=env)
+    assert out.returncode == 4, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.stderr
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tap0,mac=02:00:00:00:00", "invalid MAC address '02:00:00:00:00'"),
+    ("tap0,mac=01:00:5e:00:00:01", "invalid MAC address '01:00:5e:00:00:01'"),
+    ("netmap:em0", "unknown network back end 'netmap:em0'"),
+    ("vde:/tmp/switch", "unknown network back end 'vde:/tmp/switch'"),
+    ("tap0,mtu=70000", "mtu= takes 68 to 65535"),
+])
+def test_bad_network_options_exit_4(guests: dict[str, Path], spec: str, message: str) -> None:
+    stderr = refused([*MACHINE, "-s", f"2,virtio-net,{spec}", "--kernel", guests["virtio_net"],
+                      "net-bad"])
+    assert message in stderr
+
+
+def test_a_busy_tap_and_a_persistent_one(guests: dict[str, Path], netns: NetNs,
+                                         tmp_path: Path) -> None:
+    """A tap another hvf holds is refused (exit 4, naming it); a persistent tap that
+    exists is attached to and stays after hvf."""
+    netns.run("ip", "tuntap", "add", "tapp", "mode", "tap")
+    log = tmp_path / "guest.log"
+    proc = netns.hvf(guest_args(guests, log, "tapp", "stall=1", "net-first"), "hvf")
+    wait_for_text(log, "net stalled", proc, timeout=60)
+    stderr = refused(guest_args(guests, tmp_path / "second.log", "tapp", "stall=1",
+                                "net-second"), netns)
+    assert "tap 'tapp' is busy" in stderr
+    stop(proc, timeout=30)
+    assert netns.has_link("tapp")
+
+
+def test_no_permission_for_dev_net_tun(guests: dict[str, Path], netns: NetNs,
+                                       tmp_path: Path) -> None:
+    """hvf as an unprivileged user (with a /dev/kvm of its own in a private mount
+    namespace) cannot open /dev/net/tun: exit 4, saying so."""
+    if not shutil.which("unshare") or not shutil.which("setpriv"):
+        pytest.skip("util-linux's unshare and setpriv are needed")
+    base = Path(tempfile.mkdtemp(prefix="hvf-noperm-", dir="/tmp"))  # reachable by nobody
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        private.mkdir(mode=0o777)
+        private.chmod(0o777)
+        kvm = os.stat("/dev/kvm").st_rdev
+        script = (f"mount --make-rprivate / && mount -t tmpfs -o mode=1777 none {private} && "
+                  f"mknod -m 666 {private}/kvm c {os.major(kvm)} {os.minor(kvm)} && "
+                  f"mount --bind {private}/kvm /dev/kvm && exec setpriv --reuid=65534 "
+                  f"--regid=65534 --clear-groups \"$@\"")
+        guest = base / "virtio_net.elf"
+        shutil.copy(guests["virtio_net"], guest)
+        guest.chmod(0o644)
+        stderr = refused([*MACHINE, "-s", "2,virtio-net,tap0", "--kernel", guest, "net-noperm"],
+                         netns, prefix=["unshare", "-m", "sh", "-c", script, "sh"],
+                         env={**os.environ, "HVF_RUNTIME_DIR": str(private)})
+    finally:
+        shutil.rmtree(base)
+    assert "no permission to open /dev/net/tun" in stderr
