@@ -34,7 +34,6 @@ int hvf_slirp_add_hostfwd(struct hvf_slirp *s, int is_udp, uint32_t host_addr,
                           int host_port, uint32_t guest_addr, int guest_port);
 int hvf_slirp_poll(struct hvf_slirp *s);
 void hvf_slirp_free(struct hvf_slirp *s);
-const char *slirp_version_string(void);
 """
 
 SOURCE = r"""

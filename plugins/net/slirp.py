@@ -86,7 +86,8 @@ def _endpoint(text: str, rule: str, side: str, where: str) -> tuple[ipaddress.IP
         addr = ipaddress.IPv4Address(addr_text) if addr_text else None
     except ValueError:
         raise bad(f"'{addr_text}' is not an IPv4 address") from None
-    if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+            and 0 < int(port_text) < 65536):
         raise bad(f"'{port_text}' is not a port number (1-65535)")
     return addr, int(port_text)
 
@@ -104,7 +105,7 @@ def parse_hostfwd(spec: str, where: str) -> list[HostForward]:
         if guest_addr is not None and (guest_addr not in NETWORK or guest_addr in (
                 NETWORK.network_address, NETWORK.broadcast_address, HOST, NAMESERVER)):
             raise ConfigError(f"{where}: invalid hostfwd rule '{rule}': the guest address "
-                              f"must be a guest's in {NETWORK}")
+                              f"must be a guest's in {NETWORK} (not .0, .2, .3 or .255)")
         rules.append(HostForward(rule, proto == "udp", host_addr or ipaddress.IPv4Address(0),
                                  host_port, guest_addr, guest_port))
     return rules
@@ -182,11 +183,6 @@ class SlirpBackend(NetBackend):
                 time.sleep(0.1)
             elif woken and self._closing:
                 return
-
-    @property
-    def version(self) -> str:
-        """libslirp's version string."""
-        return self._module.ffi.string(self._module.lib.slirp_version_string()).decode()
 
     def fileno(self, pair: int) -> int:
         return self._device_end.fileno()

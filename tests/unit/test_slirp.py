@@ -203,6 +203,7 @@ def test_a_busy_host_port_is_refused(open_stack: Callable[..., SlirpBackend]) ->
     ("tcp:127.0.0.1:0-:22", "'0' is not a port number"),
     ("tcp:127.0.0.1:2222-:65536", "'65536' is not a port number"),
     ("tcp:127.0.0.1:ssh-:22", "'ssh' is not a port number"),
+    ("tcp::2222-:" + "2" * 5000, "is not a port number"),
     ("tcp:localhost:2222-:22", "'localhost' is not an IPv4 address"),
     ("tcp:[::1]:2222-:22", "is not an IPv4 address"),
     ("tcp::2222-192.168.1.5:22", "guest address must be"),
