@@ -607,3 +607,25 @@ def test_hostile_chains_and_frames_never_crash(features: int, chains: list[Any],
             assert flags in (0, 1) and (gso == 0 or features & F_HOST_TSO4)
         stats = n.device.stats()
         assert stats["rx_frames"] + stats["rx_oversize"] + stats["rx_filtered"] <= len(frames)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands=st.lists(st.one_of(
+    st.binary(max_size=40),
+    st.tuples(st.integers(0, 5), st.integers(0, 3), st.binary(max_size=30)).map(
+        lambda t: bytes(t[:2]) + t[2]),
+    st.tuples(st.integers(0, 70), st.integers(0, 70)).map(
+        lambda t: bytes([1, 0]) + struct.pack("<I", t[0]) + bytes(6 * t[0])
+        + struct.pack("<I", t[1]) + b"\x01" * (6 * t[1]))), max_size=8))
+def test_any_control_command_is_answered_and_leaves_a_valid_state(commands: list[bytes]) -> None:
+    features = (BASIC | F_MRG_RXBUF | F_CTRL_VQ | F_CTRL_RX | F_CTRL_MAC_ADDR
+                | F_GUEST_ANNOUNCE | F_MQ)
+    with nic(features, pairs=2, size=16) as n:
+        for command in commands:
+            queue = n.queues[n.ctrl]
+            queue.add([command] if command else [], [1])
+            n.kick(n.ctrl)
+            (used,) = queue.used()
+            assert used.length == 1 and used.data[0] in (CTRL_OK, CTRL_ERR)
+        fields = n.device.net.to_fields()
+        assert NetState.from_fields(fields, 2) == n.device.net
