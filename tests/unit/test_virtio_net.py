@@ -629,3 +629,22 @@ def test_any_control_command_is_answered_and_leaves_a_valid_state(commands: list
             assert used.length == 1 and used.data[0] in (CTRL_OK, CTRL_ERR)
         fields = n.device.net.to_fields()
         assert NetState.from_fields(fields, 2) == n.device.net
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_buffers_outside_ram_stop_the_device_not_hvf(index: int) -> None:
+    """A chain pointing past guest RAM on any queue: the device asks for a reset, logs
+    why, sends and delivers nothing; a reset brings it back."""
+    with nic(BASIC | F_MRG_RXBUF | F_CTRL_VQ) as n:
+        queue = n.queues[index]
+        queue.write_descriptor(queue.desc_gpa(0), 0xFFFF_0000_0000, 1500,
+                               2 if index == 0 else 0, 0)
+        queue.publish(0)
+        n.kick(index)
+        n.backend.inject(ethernet())
+        n.loop.run()
+        assert n.driver.read(STATUS, 1) & 0x40  # DEVICE_NEEDS_RESET
+        assert "not inside guest RAM" in n.vm.logged[-1]
+        assert n.backend.sent() == [] and n.device.counters.rx_frames == 0
+        n.driver.write(STATUS, 1, 0)
+        assert n.driver.read(STATUS, 1) == 0
