@@ -167,6 +167,7 @@ static void reclaim(void)
 static uint8_t *tx_alloc(void)
 {
 	while (!ntx_free) {
+		vq_kick(rxq);	/* buffers taken so far go back before we wait */
 		tx_flush();
 		reclaim();
 		vio_wait(&net);
