@@ -29,8 +29,10 @@ Usage: hvf [-aACDeHhIPSuWwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,thread
            [-s slot,emulation[,conf]] [-U uuid]
            [--kernel FILE [--initrd FILE[,FILE...]] [--append CMDLINE]] vmname
        hvf -r SNAPSHOT [-l comN,BACKEND ...] [vmname]
+       hvf --incoming tcp:HOST:PORT|unix:PATH [-l comN,BACKEND ...] [vmname]
        hvf ctl [--vm NAME] [--json] suspend [--exit] [PATH] | checkpoint [PATH] |
-               pause | resume | status | poweroff | list
+               migrate [--downtime-ms N] [--bandwidth MB/s] [--timeout S] [--local] URI |
+               migrate --cancel | pause | resume | status | poweroff | list
        hvf snapshot info|verify SNAPSHOT
        hvf -l help | -s help
 """
@@ -54,6 +56,8 @@ Options (hvf(8) has more):
   -p vcpu:cpu    run vCPU vcpu on host CPU cpu only (repeat to allow more CPUs)
   -P             let a vCPU spinning on PAUSE yield (KVM's pause-loop exiting does)
   -r snapshot    restore from a snapshot; other options may only redirect consoles
+  --incoming uri receive a VM that 'hvf ctl migrate' sends (tcp:HOST:PORT, unix:PATH);
+                 other options may only redirect consoles, as with -r
   -s slot,emu    PCI device at [bus:]slot[:function], emulation emu (-s help)
   -S             wire guest memory: lock it into host RAM (needs RLIMIT_MEMLOCK)
   -u             the RTC keeps UTC, not local time (rtc.use_localtime=false)
@@ -73,7 +77,7 @@ Exit status: 0 rebooted, 1 powered off, 2 halted, 3 triple fault, 4 an error
 USAGE = SYNOPSIS + "\n" + OPTIONS
 
 SHORT_OPTS = "aehuwxACDHIPSWYk:o:p:G:c:s:m:l:K:U:r:"
-LONG_OPTS = ["kernel=", "initrd=", "append=", "help"]
+LONG_OPTS = ["kernel=", "initrd=", "append=", "help", "incoming="]
 
 # Flag options and the config variable each sets (bhyve.8).
 FLAGS = {
@@ -273,12 +277,17 @@ def _apply_pin(config: Config, arg: str) -> None:
     config.set(key, f"{current},{host}" if current else host)
 
 
-def run_vm(config: Config, plugins: Plugins, restore_from: str | None = None) -> int:
+def run_vm(config: Config, plugins: Plugins, restore_from: str | None = None,
+           incoming: str | None = None) -> int:
     from hvf.vcpu import install_kick_handler
     from hvf.vm import Machine
 
     install_kick_handler()
-    if restore_from is None:
+    if incoming is not None:
+        from hvf.migration.destination import receive
+
+        vm = receive(incoming, config, plugins)
+    elif restore_from is None:
         vm = Machine(config, plugins)
         try:
             vm.build()
@@ -303,25 +312,47 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
 
     from hvf import snapshot
     from hvf.snapshot_api import StateReader
-    from hvf.vm import Machine
 
     backend = plugins.snapshot_backends.get("directory")
     if backend is None:
         raise ConfigError("-r: no snapshot backend is installed (the 'snapshot' plugin)")
     store = backend.factory(Path(path))
     state, ram_path = store.load()
-    saved = Config(state.machine.get("config", {}))
+    saved = restored_config(state.machine.get("config", {}), given, f"-r {path}")
+    ram_file = store.open_ram(ram_path, int(state.machine["memory_size"]))
+    vm = build_restoring(saved, plugins, ram_file=ram_file)
+    try:
+        snapshot.restore(vm, StateReader(state.chunks))
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def restored_config(saved_values: dict[str, str], given: Config, what: str,
+                    source: str = "the snapshot") -> Config:
+    """The configuration a snapshot (or a migrating VM) was saved with, and the
+    host-side settings ``given`` on the command line: only those may differ."""
+    from hvf import snapshot
+
+    saved = Config(saved_values)
     differences = snapshot.config_differences(saved, given)
     if differences:
-        raise ConfigError(f"-r {path}: these options contradict the snapshot (only console "
+        raise ConfigError(f"{what}: these options contradict {source} (only console "
                           "backends and the name may change): " + "; ".join(differences))
     for key, value in given.items():
         saved.set(key, value)
-    ram_file = store.open_ram(ram_path, int(state.machine["memory_size"]))
-    vm = Machine(saved, plugins, ram_file=ram_file)
+    return saved
+
+
+def build_restoring(config: Config, plugins: Plugins, *, ram_file: int | None,
+                    adopt_ram: bool = False, control: bool = True) -> Machine:
+    """A machine built to receive saved state (its RAM ``ram_file``, see Machine)."""
+    from hvf.vm import Machine
+
+    vm = Machine(config, plugins, ram_file=ram_file, adopt_ram=adopt_ram)
     try:
-        vm.build(restoring=True)
-        snapshot.restore(vm, StateReader(state.chunks))
+        vm.build(restoring=True, control=control)
     except BaseException:
         vm.close()
         raise
@@ -342,15 +373,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return snapshot_main(argv[1:])
     try:
         plugins = Plugins()
-        restore_from = dict(split_options(argv)[0]).get("-r")
-        config = parse_args(argv, plugins, defaults=restore_from is None)
+        given = dict(split_options(argv)[0])
+        restore_from, incoming = given.get("-r"), given.get("--incoming")
+        if restore_from is not None and incoming is not None:
+            raise UsageError("-r and --incoming exclude each other")
+        config = parse_args(argv, plugins, defaults=restore_from is None and incoming is None)
         if config.get_bool("config.dump"):
             sys.stdout.write(config.dump())
             return 1
-        if not config.get("name") and restore_from is None:
+        if not config.get("name") and restore_from is None and incoming is None:
             raise UsageError("no VM name given (the last argument)")
         for warning in preflight.check(config, plugins):
             sys.stderr.write(f"hvf: warning: {warning}\n")
+        if incoming is not None:
+            return run_vm(config, plugins, incoming=incoming)
         return run_vm(config, plugins, restore_from)
     except HelpRequested as h:
         sys.stdout.write(h.text)

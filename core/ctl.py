@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,6 +80,26 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of MB/s (0 or more)")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 1 <= value <= 2_000_000):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a downtime from 1 to 2000000 ms")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hvf ctl", description="Control a running hvf VM.")
     p.add_argument("--vm", help="the VM's name (optional when exactly one runs)")
@@ -92,6 +113,20 @@ def _parser() -> argparse.ArgumentParser:
     suspend.add_argument("path", nargs="?", help="snapshot directory (default: ./NAME.snapshot)")
     checkpoint = sub.add_parser("checkpoint", help="write a snapshot; the VM keeps running")
     checkpoint.add_argument("path", nargs="?", help="snapshot directory (default: ./NAME.snapshot)")
+    migrate = sub.add_parser("migrate", help="move the running VM to 'hvf --incoming URI' "
+                             "(this process then exits with 0)")
+    migrate.add_argument("uri", nargs="?", help="tcp:HOST:PORT or unix:PATH")
+    migrate.add_argument("--downtime-ms", type=_milliseconds, default=300.0, metavar="N",
+                         help="the longest the guest may stop (default 300)")
+    migrate.add_argument("--bandwidth", type=_megabytes, default=0.0, metavar="MB/s",
+                         help="send at most this many megabytes a second (default: no limit)")
+    migrate.add_argument("--timeout", dest="migrate_timeout", type=_seconds, metavar="S",
+                         help="give up after S seconds, the VM running on here (default: "
+                              "no limit)")
+    migrate.add_argument("--local", action="store_true",
+                         help="hand guest memory over instead of copying it (unix: only)")
+    migrate.add_argument("--cancel", action="store_true",
+                         help="stop the migration in progress; the VM runs on here")
     for name, text in (("pause", "stop the vCPUs"), ("resume", "run the vCPUs again"),
                        ("status", "show the VM's state"), ("poweroff", "stop the VM (status 1)"),
                        ("list", "list running VMs")):
@@ -112,7 +147,67 @@ def _human(vm: str, command: str, reply: dict[str, Any]) -> str:
                 f"VM {reply.get('state', 'running')}")
     if command in ("pause", "resume", "poweroff"):
         return f"{vm}: {reply.get('state')}"
+    if command == "migrate" and reply.get("state") == "migrated":
+        return (f"{vm}: migrated to {reply.get('uri')} in {reply.get('total_ms')} ms "
+                f"(downtime {reply.get('downtime_ms')} ms, "
+                f"{int(reply.get('bytes', 0)) / 1e6:.1f} MB in {reply.get('rounds')} rounds)")
+    if command == "migrate" and reply.get("state") == "cancelling":
+        return f"{vm}: cancelling the migration"
     return json.dumps(reply, indent=2)
+
+
+def _migrate_args(options: argparse.Namespace) -> dict[str, Any]:
+    if options.cancel:
+        return {"cancel": True}
+    if not options.uri:
+        raise CtlError("migrate needs the destination: tcp:HOST:PORT or unix:PATH (where "
+                       "'hvf --incoming URI' waits)")
+    return {"uri": options.uri, "downtime_ms": options.downtime_ms,
+            "bandwidth": options.bandwidth, "timeout": options.migrate_timeout,
+            "local": options.local}
+
+
+class MigrationWatch:
+    """Shows a migration's progress on a terminal: RAM sent, the dirty rate and the
+    expected downtime, from the VM's figures (``migrate query=true``) twice a second."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        self.active = sys.stderr.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="migrate progress", daemon=True)
+        self.shown = False
+
+    def start(self) -> None:
+        if self.active:
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self.active:
+            self._stop.set()
+            self._thread.join()
+            if self.shown:
+                sys.stderr.write("\n")
+
+    def _run(self) -> None:
+        try:
+            with ControlClient(socket_path(self.vm), timeout=5) as client:
+                while not self._stop.wait(self.INTERVAL):
+                    f = client.call("migrate", query=True)
+                    if f.get("state") in (None, "none"):
+                        continue
+                    sys.stderr.write(
+                        f"\rmigrate {self.vm}: {f.get('state')}, round {f.get('round')}, "
+                        f"{int(f.get('bytes', 0)) / 1e6:.1f} MB sent at "
+                        f"{int(f.get('bandwidth', 0)) / 1e6:.1f} MB/s, dirty "
+                        f"{int(f.get('dirty_rate', 0)) / 1e6:.1f} MB/s, expected downtime "
+                        f"{f.get('expected_downtime_ms')} ms, throttle {f.get('throttle')} % ")
+                    sys.stderr.flush()
+                    self.shown = True
+        except HvfError:
+            pass  # the VM went (it migrated): the reply says how it ended
 
 
 def _call_args(items: list[str]) -> dict[str, Any]:
@@ -144,13 +239,22 @@ def ctl_main(argv: Sequence[str]) -> int:
                 args["exit"] = True
         elif command == "call":
             command, args = options.name, _call_args(options.args)
+        elif command == "migrate":
+            args = _migrate_args(options)
         bar = ProgressBar(f"{command} {vm}")
-        with ControlClient(socket_path(vm), timeout=options.timeout) as client:
+        watch = MigrationWatch(vm) if command == "migrate" and not args.get("cancel") else None
+        # a migration bounds its own waits (--timeout, and the VM's on the peer)
+        timeout = None if watch is not None else options.timeout
+        with ControlClient(socket_path(vm), timeout=timeout) as client:
             try:
+                if watch is not None:
+                    watch.start()
                 reply = client.call(command, progress=bar if command in ("suspend", "checkpoint")
                                     else None, **args)
             finally:
                 bar.finish()
+                if watch is not None:
+                    watch.stop()
         print(json.dumps(reply) if options.json else _human(vm, command, reply))
         return 0
     except HvfError as e:
