@@ -130,7 +130,8 @@ class VirtioNet(VirtioPciDevice):
         return self.state.status & (DRIVER_OK | DEVICE_NEEDS_RESET) == DRIVER_OK
 
     def receiving(self, pair: int) -> bool:
-        return self.running and pair < self.net.active_pairs
+        return self.running and pair < self.net.active_pairs and (
+            pair == 0 or bool(self.negotiated & F_MQ))
 
     # ---- configuration ----
 

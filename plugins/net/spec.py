@@ -16,17 +16,12 @@ F_MTU = 1 << 3
 F_MAC = 1 << 5
 F_GUEST_TSO4 = 1 << 7
 F_GUEST_TSO6 = 1 << 8
-F_GUEST_ECN = 1 << 9
-F_GUEST_UFO = 1 << 10
 F_HOST_TSO4 = 1 << 11
 F_HOST_TSO6 = 1 << 12
-F_HOST_ECN = 1 << 13
-F_HOST_UFO = 1 << 14
 F_MRG_RXBUF = 1 << 15
 F_STATUS = 1 << 16
 F_CTRL_VQ = 1 << 17
 F_CTRL_RX = 1 << 18
-F_CTRL_VLAN = 1 << 19
 F_GUEST_ANNOUNCE = 1 << 21
 F_MQ = 1 << 22
 F_CTRL_MAC_ADDR = 1 << 23
@@ -45,8 +40,7 @@ HEADER_SIZE = HEADER.size  # 12
 NUM_BUFFERS_OFFSET = 10
 
 HDR_F_NEEDS_CSUM = 1
-HDR_F_DATA_VALID = 2
-GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6 = 0, 1, 3, 4
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
 GSO_ECN = 0x80
 
 # Control queue (§5.1.6.5): class, command, data..., then the ack byte.
@@ -64,9 +58,7 @@ CTRL_MQ_VQ_PAIRS_SET = 0
 ETH_HEADER = 14
 VLAN_TAG = 4
 ETH_ADDR = 6
-ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
-ETHERTYPE_IPV6 = 0x86DD
 BROADCAST = b"\xff" * 6
 #: The largest frame a segmentation offload produces (64 KiB plus headers).
 MAX_GSO_FRAME = 65536 + ETH_HEADER + VLAN_TAG

@@ -180,11 +180,6 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def hvf_pid(wrapper: subprocess.Popen[bytes]) -> int:
-    """The pid of hvf under ``ip netns exec`` (which execs it: the same process)."""
-    return wrapper.pid
-
-
 # ---- DHCP, ping both ways ----
 
 
