@@ -43,7 +43,7 @@ CORE_KEYS = (
     "memory.size", "memory.wired", "memory.guest_in_core", "memory.shared",
     "acpi_tables", "destroy_on_poweroff", "virtio_msix", "config.dump", "config.strict",
     "x86.mptable", "x86.x2apic", "x86.strictio", "x86.strictmsr", "x86.vmexit_on_hlt",
-    "x86.vmexit_on_pause", "x86.emulate", "vcpu.*.cpuset",
+    "x86.vmexit_on_pause", "x86.emulate", "vcpu.*.cpuset", "cpu.model", "cpu.features",
     "gdb.address", "gdb.port", "gdb.wait", "rtc.use_localtime",
     "bios.**", "system.**", "board.**", "chassis.**",
     "boot.kernel", "boot.initrd", "boot.append", "pci.enable_bars",

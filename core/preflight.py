@@ -17,6 +17,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+from hvf import cpumodel
 from hvf.config import CORE_KEYS, Config, unknown_keys
 from hvf.control import runtime_dir, socket_path
 from hvf.errors import ConfigError
@@ -73,6 +74,7 @@ def check(config: Config, plugins: Plugins) -> list[str]:
         except ConfigError as e:
             raise ConfigError(f"-m: {e}") from None
     _check_pinning(config)
+    warnings += cpumodel.check_config(config)  # cpu.model, cpu.features
     _check_uuid(config.get("uuid"))
     _check_name(config.get("name"))
     for (key, value), text in _REFUSED.items():

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hvf
-from hvf import vmstate
+from hvf import cpumodel, vmstate
 from hvf.config import Config
 from hvf.errors import SnapshotError
 from hvf.snapshot_api import Chunk, StateReader, StateWriter, upgrade
 
 if TYPE_CHECKING:
+    from hvf.cpumodel import CpuProfile
     from hvf.device import Device
     from hvf.vm import Machine
 
@@ -102,6 +103,15 @@ def restore(vm: Machine, chunks: StateReader) -> None:
         raise SnapshotError(f"the snapshot holds state that no installed plugin restores: {names}")
 
 
+def saved_cpu(chunk: Chunk) -> CpuProfile:
+    """The CPU a snapshot's guest was given, from its ``cpu`` chunk. (A snapshot from
+    before hvf kept it has none: its guest gets what its configuration describes.)"""
+    try:
+        return cpumodel.CpuProfile.from_fields(upgrade(chunk, cpumodel.CHUNK_VERSION, {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{chunk.name}: malformed saved state ({e})") from None
+
+
 def chunk_name(device: Device) -> str:
     """The name of ``device``'s chunk (owned by the module of its class)."""
     return f"device.{device.name}"
@@ -128,6 +138,8 @@ class CorePlugin:
     def hvf_state_save(self, vm: Machine, state: StateWriter) -> None:
         xsave_size = vmstate.xsave_size(vm)
         msrs = vm.kvm.msr_index_list()
+        state.add(name=cpumodel.CHUNK, owner=CORE_OWNER, version=cpumodel.CHUNK_VERSION,
+                  fields=vm.cpu.to_fields())
         state.add(name="vm", owner=CORE_OWNER, version=vmstate.VM_STATE_VERSION,
                   fields=vmstate.save_vm(vm))
         for vcpu in vm.vcpus:
@@ -140,6 +152,8 @@ class CorePlugin:
 
     @hvf.hookimpl
     def hvf_state_restore(self, vm: Machine, state: StateReader) -> None:
+        if state.has(cpumodel.CHUNK):  # before any vCPU state: KVM checks it against CPUID
+            vm.cpu = cpumodel.apply(vm, saved_cpu(state.take(cpumodel.CHUNK)))
         vmstate.restore_vm(vm, upgrade(state.take("vm"), vmstate.VM_STATE_VERSION, {}))
         for device in vm.devices:
             name = chunk_name(device)

@@ -14,10 +14,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from hvf import exitcodes
-from hvf._kvm import ffi, lib
+from hvf import cpumodel, exitcodes
+from hvf._kvm import lib
 from hvf.config import Config
 from hvf.context import attach_device
 from hvf.control import ControlServer
@@ -42,8 +42,6 @@ log = logging.getLogger("hvf")
 HALT_POLL_INTERVAL = 0.5
 #: x86 RFLAGS.IF
 RFLAGS_IF = 1 << 9
-#: CPUID leaf 1 ECX: x2APIC
-CPUID_X2APIC = 1 << 21
 
 #: Where KVM may put the TSS and identity-map pages it needs (just below the BIOS).
 TSS_ADDR = 0xFFFB_D000
@@ -113,31 +111,18 @@ class Machine:
 
         if not config.get_bool("x86.strictmsr", default=True):
             self.vmfd.exit_on_unknown_msrs()  # -w
-        cpuid = self.kvm.supported_cpuid()
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
-        for vcpu in self.vcpus:
-            vcpu.fd.set_cpuid2(self._cpuid_for(cpuid, vcpu.index))
-        self.gdb: GdbStub | None = GdbStub.from_config(self)  # -G
+        self.gdb: GdbStub | None = None
+        try:
+            #: The CPU the guest is given (cpu.model, cpu.features; a restore gives it
+            #: the one it had: hvf.snapshot).
+            self.cpu = cpumodel.apply(self)
+        except BaseException:
+            self.close()
+            raise
+        self.gdb = GdbStub.from_config(self)  # -G
 
     # ---- building ----
-
-    def _cpuid_for(self, supported: Any, apic_id: int) -> Any:
-        """The supported CPUID with this vCPU's APIC ID and the CPU count filled in, and
-        x2APIC offered only with -x (x86.x2apic, as bhyve)."""
-        x2apic = self.config.get_bool("x86.x2apic")
-        n = supported.nent
-        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
-        ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
-        for i in range(n):
-            e = cpuid.entries[i]
-            if e.function == 1:
-                e.ebx = (e.ebx & 0x0000FFFF) | (apic_id << 24) | (min(self.ncpus, 255) << 16)
-                if self.ncpus > 1:
-                    e.edx |= 1 << 28  # HTT: more than one logical processor
-                e.ecx = e.ecx | CPUID_X2APIC if x2apic else e.ecx & ~CPUID_X2APIC
-            elif e.function in (0xB, 0x1F):
-                e.edx = apic_id
-        return cpuid
 
     def log_dirty_pages(self, on: bool) -> None:
         """Map guest RAM into KVM's slots (slot i is region i), with
