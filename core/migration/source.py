@@ -271,9 +271,10 @@ class Migration:
     def _check_deadline(self) -> None:
         if self.timeout is not None and time.monotonic() - self.started > self.timeout:
             raise MigrationError(
-                f"it did not converge within the {self.timeout:g} s timeout (the guest "
-                f"dirtied {self.dirty_rate / 1e6:.1f} MB/s, the link carried "
-                f"{self.measured / 1e6:.1f} MB/s, throttle {self.throttle.percent} %)")
+                f"it did not converge within the {self.timeout:g} s timeout (round "
+                f"{self.round}: {self.remaining / 1e6:.1f} MB left to send; the link carried "
+                f"{self.measured / 1e6:.1f} MB/s, the guest dirtied "
+                f"{self.dirty_rate / 1e6:.1f} MB/s, throttle {self.throttle.percent} %)")
 
     # ---- handing over ----
 
