@@ -37,8 +37,7 @@ from hvf.errors import ConfigError
 from hvf.snapshot_api import Fields, field_int
 
 if TYPE_CHECKING:
-    from hvf.kvm import Kvm
-    from hvf.vcpu import Vcpu
+    from hvf.kvm import Kvm, VcpuFd
     from hvf.vm import Machine
 
 #: (function, index, flags, eax, ebx, ecx, edx), as in ``struct kvm_cpuid_entry2``.
@@ -169,7 +168,7 @@ def check_config(config: Config) -> list[str]:
     warnings (``-x`` that ``cpu.features`` overrides)."""
     model_name(config)
     changes = {name: add for add, name in parse_features(config.get("cpu.features") or "")}
-    parse_features(os.environ.get(HOST_FEATURES_ENV, ""), HOST_FEATURES_ENV)
+    _hidden_on_host()
     if changes.get("x2apic") is False and config.get_bool("x86.x2apic"):
         return ["-x (x86.x2apic=true) is overridden by cpu.features=-x2apic: the guest "
                 "sees no x2APIC"]
@@ -179,44 +178,57 @@ def check_config(config: Config) -> list[str]:
 # ---- the host ----
 
 
-def host_cpu(kvm: Kvm, *, tsc_khz: int | None = None) -> HostCpu:
-    """What ``kvm`` offers; without ``tsc_khz`` (a new vCPU's KVM_GET_TSC_KHZ) a
-    scratch VM and vCPU are made to learn it."""
+def host_cpu(kvm: Kvm, vcpu: VcpuFd | None = None) -> HostCpu:
+    """What ``kvm`` can give a guest. Its CPUID features are those it supports and
+    those a vCPU given them reports (kvm_pvm's guests see the hardware's own feature
+    bits, whatever KVM_SET_CPUID2 says, and KVM_GET_CPUID2 shows them): ``vcpu`` is a
+    vCPU not yet run to ask (its CPUID is overwritten); without one a scratch VM and
+    vCPU are made and closed."""
     supported = kvm.supported_cpuid()
-    entries = [tuple(getattr(e, f) for f in ("function", "index", "flags", "eax", "ebx",
-                                             "ecx", "edx"))
-               for e in (supported.entries[i] for i in range(supported.nent))]
-    hidden = parse_features(os.environ.get(HOST_FEATURES_ENV, ""), HOST_FEATURES_ENV)
-    if any(add for add, _ in hidden):
-        raise ConfigError(f"{HOST_FEATURES_ENV} can only take features away (-name)")
-    cpuid = _with_bits(entries, {name: False for _, name in hidden})
-    if tsc_khz is None:
-        tsc_khz = _scratch_tsc_khz(kvm)
+    if vcpu is None:
+        scratch = kvm.create_vm()
+        try:
+            probe = scratch.create_vcpu(0)
+            try:
+                reported, tsc_khz = _probe(kvm, probe, supported)
+            finally:
+                probe.run_map.close()
+                probe.close()
+        finally:
+            scratch.close()
+    else:
+        reported, tsc_khz = _probe(kvm, vcpu, supported)
+    offered = {(e[0], e[1]): e for e in _entries(supported)}
+    for e in reported:
+        if (e[0], e[1]) in offered:
+            got = offered[e[0], e[1]]
+            offered[e[0], e[1]] = (*got[:3], *(a | b for a, b in zip(got[3:], e[3:])))
+    cpuid = _with_bits(offered.values(), dict.fromkeys(_hidden_on_host(), False))
     return HostCpu(cpuid, frozenset(kvm.msr_index_list()), tsc_khz,
                    bool(kvm.check_extension(lib.KVM_CAP_TSC_CONTROL)))
 
 
-def vcpu_tsc_khz(vcpu: Vcpu) -> int:
-    """A vCPU's TSC frequency in kHz (0 where KVM cannot tell)."""
-    if not vcpu.vm.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
-        return 0
-    return max(lib.hvf_ioctl_int(vcpu.fd.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
+def _entries(cpuid: Any) -> list[CpuidEntry]:
+    return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (cpuid.entries[i] for i in range(cpuid.nent))]
 
 
-def _scratch_tsc_khz(kvm: Kvm) -> int:
-    if not kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
-        return 0
-    vm = kvm.create_vm()
-    try:
-        vcpu = lib.hvf_ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, 0)
-        if vcpu < 0:
-            return 0
-        try:
-            return max(lib.hvf_ioctl_int(vcpu, lib.KVM_GET_TSC_KHZ, 0), 0)
-        finally:
-            os.close(vcpu)
-    finally:
-        vm.close()
+def _probe(kvm: Kvm, vcpu: VcpuFd, supported: Any) -> tuple[list[CpuidEntry], int]:
+    """What ``vcpu`` reports when given ``supported``, and its TSC frequency (kHz; 0
+    where KVM cannot tell)."""
+    vcpu.set_cpuid2(supported)
+    tsc_khz = 0
+    if kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
+        tsc_khz = max(lib.hvf_ioctl_int(vcpu.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
+    return vcpu.get_cpuid2(), tsc_khz
+
+
+def _hidden_on_host() -> list[str]:
+    """The features :data:`HOST_FEATURES_ENV` takes away."""
+    changes = parse_features(os.environ.get(HOST_FEATURES_ENV, ""), HOST_FEATURES_ENV)
+    if any(add for add, _ in changes):
+        raise ConfigError(f"{HOST_FEATURES_ENV} can only take features away (-name)")
+    return [name for _, name in changes]
 
 
 def _with_bits(entries: Iterable[CpuidEntry], bits: dict[str, bool]) -> tuple[CpuidEntry, ...]:
@@ -316,9 +328,10 @@ def tsc_close(a: int, b: int) -> bool:
     return abs(a - b) * 1_000_000 <= TSC_TOLERANCE_PPM * b
 
 
-def check_host(profile: CpuProfile, kvm: Kvm, *, tsc_khz: int | None = None) -> list[str]:
-    """What this host's KVM lacks of ``profile`` (empty: it can run the guest)."""
-    return missing(profile, host_cpu(kvm, tsc_khz=tsc_khz))
+def check_host(profile: CpuProfile, kvm: Kvm) -> list[str]:
+    """What this host's KVM lacks of ``profile`` (empty: it can run the guest); makes
+    and closes a scratch VM to ask."""
+    return missing(profile, host_cpu(kvm))
 
 
 def guest_cpu(vm: Machine) -> CpuProfile:
@@ -327,10 +340,12 @@ def guest_cpu(vm: Machine) -> CpuProfile:
 
 
 def apply(vm: Machine, saved: CpuProfile | None = None) -> CpuProfile:
-    """Give every vCPU of ``vm`` its CPUID (and the saved TSC frequency): built from
-    the configuration, or ``saved``'s once this host is found to provide it."""
-    tsc = vcpu_tsc_khz(vm.vcpus[0])
-    host = host_cpu(vm.kvm, tsc_khz=tsc)
+    """Give every vCPU of ``vm`` (not yet run) its CPUID, and the saved TSC frequency:
+    built from the configuration, or ``saved``'s once this host is found to provide
+    it (ConfigError listing what it lacks). Returns what the guest is given, as KVM
+    reports it."""
+    first = vm.vcpus[0].fd
+    host = host_cpu(vm.kvm, first)
     if saved is None:
         profile = build(vm.config, vm.ncpus, host)
     else:
@@ -341,9 +356,12 @@ def apply(vm: Machine, saved: CpuProfile | None = None) -> CpuProfile:
         profile = saved
     for vcpu in vm.vcpus:
         vcpu.fd.set_cpuid2(profile.for_vcpu(vcpu.index))
-        if profile.tsc_khz and tsc and profile.tsc_khz != tsc and host.tsc_scaling:
+        if profile.tsc_khz and host.tsc_khz and profile.tsc_khz != host.tsc_khz \
+                and host.tsc_scaling:
             r = lib.hvf_ioctl_int(vcpu.fd.fd, lib.KVM_SET_TSC_KHZ, profile.tsc_khz)
             if r < 0:
                 raise ConfigError(f"vcpu {vcpu.index}: KVM cannot set the TSC to "
                                   f"{profile.tsc_khz} kHz (error {-r})")
+    if saved is None:
+        profile = attrs.evolve(profile, cpuid=tuple(first.get_cpuid2()))
     return profile
