@@ -211,9 +211,8 @@ class VirtioBlk(VirtioPciDevice):
             self._go(request, 1)
             self.backend.flush(lambda s, n: self._done(request, s))
             return None
-        if kind == T_GET_ID:
-            room = sum(map(len, data_in))
-            request.written += write_views(data_in, self.serial.ljust(max(room, ID_BYTES), b"\0"))
+        if kind == T_GET_ID:  # the NUL-padded ID, however large the guest's buffer
+            request.written += write_views(data_in, self.serial.ljust(ID_BYTES, b"\0"))
             return S_OK
         if kind in (T_DISCARD, T_WRITE_ZEROES):
             return self._ranges(request, kind, data_out)
@@ -240,9 +239,10 @@ class VirtioBlk(VirtioPciDevice):
     def _ranges(self, request: _Request, kind: int, data: list[memoryview]) -> int | None:
         if not self.discard:
             return S_IOERR if self.readonly else S_UNSUPP
-        raw = b"".join(data)
-        if not raw or len(raw) % SEGMENT.size or len(raw) // SEGMENT.size > MAX_RANGE_SEGMENTS:
+        length = sum(map(len, data))  # checked before anything is copied
+        if not length or length % SEGMENT.size or length // SEGMENT.size > MAX_RANGE_SEGMENTS:
             return S_IOERR
+        raw = b"".join(data)
         segments = [SEGMENT.unpack_from(raw, o) for o in range(0, len(raw), SEGMENT.size)]
         for sector, sectors, flags in segments:
             if flags & ~SEGMENT_UNMAP or (kind == T_DISCARD and flags):
