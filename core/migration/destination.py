@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from hvf import __version__ as HVF_VERSION
-from hvf._kvm import ffi
+from hvf import cpumodel
 from hvf.config import Config
 from hvf.control import ControlServer, is_live, socket_path
 from hvf.errors import HvfError, MigrationError
@@ -44,6 +44,7 @@ def receive(uri_text: str, given: Config, plugins: Plugins) -> Machine:
     """Wait for a migration on ``uri_text``; returns the machine, ready to run."""
     uri = parse_uri(uri_text)
     listener = listen(uri)
+    _prepare(plugins)
     try:
         sys.stderr.write(f"hvf: waiting for a migration on {uri}\n")
         sys.stderr.flush()
@@ -60,6 +61,16 @@ def receive(uri_text: str, given: Config, plugins: Plugins) -> Machine:
         return Receiver(channel, given, plugins).run()
     finally:
         channel.close()
+
+
+def _prepare(plugins: Plugins) -> None:
+    """Load what building a machine takes before a source waits on it (a local
+    hand-over's clock runs from its first message)."""
+    from hvf import snapshot, vm  # noqa: F401
+
+    for _registry in (plugins.pci_devices, plugins.lpc_devices, plugins.console_backends,
+                      plugins.snapshot_backends, plugins.ctl_commands):
+        pass
 
 
 class Receiver:
@@ -131,13 +142,7 @@ class Receiver:
                 raise MigrationError(f"the source's configuration gives "
                                      f"{vm.memory.size} bytes of RAM, its guest "
                                      f"{offer.memory_size}")
-            # what this host gives a vCPU (on kvm_pvm more than KVM_GET_SUPPORTED_CPUID says)
-            missing = handshake.missing_features(offer.cpuid[0], vm.vcpus[0].fd.get_cpuid2())
-            if missing:
-                raise MigrationError("this host cannot give the guest the CPU it has: it "
-                                     "lacks " + ", ".join(missing))
-            for vcpu, entries in zip(vm.vcpus, offer.cpuid):
-                vcpu.fd.set_cpuid2(_cpuid2(entries))
+            vm.cpu = cpumodel.apply(vm, offer.cpu)  # refused here, listing what is missing
         except BaseException:
             vm.close()
             raise
@@ -214,15 +219,6 @@ def _reason(payload: bytes) -> str:
     except (ValueError, AttributeError):
         reason = None
     return reason[:2000] if isinstance(reason, str) else "(no reason given)"
-
-
-def _cpuid2(entries: list[handshake.CpuidEntry]) -> object:
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
-    for i, (function, index, flags, eax, ebx, ecx, edx) in enumerate(entries):
-        e = cpuid.entries[i]
-        e.function, e.index, e.flags = function, index, flags
-        e.eax, e.ebx, e.ecx, e.edx = eax, ebx, ecx, edx
-    return cpuid
 
 
 def _check_name(name: str, offer: handshake.Offer) -> None:

@@ -126,10 +126,11 @@ class Proc:
     its output in files under ``tmp``; leaving the ``with`` kills it."""
 
     def __init__(self, args: Sequence[object], tmp: Path, tag: str, *,
-                 netns: str | None = None, runtime: Path | None = None) -> None:
+                 netns: str | None = None, runtime: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.tag = tag
         self.stdout_path, self.stderr_path = tmp / f"{tag}.stdout", tmp / f"{tag}.stderr"
-        self.env = dict(os.environ)
+        self.env = {**os.environ, **(env or {})}
         if runtime is not None:
             self.env["HVF_RUNTIME_DIR"] = str(runtime)
         prefix = ["ip", "netns", "exec", netns] if netns else []

@@ -302,7 +302,8 @@ def hello(**changes: object) -> dict[str, object]:
         "hvf_version": "0.1.0", "protocol": 1, "state_format": 1, "page_size": PAGE,
         "ram": "copy",
         "machine": {"memory_size": 256 << 20, "cpus": 2, "config": {"name": "vm", "cpus": "2"}},
-        "cpuid": [[[0, 0, 0, 0xD, 1, 2, 3]], [[0, 0, 0, 0xD, 1, 2, 3]]],
+        "cpu": {"model": "host", "features": "", "cpuid": [[0, 0, 0, 0xD, 1, 2, 3]],
+                "msrs": [0x10], "tsc_khz": 2_000_000},
         "source": {"vm": "vm", "pid": 1, "control": "/run/hvf/vm.sock"},
     }
     doc.update(changes)
@@ -313,7 +314,7 @@ def test_a_good_hello_is_accepted() -> None:
     offer = handshake.parse_hello(json.dumps(hello()).encode())
     assert (offer.memory_size, offer.cpus, offer.config["name"], offer.ram) == (
         256 << 20, 2, "vm", "copy")
-    assert offer.cpuid[1] == [(0, 0, 0, 0xD, 1, 2, 3)]
+    assert offer.cpu.cpuid == ((0, 0, 0, 0xD, 1, 2, 3),) and offer.cpu.tsc_khz == 2_000_000
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -325,9 +326,11 @@ def test_a_good_hello_is_accepted() -> None:
     ({"machine": {"memory_size": 1 << 50, "cpus": 1, "config": {}}}, "not a positive number"),
     ({"machine": {"memory_size": PAGE, "cpus": 0, "config": {}}}, "CPU count 0"),
     ({"machine": {"memory_size": PAGE, "cpus": 1, "config": {"a": 1}}}, "not a string"),
-    ({"cpuid": [[]] * 2}, "1 to 512 entries"),
-    ({"cpuid": [[[0, 0, 0, 0, 0, 0, 1 << 32]]] * 2}, "seven 32-bit values"),
-    ({"cpuid": [[[0, 0, 0, 0, 0, 0, 0]]]}, "list of 2 vCPUs"),
+    ({"cpu": {"model": "host", "features": "", "cpuid": [], "msrs": [], "tsc_khz": 0}},
+     "HELLO's cpu: saved field 'cpuid' is not 1 to 512 entries"),
+    ({"cpu": {"model": "host", "features": "", "cpuid": [[0] * 6 + [1 << 32]], "msrs": [],
+              "tsc_khz": 0}}, "7 unsigned 32-bit integers"),
+    ({"cpu": []}, "'cpu' is missing or not a dict"),
     ({"protocol": True}, "'protocol' is missing or not a int"),
 ])
 def test_bad_hellos_are_refused(changes: dict[str, object], message: str) -> None:
@@ -344,17 +347,3 @@ def test_any_json_is_an_offer_or_refused(doc: object) -> None:
         handshake.parse_hello(json.dumps(doc).encode())
     except MigrationError:
         pass
-
-
-def test_missing_cpu_features_are_listed_by_name() -> None:
-    intel = (0, 0, 0, 0xD, 0x756E6547, 0x6C65746E, 0x49656E69)
-    amd = (0, 0, 0, 0xD, 0x68747541, 0x444D4163, 0x69746E65)
-    guest = [intel, (1, 0, 0, 0, 0, (1 << 28) | (1 << 27) | 1, 1 << 9),
-             (7, 0, 0, 0, 1 << 5, 1 << 3, 0), (0x40000000, 0, 0, 0, 0, 0, 0)]
-    host = [intel, (1, 0, 0, 0, 0, 1, 0), (7, 0, 0, 0, 0, 0, 0)]
-    assert handshake.missing_features(guest, host) == [
-        "avx (CPUID.(EAX=0x1,ECX=0).ECX[28])",  # OSXSAVE (27) and APIC (9) follow the guest
-        "avx2 (CPUID.(EAX=0x7,ECX=0).EBX[5])", "pku (CPUID.(EAX=0x7,ECX=0).ECX[3])"]
-    assert handshake.missing_features([amd], [intel]) == [
-        "the CPU vendor 'AuthenticAMD' (this host: 'GenuineIntel')"]
-    assert handshake.missing_features(guest, guest) == []
