@@ -227,7 +227,7 @@ class Migration:
         channel.send(Kind.STATE, *encode_state(writer.chunks.values()))
         reply = channel.receive({Kind.LOADED: 4096, Kind.REFUSE: 65536})
         if reply.kind is Kind.REFUSE:
-            raise MigrationError(f"the destination refused the VM's state: "
+            raise MigrationError(f"the destination refused the VM (its memory or state): "
                                  f"{_reason(reply.payload)}")
 
     def _send(self, channel: Channel, runs: list[Run], *, paced: bool) -> None:
