@@ -45,7 +45,7 @@ from hvf.migration.pages import (
     pages_in,
     union,
 )
-from hvf.migration.stream import Channel, Kind, Uri, connect
+from hvf.migration.stream import Channel, ConnectionLost, Kind, Uri, connect
 from hvf.snapshot_api import StateWriter
 
 if TYPE_CHECKING:
@@ -166,10 +166,26 @@ class Migration:
                 self._detach_ram()
             self._check_cancel()
             channel.send(Kind.GO)
+        except ConnectionLost as e:
+            refusal = self._refusal(channel)
+            self._abandon(channel, e, released)
+            if refusal:  # the connection failed because the destination gave up: why
+                raise MigrationError(f"the destination refused the VM: {refusal}") from None
+            raise
         except BaseException as e:
             self._abandon(channel, e, released)
             raise
         return self._finish(channel, released)
+
+    @staticmethod
+    def _refusal(channel: Channel) -> str | None:
+        """The reason of a REFUSE the destination sent while this side was sending."""
+        try:
+            channel.sock.settimeout(0.5)
+            frame = channel.receive({Kind.REFUSE: 65536})
+        except (MigrationError, OSError):
+            return None
+        return _reason(frame.payload)
 
     def _handshake(self, channel: Channel) -> None:
         fds = [self.vm.memory.fd] if self.ram != "copy" else []

@@ -46,6 +46,10 @@ _PIECE = 1 << 20
 _TCP = re.compile(r"tcp:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
 
 
+class ConnectionLost(MigrationError):
+    """The connection failed, was closed, or stayed silent too long."""
+
+
 class Kind(enum.IntEnum):
     """Message types (the module docstring of :mod:`hvf.migration` says what each holds)."""
 
@@ -181,10 +185,10 @@ class Channel:
                     self.sock.sendall(view[done:])
                 done = max(0, done - len(view))
         except TimeoutError:
-            raise MigrationError(f"{self.peer} took no data for {self.sock.gettimeout():g} s") \
+            raise ConnectionLost(f"{self.peer} took no data for {self.sock.gettimeout():g} s") \
                 from None
         except OSError as e:
-            raise MigrationError(f"the connection to {self.peer} failed: "
+            raise ConnectionLost(f"the connection to {self.peer} failed: "
                                  f"{e.strerror or e}") from None
         self.sent += 16 + length
 
@@ -309,12 +313,12 @@ class Channel:
             raise self._closed()
         return n
 
-    def _silent(self) -> MigrationError:
-        return MigrationError(f"{self.peer} sent nothing for {self.sock.gettimeout():g} s")
+    def _silent(self) -> ConnectionLost:
+        return ConnectionLost(f"{self.peer} sent nothing for {self.sock.gettimeout():g} s")
 
-    def _failed(self, e: OSError) -> MigrationError:
-        return MigrationError(f"the connection to {self.peer} failed: {e.strerror or e}")
+    def _failed(self, e: OSError) -> ConnectionLost:
+        return ConnectionLost(f"the connection to {self.peer} failed: {e.strerror or e}")
 
-    def _closed(self) -> MigrationError:
-        return MigrationError(f"{self.peer} closed the connection before the migration "
+    def _closed(self) -> ConnectionLost:
+        return ConnectionLost(f"{self.peer} closed the connection before the migration "
                               f"completed")
