@@ -394,8 +394,8 @@ class SplitQueue:
         raise self._error(problem)
 
     def _ring_view(self, what: str, addr: int, length: int) -> memoryview:
-        try:
-            return self._dma.view(addr, length)
+        try:  # a ring: a migration resends its pages (the used ring's writes are ours)
+            return self._dma.ring(addr, length, (self.name, what))
         except GuestMemoryError:
             raise VirtqueueError(f"{self.name}: the {what} at {addr:#x} ({length} bytes) is "
                                  f"not inside guest RAM") from None
