@@ -10,7 +10,6 @@ order, so a later setting overrides an earlier one: ``pci.0.31.0.device=lpc``,
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -18,11 +17,6 @@ from typing import Any
 import attrs
 
 from hvf.errors import ConfigError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 _TRUE = {"true", "on", "yes", "1"}
@@ -153,6 +147,11 @@ class Config:
 
     def _load_toml(self, path: str, text: str) -> None:
         try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+
+        try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
@@ -196,6 +195,8 @@ def unknown_keys(config: Config, patterns: Iterable[str], device_nodes: Iterable
     for key, _value in config.items():
         if key in nodes or key.startswith(inside) or any(p.fullmatch(key) for p in compiled):
             continue
+        import difflib
+
         close = difflib.get_close_matches(key, names, n=1)
         yield key, close[0] if close else None
 

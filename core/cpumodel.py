@@ -23,7 +23,6 @@ checks, or to try whether a guest would move to an older host.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -146,6 +145,8 @@ def parse_features(text: str, where: str = "cpu.features") -> list[tuple[bool, s
         add = not item.startswith("-")
         name = item.lstrip("+-").lower()
         if name not in cf.FEATURES:
+            import difflib
+
             close = difflib.get_close_matches(name, cf.FEATURES, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown CPU feature '{name}'{hint}; known features: "

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import attrs
-from cffi import FFI
 
 from hvf import extents
 from hvf._kvm import ffi
@@ -40,15 +39,17 @@ BIOS_BASE = 0xF0000
 E820_RAM = 1
 E820_RESERVED = 2
 
-_libc_ffi = FFI()
-_libc_ffi.cdef("int mlock(const void *addr, size_t len);")
-_libc: Any = _libc_ffi.dlopen(None)
-
 
 def _mlock(addr: int, length: int) -> None:
-    """``mlock(2)``: fault the range in and keep it out of swap."""
-    if _libc.mlock(_libc_ffi.cast("void *", addr), length) != 0:
-        raise OSError(_libc_ffi.errno, os.strerror(_libc_ffi.errno))
+    """``mlock(2)``: fault the range in and keep it out of swap (libc through cffi's
+    ABI mode, declared here: parsing a declaration costs every start-up otherwise)."""
+    from cffi import FFI
+
+    libc_ffi = FFI()
+    libc_ffi.cdef("int mlock(const void *addr, size_t len);")
+    libc: Any = libc_ffi.dlopen(None)
+    if libc.mlock(libc_ffi.cast("void *", addr), length) != 0:
+        raise OSError(libc_ffi.errno, os.strerror(libc_ffi.errno))
 
 
 def _wire_error(size: int, e: OSError) -> str:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
+from typing import Any
 
 import attrs
 import pluggy
@@ -95,6 +96,19 @@ def _section(text: str, group: str) -> Iterator[tuple[str, str]]:
         elif current == group and "=" in line:
             name, _, value = line.partition("=")
             yield name.strip(), value.strip()
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """``"module:name"`` as a callable that imports ``module`` when first called and
+    calls its ``name``: plugins register factories and option parsers this way, so a
+    device's modules load only in a process that uses the device."""
+    module, _, name = target.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = name
+    return call
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:

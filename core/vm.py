@@ -24,7 +24,6 @@ from hvf.control import ControlServer
 from hvf.device import Device
 from hvf.errors import ConfigError, HvfError
 from hvf.eventloop import EventLoop
-from hvf.gdbstub import GdbStub
 from hvf.iobus import MmioBus, PortBus
 from hvf.interrupts import InterruptController
 from hvf.kvm import Kvm, is_pvm
@@ -34,6 +33,7 @@ from hvf.terminal_log import divert
 from hvf.vcpu import RateLimitedLog, Vcpu
 
 if TYPE_CHECKING:
+    from hvf.gdbstub import GdbStub
     from hvf.pluginmanager import Plugins
 
 log = logging.getLogger("hvf")
@@ -120,7 +120,10 @@ class Machine:
         except BaseException:
             self.close()
             raise
-        self.gdb = GdbStub.from_config(self)  # -G
+        if config.get_int("gdb.port", 0):  # -G
+            from hvf.gdbstub import GdbStub
+
+            self.gdb = GdbStub.from_config(self)
 
     # ---- building ----
 

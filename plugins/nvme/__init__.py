@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import hvf
-from hvf.plugins.nvme import factory, options
-from hvf.plugins.nvme.controller import NvmeController
+from hvf.pluginmanager import lazy
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 @hvf.hookimpl
 def hvf_register_pci_devices(registry: Registry) -> None:
-    registry.add("nvme", factory.create, parse=options.parse,
+    registry.add("nvme", lazy(f"{__name__}.factory:create"),
+                 parse=lazy(f"{__name__}.options:parse"),
                  help="NVMe disk (fb5d:0a0a), PATH[,maxq=N][,qsz=N][,ioslots=N][,sectsz=N]"
                       "[,ser=ID][,eui64=N][,dsm=auto|enable|disable][,ro][,nocache][,direct]")
 
@@ -24,6 +25,7 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 @hvf.hookimpl
 def hvf_vm_pause(vm: Machine) -> None:
     """Every NVMe disk finishes what is in flight and flushes before a pause ends."""
+    controller = sys.modules.get(f"{__name__}.controller")  # none before it is loaded
     for device in vm.devices:
-        if isinstance(device, NvmeController):
+        if controller is not None and isinstance(device, controller.NvmeController):
             device.quiesce()

@@ -8,10 +8,11 @@ versioned chunks).
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import hvf
-from hvf.plugins.snapshot import store
+from hvf.pluginmanager import lazy
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -20,11 +21,13 @@ if TYPE_CHECKING:
 
 @hvf.hookimpl
 def hvf_register_snapshot_backends(registry: Registry) -> None:
-    registry.add("directory", store.SnapshotStore,
+    registry.add("directory", lazy(f"{__name__}.store:SnapshotStore"),
                  help="a directory with a sparse RAM file (mapped copy-on-write on restore) "
                       "and a self-describing, versioned, checksummed state file")
 
 
 @hvf.hookimpl
 def hvf_vm_stop(vm: Machine, status: int) -> None:
-    store.wait_for_cleanups()
+    store = sys.modules.get(f"{__name__}.store")  # nothing to clean up before it is loaded
+    if store is not None:
+        store.wait_for_cleanups()
