@@ -334,16 +334,20 @@ class Migration:
             raise MigrationError("cannot detach guest RAM from the shared memfd")
         self._detached = True
 
-    def _reattach_ram(self) -> None:
+    def _reattach_ram(self) -> bool:
+        """Map the memfd back where it was (the hand-over failed)."""
         memory = self.vm.memory
-        _libc.mmap(_libc_ffi.cast("void *", memory.host_addr), memory.size,
-                   mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, memory.fd, 0)
+        got = _libc.mmap(_libc_ffi.cast("void *", memory.host_addr), memory.size,
+                         mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
+                         memory.fd, 0)
+        return int(_libc_ffi.cast("uintptr_t", got)) == memory.host_addr
 
     def _finish(self, channel: Channel, released: tuple[str, str] | None) -> dict[str, Any]:
         try:
             reply = channel.receive({Kind.RUNNING: 4096, Kind.REFUSE: 65536})
         except MigrationError as e:
             self.phase = "unknown"
+            self._restore_name(released)  # (unless the destination took it)
             raise MigrationError(
                 f"the destination was told to run the VM but did not confirm ({e}); the "
                 f"VM stays paused here: resume it (hvf ctl resume) only if the destination "
@@ -379,8 +383,11 @@ class Migration:
             self.dirty.stop()
         self._restore_name(released)
         if self._detached:
-            self._reattach_ram()
             self._detached = False
+            if not self._reattach_ram():  # never run the guest on memory that is not its own
+                self.vm.request_exit(exitcodes.ERROR, "the migration failed and guest RAM "
+                                     "could not be mapped again")
+                return
         if self.paused_at is not None and self.vm.paused:
             self.vm.resume()
 

@@ -6,13 +6,28 @@ and the checks a destination makes before the source stops its guest."""
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import select
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hvf.control import socket_path
 from hvf.cpumodel import HOST_FEATURES_ENV
 
-from test_migration import Proc, ctl, finished, listening, show, start_migration
+from conftest import raw_pty
+from test_migration import (  # noqa: F401  (dirty_guest: a fixture)
+    Proc,
+    ctl,
+    dirty_guest,
+    finished,
+    listening,
+    pair,
+    show,
+    start_migration,
+)
 from test_snapshot import check_counter, counter_args, lines_in, read, wait_until
 
 pytestmark = pytest.mark.kvm
@@ -142,3 +157,23 @@ def test_local_needs_a_unix_socket(guests: dict[str, Path], tmp_path: Path) -> N
         assert ctl(name, "status", proc=src)["state"] == "running"
         ctl(name, "poweroff", proc=src)
         assert src.wait(30) == 1
+
+
+def test_progress_is_shown_on_a_terminal(dirty_guest: Path, tmp_path: Path) -> None:
+    """On a terminal ``hvf ctl migrate`` shows RAM sent, the bandwidth, the dirty rate
+    and the expected downtime as it goes."""
+    name = "mig-progress"
+    with contextlib.ExitStack() as stack:
+        src, _dst, uri = pair(stack, dirty_guest, tmp_path, name, "pages=512 delay=200")
+        master, slave, _ = stack.enter_context(raw_pty())
+        ctl_proc = subprocess.Popen(
+            [sys.executable, "-m", "hvf", "ctl", "--vm", name, "migrate", uri, "--bandwidth",
+             "1", "--timeout", "6"], stdout=subprocess.PIPE, stderr=slave, env=src.env)
+        shown = b""
+        while ctl_proc.poll() is None or select.select([master], [], [], 0.2)[0]:
+            if select.select([master], [], [], 0.2)[0]:
+                shown += os.read(master, 65536)
+        ctl_proc.communicate(timeout=30)
+    text = shown.decode(errors="replace")
+    assert re.search(rf"\rmigrate {name}: precopy, round \d+, [\d.]+ MB sent at [\d.]+ MB/s, "
+                     rf"dirty [\d.]+ MB/s, expected downtime [\d.]+ ms, throttle \d+ %", text), text
