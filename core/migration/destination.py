@@ -93,7 +93,7 @@ class Receiver:
             self.channel.send(Kind.RUNNING)
             return vm
         except BaseException as e:
-            if isinstance(e, HvfError) and not _refused_by_source(e):
+            if isinstance(e, HvfError) and not isinstance(e, _SourceGaveUp):
                 try:
                     self.channel.send(Kind.REFUSE, json.dumps({"reason": str(e)}).encode())
                 except HvfError:
@@ -207,10 +207,6 @@ class _SourceGaveUp(MigrationError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"the source stopped the migration: {reason}")
-
-
-def _refused_by_source(e: BaseException) -> bool:
-    return isinstance(e, _SourceGaveUp)
 
 
 def _reason(payload: bytes) -> str:

@@ -15,7 +15,8 @@ CPUID, the MSRs KVM saves, the TSC frequency); the destination gives the guest e
 that, once it has found that its host can (:func:`hvf.cpumodel.apply`, which lists
 what is missing otherwise).
 
-``ram``: ``copy`` sends every page; with ``shared`` (``--local``) the frame carries
+``source`` names the sending VM and process (its control socket: a local hand-over
+keeps the VM's name). ``ram``: ``copy`` sends every page; with ``shared`` (``--local``) the frame carries
 the guest's memfd, which the destination maps shared and no page is sent; with
 ``private`` (``--local`` from a VM restored from a snapshot, whose RAM is that
 snapshot's file mapped copy-on-write) it carries the RAM file, which the destination
@@ -52,15 +53,13 @@ MAX_STRING = 4096
 
 @attrs.frozen
 class Offer:
-    """A checked HELLO."""
+    """A checked HELLO (what the destination needs of it)."""
 
-    hvf_version: str
     ram: str
     memory_size: int
     cpus: int
     config: dict[str, str]
     cpu: CpuProfile
-    source_vm: str
     source_pid: int
     source_control: str
 
@@ -134,9 +133,7 @@ def parse_hello(payload: bytes) -> Offer:
         cpu = CpuProfile.from_fields(_need(doc, "cpu", dict))
     except ValueError as e:
         raise MigrationError(f"HELLO's cpu: {e}") from None
-    return Offer(hvf_version=version, ram=ram, memory_size=size, cpus=cpus, config=config,
-                 cpu=cpu,
-                 source_vm=_string(source.get("vm"), "HELLO's source vm"),
+    return Offer(ram=ram, memory_size=size, cpus=cpus, config=config, cpu=cpu,
                  source_pid=_need(source, "pid", int, "HELLO's source"),
                  source_control=_string(source.get("control"), "HELLO's source control"))
 
