@@ -10,7 +10,8 @@ exits with status 0 (bhyve's status for a VM stopped cleanly, as ``suspend --exi
 
 Auto-converge: when in two rounds the guest dirtied more than half of what was sent
 meanwhile, the vCPUs are throttled (held outside KVM_RUN for a share of every
-:data:`THROTTLE_PERIOD`): 20 %, then 10 % more each time, up to 99 %.
+:data:`THROTTLE_PERIOD`): 20 %, then 10 % more each time, up to 99 % (not while a
+debugger is attached: ``-G`` holds vCPUs the same way).
 
 Whatever fails before the destination is told to run (the connection, a refusal, the
 timeout, a cancel) leaves the VM running here as before; the destination is told why
@@ -223,7 +224,7 @@ class Migration:
             if self._expected(self.remaining) <= self.downtime:
                 return pending
             self._check_deadline()
-            if self.round > 1 and dirtied > sent / 2:
+            if self.round > 1 and dirtied > sent / 2 and self.vm.gdb is None:
                 strikes += 1
                 if strikes >= 2:
                     strikes = 0
