@@ -80,6 +80,7 @@ def _number(args: dict[str, Any], key: str, default: float | None, low: float,
 def migrate_command(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
     """The ``migrate`` control command (``hvf ctl migrate``)."""
     global _current
+    from hvf import snapshot
     from hvf.migration.source import DEFAULT_DOWNTIME_MS, Migration
     from hvf.migration.stream import parse_uri
 
@@ -105,6 +106,11 @@ def migrate_command(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
                           progress=args.get("_progress"))
     if not _lock.acquire(blocking=False):
         raise MigrationError("a migration of this VM is already in progress")
+    # A checkpoint pauses and resumes the VM: none may run while this one migrates.
+    checkpoints = snapshot._snapshot_lock
+    if not checkpoints.acquire(blocking=False):
+        _lock.release()
+        raise MigrationError("a checkpoint of this VM is in progress; migrate it afterwards")
     try:
         _current = migration
         try:
@@ -114,4 +120,5 @@ def migrate_command(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
                                  if migration.phase != "unknown" else str(e)) from None
     finally:
         _current = None
+        checkpoints.release()
         _lock.release()

@@ -409,6 +409,8 @@ def test_cancel_stops_the_migration_and_the_vm_runs_on(dirty_guest: Path,
     name = "mig-cancel"
     with contextlib.ExitStack() as stack:
         src, dst, migration = slow_migration(stack, dirty_guest, tmp_path, name)
+        refused = ctl(name, "checkpoint", tmp_path / "snap", proc=src, expect_ok=False)
+        assert "another checkpoint of this VM is in progress" in refused["error"], refused
         assert ctl(name, "migrate", "--cancel", proc=src) == {"state": "cancelling"}
         status, reply = finished(migration, 60)
         assert status == 1 and "cancelled" in reply["error"], reply
