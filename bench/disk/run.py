@@ -165,6 +165,10 @@ def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]
         f"  image:   {config['image_mib']} MiB of data on {config['fs']} ({config['dir']}); "
         "O_DIRECT on all three: hvf `nocache`, QEMU `cache=none,aio=threads`, fio "
         "`--direct=1 --ioengine=libaio --iodepth=D`",
+        "  RAM:     hvf: a memfd (4 KiB pages unless the host's shmem THP allows more); "
+        + ("QEMU: a memfd too (`-object memory-backend-memfd`)" if config["qemu_ram"] == "memfd"
+           else "QEMU: its default, anonymous memory with transparent huge pages where the "
+           "host gives them (`--qemu-ram memfd` for a memfd)"),
         f"  timed:   the guest's TSC from first submission to last completion / "
         f"{config['tsc_hz'] / 1e6:.1f} MHz (host TSC); wall = host time between the guest's "
         "go and end lines; cpu = the VMM's CPU time (all threads) over that span",
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=pathlib.Path, default=None,
                         help="where the image goes; not a tmpfs (no O_DIRECT there) "
                         "(default: the temporary folder)")
+    parser.add_argument("--qemu-ram", choices=("anon", "memfd"), default="anon",
+                        help="QEMU's guest RAM: its default, anonymous memory that it backs "
+                        "with transparent huge pages where it can, or a memfd as hvf's "
+                        "(default anon)")
     parser.add_argument("--fio", default="fio", help="the fio binary (default fio)")
     parser.add_argument("--cc", default=os.environ.get("CC", "gcc"),
                         help="C compiler for tsc_hz.c (default $CC or gcc)")
@@ -285,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 device = devices[0]
                 try:
                     run(qemu_cmd(qemu, accel, device, elves[device.name], image,
-                                         WARMUP), device, WARMUP, f"QEMU -accel {accel} probe")
+                                 WARMUP, args.qemu_ram), device, WARMUP,
+                        f"QEMU -accel {accel} probe")
                 except BenchError as e:
                     return str(e).splitlines()[0]
                 return None
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             runners = {
                 "hvf": lambda d, r, w: run(hvf_cmd(d, elves[d.name], image, r), d, r, w),
                 "qemu": lambda d, r, w: run(qemu_cmd(qemu, accel, d, elves[d.name],
-                                                             image, r), d, r, w),
+                                                     image, r, args.qemu_ram), d, r, w),
             }
             image_size = args.image_mib << 20
             host = qemu_host_info(qemu)
@@ -306,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             commands = {d.name: {"hvf": hvf_cmd(d, pathlib.Path(f"{d.guest}.elf"),
                                                 pathlib.Path("IMG"), rows[0]),
                                  "qemu": qemu_cmd(qemu, accel, d, pathlib.Path(f"{d.guest}.elf"),
-                                                  pathlib.Path("IMG"), rows[0])}
+                                                  pathlib.Path("IMG"), rows[0], args.qemu_ram)}
                         for d in devices}
             commands["fio"] = fio_cmd(fio, pathlib.Path("IMG"), image_size, rows[0])
     except (BenchError, subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"rows": [r.name for r in rows], "rounds": args.rounds, "warmup": args.warmup,
               "image_mib": args.image_mib, "dir": str(args.dir or tempfile.gettempdir()),
-              "fs": fs, "tsc_hz": hz, "qemu_accel": accel,
+              "fs": fs, "tsc_hz": hz, "qemu_accel": accel, "qemu_ram": args.qemu_ram,
               "qemu_label": f"QEMU ({accel.upper()})", "missing": missing,
               "qemu_kvm_failure": kvm_failure if args.qemu_accel == "auto" else None}
     summary = summarize(records, devices, rows, args.target, args.metric)
