@@ -33,6 +33,27 @@
  *                PORT (a SYN every `period=` until answered), send the line
  *                "hvf guest" (again every period until acknowledged) and
  *                print each line the server sends back
+ *
+ * and two bench modes (bench/net), which print `net mac` and then, instead
+ * of serving:
+ *
+ *   source=N len=L  transmit N frames of L bytes (60-1514, Ethernet header
+ *                included) to the broadcast address, ethertype 0x88b5, the
+ *                big-endian u32 frame number after the header, keeping the
+ *                transmit ring full (a notify per batch):
+ *                `net source go`, then once all are back
+ *                `net source N frames L bytes tsc T`
+ *   sink=N       take ethertype 0x88b5 frames numbered as above until frame
+ *                N - 1 has come; every 64 frames (and at the end) send the
+ *                sender an ack, ethertype 0x88b6 with the big-endian u32s
+ *                frames taken and next frame number, and before the first
+ *                frame a ready ack (0, 0) to the broadcast address every
+ *                `period=` / 4:  `net sink go`, then
+ *                `net sink N frames lost L late D tsc T`
+ *
+ * T is TSC cycles (hex) from the first frame sent or taken to the last; both
+ * modes then exit (status 1).  They notify only when the device asks
+ * (VRING_USED_F_NO_NOTIFY clear).
  */
 #include "virtio.h"
 
@@ -58,6 +79,10 @@
 #define TCP_RST			0x04
 #define TCP_PSH			0x08
 #define TCP_ACK			0x10
+#define ETH_ACK			0x88b6
+#define ACK_EVERY		64
+#define SOURCE_BATCH		(NTX / 4)
+#define VRING_USED_F_NO_NOTIFY	1
 
 enum dhcp_state { DHCP_OFF, DHCP_DISCOVER, DHCP_REQUEST, DHCP_BOUND };
 enum tcp_state { TCP_CLOSED, TCP_SYN_SENT, TCP_ESTABLISHED };
@@ -595,6 +620,141 @@ static void poll_rx(void)
 }
 
 /* ------------------------------------------------------------------ */
+/* Bench modes (bench/net): few instructions per frame                 */
+
+static void full_barrier(void)
+{
+	__asm__ volatile("lock; addl $0, (%%esp)" ::: "memory");
+}
+
+/* Publish what was added; notify only if the device has not said it polls. */
+static void vq_publish(struct vq *q)
+{
+	if (!q->pending)
+		return;
+	q->avail->idx = q->avail_idx;
+	q->pending = 0;
+	full_barrier();		/* the index before the device's flags */
+	if (!(q->used->flags & VRING_USED_F_NO_NOTIFY))
+		mmio_write16(q->notify_addr, q->index);
+}
+
+static void put_tsc(uint64_t tsc)
+{
+	con_puts(" tsc ");
+	con_hex64(tsc);
+	con_putc('\n');
+}
+
+static void run_source(uint32_t count, uint32_t len)
+{
+	uint32_t sent = 0, i, ready;
+	uint64_t t0, cycles;
+
+	if (len < 60 || len > 1514)
+		fail("virtio-net: len= takes 60 to 1514");
+	for (i = 0; i < ntx_free; i++) {
+		uint8_t *p = eth(tx_free[i], broadcast, ETH_TEST);
+
+		memset(tx_free[i], 0, HDR);
+		memset(p, 0xa5, len - 14);
+	}
+	con_puts("net source go\n");
+	t0 = rdtsc();
+	while (sent < count || ntx_free < NTX) {
+		reclaim();
+		ready = count - sent < ntx_free ? count - sent : ntx_free;
+		if (!ready || (ready < SOURCE_BATCH && ready < count - sent && ntx_free < NTX)) {
+			cpu_pause();
+			continue;
+		}
+		while (ready--) {
+			uint8_t *buf = tx_free[--ntx_free];
+
+			*(volatile uint32_t *)(buf + HDR + 14) = __builtin_bswap32(sent++);
+			if (vq_add(txq, buf, HDR + len, 0) < 0)
+				fail("virtio-net: transmit queue full");
+		}
+		vq_publish(txq);
+	}
+	cycles = rdtsc() - t0;
+	con_puts("net source ");
+	con_dec(count);
+	con_puts(" frames ");
+	con_dec(len);
+	con_puts(" bytes");
+	put_tsc(cycles);
+}
+
+/* An ack to `to`: frames taken so far and the next frame number due. */
+static void send_ack(const uint8_t *to, uint32_t taken, uint32_t next)
+{
+	uint8_t *buf = tx_alloc();
+	uint8_t *p = eth(buf, to, ETH_ACK);
+
+	put32(p, taken);
+	put32(p + 4, next);
+	tx_send(buf, 14 + 8);
+	vq_publish(txq);
+}
+
+static void run_sink(uint32_t count)
+{
+	uint32_t taken = 0, next = 0, lost = 0, late = 0, len, seq, fresh, batch;
+	uint64_t t0 = 0, t1 = 0, ready_at = rdtsc();
+	uint8_t peer[6];
+	int id;
+
+	memcpy(peer, broadcast, 6);
+	con_puts("net sink go\n");
+	while (next < count) {
+		fresh = 0;
+		for (batch = 0; batch < ACK_EVERY && (id = vq_get(rxq, &len)) >= 0; batch++) {
+			uint8_t *buf = (uint8_t *)rxq->buf_addr[id];
+			const uint8_t *f = buf + HDR;
+
+			if (len >= HDR + 18 && *(const uint16_t *)(f + 12) == 0xb588) {
+				seq = __builtin_bswap32(*(const uint32_t *)(f + 14));
+				if (seq < next) {
+					late++;
+				} else {
+					if (!taken++) {
+						t0 = rdtsc();
+						memcpy(peer, f + 6, 6);
+					}
+					lost += seq - next;
+					next = seq + 1;
+					fresh += (taken & (ACK_EVERY - 1)) == 0;
+				}
+			}
+			vq_add(rxq, buf, BUF, 1);
+		}
+		vq_publish(rxq);
+		if (next >= count) {
+			t1 = rdtsc();
+			send_ack(peer, taken, next);
+		} else if (fresh) {
+			send_ack(peer, taken, next);
+		} else if (!taken && rdtsc() >= ready_at) {
+			send_ack(broadcast, 0, 0);
+			ready_at = rdtsc() + (period >> 2);
+		} else {
+			reclaim();
+			cpu_pause();
+		}
+	}
+	while (ntx_free < NTX)	/* the last ack has gone before the guest exits */
+		reclaim();
+	con_puts("net sink ");
+	con_dec(taken);
+	con_puts(" frames lost ");
+	con_dec(lost);
+	con_puts(" late ");
+	con_dec(late);
+	put_tsc(t1 - t0);
+}
+
+/* ------------------------------------------------------------------ */
 /* The control queue: one command at a time (class, command, ack).     */
 
 static int ctrl(uint8_t cls, uint8_t cmd)
@@ -684,6 +844,14 @@ int main(void)
 		con_puts("net stalled\n");
 		for (;;)
 			cpu_pause();
+	}
+	if (opt_find("source=")) {
+		run_source(opt_num("source=", 0), opt_num("len=", 64));
+		return 0;
+	}
+	if (opt_find("sink=")) {
+		run_sink(opt_num("sink=", 0));
+		return 0;
 	}
 
 	my_ip = opt_ip("ip=");
