@@ -44,11 +44,14 @@ def receive(uri_text: str, given: Config, plugins: Plugins) -> Machine:
     """Wait for a migration on ``uri_text``; returns the machine, ready to run."""
     uri = parse_uri(uri_text)
     listener = listen(uri)
-    _prepare(plugins)
     try:
+        _prepare(plugins)
         sys.stderr.write(f"hvf: waiting for a migration on {uri}\n")
         sys.stderr.flush()
         sock, _ = listener.accept()
+        channel = Channel(sock, timeout=IO_TIMEOUT, peer="the source")
+    except KeyboardInterrupt:
+        raise MigrationError("interrupted before a migration came") from None
     finally:
         listener.close()
         if uri.unix:
@@ -56,9 +59,10 @@ def receive(uri_text: str, given: Config, plugins: Plugins) -> Machine:
                 os.unlink(uri.path)
             except OSError:
                 pass
-    channel = Channel(sock, timeout=IO_TIMEOUT, peer="the source")
     try:
         return Receiver(channel, given, plugins).run()
+    except KeyboardInterrupt:
+        raise MigrationError("incoming migration interrupted; nothing runs here") from None
     finally:
         channel.close()
 

@@ -347,3 +347,27 @@ def test_any_json_is_an_offer_or_refused(doc: object) -> None:
         handshake.parse_hello(json.dumps(doc).encode())
     except MigrationError:
         pass
+
+
+# ---- the command line ----
+
+
+@pytest.mark.parametrize("args", [
+    ["migrate", "unix:/x", "--downtime-ms", "0"],
+    ["migrate", "unix:/x", "--downtime-ms", "nan"],
+    ["migrate", "unix:/x", "--bandwidth", "-1"],
+    ["migrate", "unix:/x", "--timeout", "soon"],
+])
+def test_bad_migrate_options_are_usage_errors(args: list[str]) -> None:
+    from hvf.ctl import ctl_main
+
+    with pytest.raises(SystemExit) as e:
+        ctl_main(["--vm", "nosuch", *args])
+    assert e.value.code == 64
+
+
+def test_incoming_and_restore_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    from hvf.cli import main
+
+    assert main(["--incoming", "unix:/x", "-r", "/snap"]) == 64
+    assert "-r and --incoming exclude each other" in capsys.readouterr().err
