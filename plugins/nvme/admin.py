@@ -211,11 +211,15 @@ class AdminCommands:
 
     # ---- queues ----
 
-    def _ring(self, cmd: Command, size: int, entry: int) -> memoryview | int:
-        """The new queue's ring, or the status refusing it."""
+    def _ring(self, cmd: Command, size: int, entry: int,
+              written: object = None) -> memoryview | int:
+        """The new queue's ring, or the status refusing it; a ring the controller writes
+        (a completion queue) is registered as ``written`` (see ``GuestDma.ring``)."""
         if cmd.prp1 & (PAGE - 1):
             return INVALID_PRP_OFFSET
         try:
+            if written is not None:
+                return self.ctrl.dma.ring(cmd.prp1, size * entry, written)
             return self.ctrl.dma.view(cmd.prp1, size * entry)
         except GuestMemoryError:
             return INVALID_FIELD
@@ -240,7 +244,7 @@ class AdminCommands:
         vector = cmd.cdw11 >> 16
         if vector >= ctrl.vectors:
             return INVALID_INTERRUPT_VECTOR, 0
-        ring = self._ring(cmd, checked[1], CQE_SIZE)
+        ring = self._ring(cmd, checked[1], CQE_SIZE, (self.ctrl.name, "cq", checked[0]))
         if isinstance(ring, int):
             return ring, 0
         ctrl.add_cq(CompletionQueue(checked[0], ring, cmd.prp1, checked[1],

@@ -183,7 +183,7 @@ class NvmeController(QueueEngine):
             return
         try:
             sq_ring = self.dma.view(self.asq, sq_size * SQE_SIZE)
-            cq_ring = self.dma.view(self.acq, cq_size * CQE_SIZE)
+            cq_ring = self.dma.ring(self.acq, cq_size * CQE_SIZE, (self.name, "cq", 0))
         except GuestMemoryError as e:
             self._fatal(f"the admin queues are not in guest RAM ({e})")
             return

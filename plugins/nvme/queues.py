@@ -40,7 +40,7 @@ class DoorbellBuffers:
         self.shadow_address = shadow
         self.eventidx_address = eventidx
         self._shadow = dma.view(shadow, PAGE)
-        self._eventidx = dma.view(eventidx, PAGE)
+        self._eventidx = dma.ring(eventidx, PAGE, ("nvme event index page", eventidx))
 
     def sq_tail(self, qid: int) -> int:
         return int(_U32.unpack_from(self._shadow, _SQ_SLOT * qid)[0])

@@ -143,7 +143,8 @@ def apply(ctrl: NvmeController, state: ControllerState) -> None:
     try:
         cqs = {}
         for saved in state.cqs:
-            cq = CompletionQueue(saved.qid, dma.view(saved.base, saved.size * CQE_SIZE),
+            ring = dma.ring(saved.base, saved.size * CQE_SIZE, (ctrl.name, "cq", saved.qid))
+            cq = CompletionQueue(saved.qid, ring,
                                  saved.base, saved.size, interrupts=saved.interrupts,
                                  vector=saved.vector)
             cq.head, cq.tail, cq.phase = saved.head, saved.tail, saved.phase
