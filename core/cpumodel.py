@@ -184,7 +184,10 @@ def host_cpu(kvm: Kvm, vcpu: VcpuFd | None = None) -> HostCpu:
     those a vCPU given them reports (kvm_pvm's guests see the hardware's own feature
     bits, whatever KVM_SET_CPUID2 says, and KVM_GET_CPUID2 shows them): ``vcpu`` is a
     vCPU not yet run to ask (its CPUID is overwritten); without one a scratch VM and
-    vCPU are made and closed."""
+    vCPU are made and closed. Asked once per process (and :data:`HOST_FEATURES_ENV`)."""
+    hidden = os.environ.get(HOST_FEATURES_ENV, "")
+    if hidden in _hosts:
+        return _hosts[hidden]
     supported = kvm.supported_cpuid()
     if vcpu is None:
         scratch = kvm.create_vm()
@@ -193,7 +196,6 @@ def host_cpu(kvm: Kvm, vcpu: VcpuFd | None = None) -> HostCpu:
             try:
                 reported, tsc_khz = _probe(kvm, probe, supported)
             finally:
-                probe.run_map.close()
                 probe.close()
         finally:
             scratch.close()
@@ -205,8 +207,12 @@ def host_cpu(kvm: Kvm, vcpu: VcpuFd | None = None) -> HostCpu:
             got = offered[e[0], e[1]]
             offered[e[0], e[1]] = (*got[:3], *(a | b for a, b in zip(got[3:], e[3:])))
     cpuid = _with_bits(offered.values(), dict.fromkeys(_hidden_on_host(), False))
-    return HostCpu(cpuid, frozenset(kvm.msr_index_list()), tsc_khz,
-                   bool(kvm.check_extension(lib.KVM_CAP_TSC_CONTROL)))
+    host = _hosts[hidden] = HostCpu(cpuid, frozenset(kvm.msr_index_list()), tsc_khz,
+                                    bool(kvm.check_extension(lib.KVM_CAP_TSC_CONTROL)))
+    return host
+
+
+_hosts: dict[str, HostCpu] = {}
 
 
 def _entries(cpuid: Any) -> list[CpuidEntry]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,9 +103,13 @@ def restore(vm: Machine, chunks: StateReader) -> None:
         raise SnapshotError(f"the snapshot holds state that no installed plugin restores: {names}")
 
 
-def saved_cpu(chunk: Chunk) -> CpuProfile:
-    """The CPU a snapshot's guest was given, from its ``cpu`` chunk. (A snapshot from
-    before hvf kept it has none: its guest gets what its configuration describes.)"""
+def saved_cpu(chunks: Iterable[Chunk]) -> CpuProfile | None:
+    """The CPU a snapshot's guest was given (its ``cpu`` chunk), to build the machine
+    with; None for a snapshot from before hvf kept it, whose guest gets what its
+    configuration describes on this host."""
+    chunk = next((c for c in chunks if c.name == cpumodel.CHUNK), None)
+    if chunk is None:
+        return None
     try:
         return cpumodel.CpuProfile.from_fields(upgrade(chunk, cpumodel.CHUNK_VERSION, {}))
     except (KeyError, TypeError, ValueError) as e:
@@ -152,8 +156,9 @@ class CorePlugin:
 
     @hvf.hookimpl
     def hvf_state_restore(self, vm: Machine, state: StateReader) -> None:
-        if state.has(cpumodel.CHUNK):  # before any vCPU state: KVM checks it against CPUID
-            vm.cpu = cpumodel.apply(vm, saved_cpu(state.take(cpumodel.CHUNK)))
+        cpu = saved_cpu([state.take(cpumodel.CHUNK)]) if state.has(cpumodel.CHUNK) else None
+        if cpu is not None and cpu != vm.cpu:  # a machine not built with it (saved_cpu)
+            vm.cpu = cpumodel.apply(vm, cpu)  # before any vCPU state: KVM checks it
         vmstate.restore_vm(vm, upgrade(state.take("vm"), vmstate.VM_STATE_VERSION, {}))
         for device in vm.devices:
             name = chunk_name(device)

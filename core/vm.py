@@ -33,6 +33,7 @@ from hvf.terminal_log import divert
 from hvf.vcpu import RateLimitedLog, Vcpu
 
 if TYPE_CHECKING:
+    from hvf.cpumodel import CpuProfile
     from hvf.gdbstub import GdbStub
     from hvf.pluginmanager import Plugins
 
@@ -55,7 +56,7 @@ class Machine:
 
     def __init__(
         self, config: Config, plugins: Plugins, *, ram_file: int | None = None,
-        adopt_ram: bool = False,
+        adopt_ram: bool = False, cpu: CpuProfile | None = None,
     ) -> None:
         self.config = config
         self.plugins = plugins
@@ -114,9 +115,9 @@ class Machine:
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
         self.gdb: GdbStub | None = None
         try:
-            #: The CPU the guest is given (cpu.model, cpu.features; a restore gives it
-            #: the one it had: hvf.snapshot).
-            self.cpu = cpumodel.apply(self)
+            #: The CPU the guest is given (cpu.model, cpu.features), or ``cpu``, the
+            #: one a restored or migrated guest had, once this host is found to give it.
+            self.cpu = cpumodel.apply(self, cpu)
         except BaseException:
             self.close()
             raise
