@@ -2,13 +2,15 @@
 """bench/disk: a test guest's disk throughput through hvf's and QEMU's disk devices,
 on the same image, with the host's own rate for that file as the ceiling.
 
-Both VMMs boot the same multiboot guest (``tests/guests/virtio_blk.elf`` for
-virtio-blk; ``nvme_disk.elf`` for NVMe once it has a bench mode) with the same
-command line ``bench=OP buf=B depth=D n=SECTORS``: the guest sets the device up, then
-keeps D requests of B bytes in flight (sequential reads, sequential writes or random
-reads, the data never touched) until N sectors have moved, and prints the TSC cycles
-from its first submission to its last completion. Same image file, opened with
-``O_DIRECT`` by both::
+Both VMMs boot the same multiboot guest with the same command line
+``bench=OP buf=B depth=D n=SECTORS``: the guest sets the device up, then keeps D
+requests of B bytes in flight (sequential reads, sequential writes or random reads,
+the data never touched) until N sectors have moved, and prints the TSC cycles from
+its first submission to its last completion. For virtio-blk that is
+``tests/guests/virtio_blk.c`` (MSI-X, a wake-up per interrupt); for NVMe
+``bench/disk/nvme_bench.c``, the driver of ``tests/guests/nvme_disk.c`` (one I/O
+queue pair, polled, doorbell buffers where offered) with a bench ``main``. Same image
+file, opened with ``O_DIRECT`` by both::
 
     hvf:  python -m hvf -m 256M -c 1 -s 0,hostbridge -s 31,lpc -l pc-testdev
             -l debugcon,stdio -s 3,virtio-blk,IMG,nocache --kernel virtio_blk.elf
@@ -19,7 +21,8 @@ from its first submission to its last completion. Same image file, opened with
             -append "..."
     host: fio --direct=1 --ioengine=libaio --iodepth=D --rw=... --bs=B on IMG
 
-(NVMe: ``-s 3,nvme,IMG,nocache`` and ``-device nvme,drive=d0,serial=hvfbench``.)
+(NVMe: ``-s 3,nvme,IMG,nocache`` and ``-device nvme,drive=d0,serial=hvfbench,mdts=9``:
+requests of up to 2 MiB on both, QEMU's default being 512 KiB.)
 Throughput is bytes / the guest's own elapsed time (TSC cycles / the host's TSC rate,
 which tsc_hz.c measures: KVM guests read the host's TSC). Also reported: the host's
 wall time between the guest's ``go`` and ``end`` lines (which includes printing one
@@ -54,7 +57,6 @@ from common import (
     add_qemu_options,
     add_rounds_options,
     add_verdict_options,
-    build_guest,
     choose_qemu_accel,
     find_qemu,
     qemu_host_info,
@@ -96,12 +98,6 @@ def make_image(work: pathlib.Path, mib: int) -> pathlib.Path:
             f.write(chunk)
         os.fsync(f.fileno())
     return image
-
-
-def guest_ready(device: Device) -> bool:
-    """Whether ``device``'s test guest has the bench mode."""
-    source = pathlib.Path(__file__).resolve().parents[2] / "tests" / "guests" / f"{device.guest}.c"
-    return source.exists() and "bench=" in source.read_text()
 
 
 def bench(runners: dict[str, Any], fio: Any, devices: list[Device], rows: list[Row],
@@ -261,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.warmup < 0 or args.image_mib < 16:
         parser.error("--rounds must be at least 1, --warmup at least 0, --image-mib 16")
     log = Log("disk", args.quiet)
-    missing = [f"{d}: tests/guests/{DEVICES[d].guest}.c has no bench= mode; no {d} rows"
-               for d in wanted if not guest_ready(DEVICES[d])]
-    devices = [DEVICES[d] for d in wanted if guest_ready(DEVICES[d])]
+    missing = [f"{d}: {why}; no {d} rows" for d in wanted
+               if (why := DEVICES[d].missing()) is not None]
+    devices = [DEVICES[d] for d in wanted if DEVICES[d].missing() is None]
     for line in missing:
         log.note(line)
 
@@ -282,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             if fs == "tmpfs":
                 raise BenchError(f"{work} is on a tmpfs, which cannot do O_DIRECT; use --dir")
             hz = tsc_hz(work, args.cc)
-            elves = {d.name: build_guest(d.guest, work) for d in devices}
+            elves = {d.name: d.build(work) for d in devices}
             log.note(f"writing a {args.image_mib} MiB image in {work} ({fs})")
             image = make_image(work, args.image_mib)
 

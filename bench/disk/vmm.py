@@ -19,7 +19,16 @@ import time
 from typing import Any
 
 import attrs
-from common import BenchError, hvf_command, process_cpu_s, qemu_command, reap, start_threads
+from common import (
+    REPO,
+    BenchError,
+    build_guest,
+    hvf_command,
+    process_cpu_s,
+    qemu_command,
+    reap,
+    start_threads,
+)
 
 MEMORY_MIB = 256
 SLOT = 3
@@ -27,6 +36,7 @@ SECTOR = 512
 SERIAL = "hvfbench"
 RUN_TIMEOUT = 180.0
 HERE = pathlib.Path(__file__).resolve().parent
+GUESTS = REPO / "tests" / "guests"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,25 +65,52 @@ class Row:
 @attrs.frozen
 class Device:
     """A disk front end on both VMMs, and the test guest that drives it (whose lines
-    begin with ``prefix``)."""
+    begin with ``prefix``): ``tests/guests/GUEST.c``, or with ``includes`` (the test
+    guests it includes) ``bench/disk/GUEST.c``."""
 
     name: str
     guest: str
     prefix: str
+    includes: tuple[str, ...] = ()
+
+    def source(self) -> pathlib.Path:
+        return (HERE if self.includes else GUESTS) / f"{self.guest}.c"
+
+    def build(self, out: pathlib.Path) -> pathlib.Path:
+        """The guest's ELF, built into ``out``."""
+        if not self.includes:
+            return build_guest(self.guest, out)
+        from hvf.testing.guests import GuestBuildError
+        from hvf.testing.guests import build_guest as build_source
+        try:
+            return build_source(self.source(), out,
+                                depends=[GUESTS / name for name in self.includes])
+        except GuestBuildError as e:
+            raise BenchError(f"building {self.source()}: {e}") from None
+
+    def missing(self) -> str | None:
+        """Why this device's guest cannot be built here, or None."""
+        for path in (self.source(), *(GUESTS / name for name in self.includes)):
+            if not path.exists():
+                return f"{path.relative_to(REPO)} is missing"
+        if "bench=" not in self.source().read_text():
+            return f"{self.source().relative_to(REPO)} has no bench= mode"
+        return None
 
     def hvf_args(self, image: pathlib.Path) -> list[str]:
         return ["-s", f"{SLOT},{self.name},{image},nocache"]
 
     def qemu_args(self, image: pathlib.Path) -> list[str]:
         drive = f"file={image},if=none,id=d0,format=raw,cache=none,aio=threads"
+        # mdts=9: requests of up to 2 MiB, as hvf's NVMe takes (QEMU's default is 512 KiB).
         device = ("virtio-blk-pci,drive=d0,disable-legacy=on" if self.name == "virtio-blk"
-                  else f"nvme,drive=d0,serial={SERIAL}")
+                  else f"nvme,drive=d0,serial={SERIAL},mdts=9")
         return ["-drive", drive, "-device", device]
 
 
 DEVICES = {
     "virtio-blk": Device("virtio-blk", "virtio_blk", "blk"),
-    "nvme": Device("nvme", "nvme_disk", "nvme"),
+    "nvme": Device("nvme", "nvme_bench", "nvme", ("nvme_disk.c",)),
 }
 
 
@@ -261,7 +298,8 @@ def measure(run: GuestRun, row: Row, device: Device, hz: float, what: str) -> di
 
 
 def hvf_cmd(device: Device, elf: pathlib.Path, image: pathlib.Path, row: Row) -> list[str]:
-    return hvf_command(MEMORY_MIB, elf, row.append(), device.hvf_args(image))
+    cmd = hvf_command(MEMORY_MIB, elf, row.append(), device.hvf_args(image))
+    return [*cmd[:-1], f"bench-disk-{os.getpid()}"]  # a VM name no other benchmark uses
 
 
 #: QEMU's guest RAM: its default (anonymous memory, which it asks to back with
