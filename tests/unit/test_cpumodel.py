@@ -213,3 +213,16 @@ def test_hostile_fields_give_a_profile_or_value_error(fields: dict) -> None:
         return
     assert cpumodel.missing(profile, host(EVERYTHING)) is not None
     assert CpuProfile.from_fields(profile.to_fields()) == profile
+
+
+def test_cpu_keys_are_core_keys_and_preflight_checks_their_values() -> None:
+    from hvf import preflight
+    from hvf.pluginmanager import Plugins
+
+    plugins = Plugins()
+    config = Config({"name": "vm", "cpu.model": "baseline", "cpu.features": "-x2apic"})
+    assert preflight.check(config, plugins) == []  # no unknown-key warning
+    for key, value, named in (("cpu.model", "skylake", "skylake"),
+                              ("cpu.features", "-x2apic,+nope", "nope")):
+        with pytest.raises(ConfigError, match=named):
+            preflight.check(Config({"name": "vm", key: value}), plugins)
