@@ -239,6 +239,23 @@ class Variant:
         return {"exit": wall}
 
 
+def bytecode_note() -> str:
+    """Whether hvf's modules start from cached bytecode (a .pyc as new as its source)."""
+    probe = subprocess.run([sys.executable, "-c", (
+        "import hvf, importlib.util, os, pathlib, sys\n"
+        "src = [str(p) for p in pathlib.Path(hvf.__file__).parent.glob('*.py')]\n"
+        "old = [s for s in src if not os.path.exists(importlib.util.cache_from_source(s))"
+        " or os.path.getmtime(importlib.util.cache_from_source(s)) < os.path.getmtime(s)]\n"
+        "print(len(old), len(src), sys.flags.dont_write_bytecode)")],
+        capture_output=True, text=True, check=True)
+    stale, total, no_write = (int(x) for x in probe.stdout.split())
+    if not stale:
+        return "hvf's modules start from cached bytecode"
+    why = "PYTHONDONTWRITEBYTECODE is set, so " if no_write else ""
+    return (f"{stale} of hvf's {total} core modules have no cached bytecode: {why}every start "
+            "compiles them (python -m compileall core plugins caches it)")
+
+
 def floor() -> dict[str, Any]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
@@ -346,6 +363,7 @@ def report(summary: dict[str, dict[str, dict[str, float]]], rounds: int,
         "bench/startup: process start to a running guest, and hvf's own memory",
         f"  host: Linux {host['kernel']}, {host['kvm_module']}, {host['cpus']} CPUs; load "
         f"average {host['loadavg']}; Python {host['python']}",
+        f"  {host['bytecode']}",
         f"  milliseconds from Popen, median (least) of {rounds} rounds:",
         f"    {'':18}{'output':>15}{'running':>15}{'cpu@running':>15}{'exit':>15}",
     ]
@@ -395,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError(f"--baseline {args.baseline}: no hvf package there")
         qemu = None if args.no_memory else find_qemu(args.qemu, not args.no_install, log)
         host = qemu_host_info(qemu) if qemu else qemu_host_info(sys.executable)
+        host["bytecode"] = bytecode_note()
         with tempfile.TemporaryDirectory(prefix="hvf-bench-startup-") as tmp:
             work = pathlib.Path(tmp)
             env = dict(os.environ, HVF_RUNTIME_DIR=str(work / "run"))
