@@ -15,11 +15,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+from hvf.iowait import writable
 
 if TYPE_CHECKING:
     from hvf.eventloop import EventLoop
@@ -128,7 +129,7 @@ class ConsoleBackend:
                 try:
                     n = os.write(self.wfd, self._out)
                 except BlockingIOError:
-                    select.select([], [self.wfd], [], max(0.0, deadline - time.monotonic()))
+                    writable(self.wfd, deadline - time.monotonic())
                     continue
                 except OSError:
                     break

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import signal
 import socket
 import threading
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import hvf
 from hvf import gdbstub_x86 as x86
+from hvf.iowait import readable
 from hvf._kvm import lib
 from hvf.errors import CapabilityError, ConfigError, HvfError
 from hvf.gdbstub_target import INT3, GuestDebug
@@ -181,7 +181,7 @@ class GdbStub:
 
     def _serve(self) -> None:
         while not self._closing:
-            ready, _, _ = select.select([self._listener, self._wake_r], [], [])
+            ready = readable([self._listener, self._wake_r])
             self._drain()
             if self._listener not in ready or self._closing:
                 continue
@@ -231,7 +231,7 @@ class GdbStub:
                 return
             if self._running and self._stop is not None:
                 if not self.vm.wait_parked():  # the machine is exiting: close() follows
-                    select.select([self._wake_r], [], [], 1.0)
+                    readable([self._wake_r], 1.0)
                     continue
                 self._stopped()
                 if announce:
@@ -245,7 +245,7 @@ class GdbStub:
                     return
             if self._running and self._stop is not None:
                 continue
-            ready, _, _ = select.select([conn, self._wake_r, self._listener], [], [])
+            ready = readable([conn, self._wake_r, self._listener])
             self._drain()
             if self._listener in ready:
                 extra, _ = self._listener.accept()

@@ -20,12 +20,12 @@ routing table, irqfds) and is the only object that touches it.
 from __future__ import annotations
 
 import os
-import select
 import threading
 from typing import Protocol
 
 from hvf._kvm import lib
 from hvf.errors import DeviceError
+from hvf.iowait import readable
 
 #: The first GSI above the IOAPIC's 24 pins; MSI routes are allocated from here.
 FIRST_MSI_GSI = 24
@@ -157,8 +157,7 @@ class MsiVector:
         """Whether a trigger waits while masked (the PBA bit)."""
         if not self.masked:
             return False
-        ready, _, _ = select.select([self.fd], [], [], 0)
-        return bool(ready)
+        return bool(readable([self.fd], 0))
 
     def take_pending(self) -> bool:
         """Clear the pending trigger; True when there was one."""

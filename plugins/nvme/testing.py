@@ -12,12 +12,12 @@ the caller names for a vector (an MSI-X irqfd of the fake machine).
 from __future__ import annotations
 
 import os
-import select
 import struct
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from hvf.iowait import readable
 from hvf.memory import GuestMemory
 from hvf.plugins.pci import CAP_ID_MSIX
 from hvf.plugins.nvme.spec import (
@@ -205,7 +205,7 @@ class NvmeDriver:
                 raise TimeoutError(f"queue {qid}: {len(found)} of {count} completions")
             if vector is not None and self.vector_fd is not None:
                 fd = self.vector_fd(vector)
-                if select.select([fd], [], [], min(left, 0.05))[0]:
+                if readable([fd], min(left, 0.05)):
                     os.eventfd_read(fd)  # the interrupt, taken
             else:
                 time.sleep(0.0002)
