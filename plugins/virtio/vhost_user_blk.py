@@ -18,8 +18,14 @@ carries: a restore of such a VM loads the RAM file into a new shared memfd inste
 positions agree; at resume, or after a restore, the queues start again from there.
 
 When the back end hangs up, hvf reconnects (each second) and starts the queues again
-from the positions the guest's used rings show, so requests that were in flight are
-served again; the guest sees a delay, not an error.
+from the positions the guest's used rings show: requests the back end had not taken
+are served by the new one, and the guest sees a delay, not an error. That is exact for
+a back end that finishes what it took before it goes (qemu-storage-daemon on SIGTERM).
+A back end that dies with requests taken and unfinished, and that does not offer
+vhost-user's in-flight tracking (``INFLIGHT_SHMFD``; qemu-storage-daemon 7.2 does not),
+leaves no record of which of them it completed: resuming from the used index may then
+run some of them again or complete one twice, and hvf cannot tell. hvf does not yet
+use in-flight tracking with back ends that offer it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 """vhost-user-blk on real KVM against Debian's qemu-storage-daemon: the virtio_blk test
 guest (tests/guests/virtio_blk.c) writes, flushes, reads back and checks a pattern while
 the daemon serves the queues from guest RAM; raw and qcow2 images (checked on the host
-with qemu-img); the daemon killed and started again mid-run; the VM suspended mid-write
+with qemu-img); the daemon stopped (SIGTERM) and started again mid-run; the VM suspended mid-write
 and restored (into shared RAM the daemon can map) carrying on to a correct read-back."""
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def test_daemon_restarted_mid_run_the_guest_carries_on(
     with Hvf(args, tmp_path, "a") as vm:
         wait_until(lambda: "blk capacity" in vm.stdout, 120, "the guest to start", vm)
         time.sleep(0.5)
-        daemon.kill()
+        daemon.stop()  # SIGTERM: the daemon finishes the requests it took, then exits
         time.sleep(0.5)
         daemon.start()
         assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
