@@ -70,29 +70,37 @@ class Machine:
         self.devices: list[Device] = []
         self.pio = PortBus()
         self.mmio = MmioBus()
-        self.loop = EventLoop()
-        self.ncpus = config.get_int("cpus", 1)
-        memory_size = parse_size(config.get("memory.size") or "256M")
+        # What is made here is undone if a later step fails (an in-process caller must not
+        # leak descriptors); once the machine is whole, close() releases it.
+        with contextlib.ExitStack() as undo:
+            self.loop = EventLoop()
+            undo.callback(self.loop.close)
+            self.ncpus = config.get_int("cpus", 1)
+            memory_size = parse_size(config.get("memory.size") or "256M")
 
-        self.kvm = Kvm()
-        self.kvm.require_capabilities()
-        limit = min(self.kvm.max_vcpus(), MAX_VCPUS)
-        if not 1 <= self.ncpus <= limit:
-            raise ConfigError(f"{self.ncpus} vCPUs requested but only {limit} available "
-                              f"(cpus: 1 to {limit})")
-        self.vmfd = self.kvm.create_vm()
-        self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
-        self.vmfd.set_tss_addr(TSS_ADDR)
-        self.vmfd.create_irqchip()
-        self.vmfd.create_pit2()
-        #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
-        self.interrupts = InterruptController(
-            self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
-        self.memory = GuestMemory(memory_size, ram_file,
-                                  shared=config.get_bool("memory.shared"),
-                                  wired=config.get_bool("memory.wired"),  # -S
-                                  in_core=config.get_bool("memory.guest_in_core"),  # -C
-                                  adopt=adopt_ram)
+            self.kvm = Kvm()
+            undo.callback(self.kvm.close)
+            self.kvm.require_capabilities()
+            limit = min(self.kvm.max_vcpus(), MAX_VCPUS)
+            if not 1 <= self.ncpus <= limit:
+                raise ConfigError(f"{self.ncpus} vCPUs requested but only {limit} available "
+                                  f"(cpus: 1 to {limit})")
+            self.vmfd = self.kvm.create_vm()
+            undo.callback(self.vmfd.close)
+            self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            self.vmfd.set_tss_addr(TSS_ADDR)
+            self.vmfd.create_irqchip()
+            self.vmfd.create_pit2()
+            #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
+            self.interrupts = InterruptController(
+                self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
+            self.memory = GuestMemory(memory_size, ram_file,
+                                      shared=config.get_bool("memory.shared"),
+                                      wired=config.get_bool("memory.wired"),  # -S
+                                      in_core=config.get_bool("memory.guest_in_core"),  # -C
+                                      adopt=adopt_ram)
+            undo.callback(self.memory.close)
+            undo.pop_all()
         self.log_dirty_pages(False)
         self._next_slot = len(self.memory.regions)
 
