@@ -126,13 +126,13 @@ class Machine:
             #: The CPU the guest is given (cpu.model, cpu.features), or ``cpu``, the
             #: one a restored or migrated guest had, once this host is found to give it.
             self.cpu = cpumodel.apply(self, cpu)
+            if config.get_int("gdb.port", 0):  # -G
+                from hvf.gdbstub import GdbStub
+
+                self.gdb = GdbStub.from_config(self)
         except BaseException:
             self.close()
             raise
-        if config.get_int("gdb.port", 0):  # -G
-            from hvf.gdbstub import GdbStub
-
-            self.gdb = GdbStub.from_config(self)
 
     # ---- building ----
 
