@@ -156,8 +156,10 @@ def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]
     q = config["qemu_label"]
     out = [
         f"bench/disk: test-guest disk throughput, hvf vs. {q}, same guest, same image",
-        "  guest:   tests/guests/<device guest>.elf `bench=OP buf=B depth=D n=N` (D requests "
-        "in flight, data untouched, MSI-X, 1 vCPU, 256 MiB)",
+        "  guest:   `bench=OP buf=B depth=D n=N` (D requests in flight, data untouched; "
+        "1 vCPU, 256 MiB): virtio-blk tests/guests/virtio_blk.c (MSI-X, halts between "
+        "interrupts), NVMe bench/disk/nvme_bench.c (nvme_disk.c's driver, polled, doorbell "
+        "buffers; QEMU `mdts=9` as hvf's 2 MiB)",
         f"  image:   {config['image_mib']} MiB of data on {config['fs']} ({config['dir']}); "
         "O_DIRECT on all three: hvf `nocache`, QEMU `cache=none,aio=threads`, fio "
         "`--direct=1 --ioengine=libaio --iodepth=D`",

@@ -37,7 +37,6 @@ SERIAL = "hvfbench"
 RUN_TIMEOUT = 180.0
 HERE = pathlib.Path(__file__).resolve().parent
 GUESTS = REPO / "tests" / "guests"
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 @attrs.frozen
@@ -168,16 +167,16 @@ IOCTL = 16  # x86-64
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU time (user + system, s) so far of each thread of ``pid`` by thread id, and
-    of the whole process (threads that have ended included) as ``0``. On kvm_pvm the
-    guest's emulated instructions count as the vCPU thread's system time."""
+    """CPU time (s) so far of each thread of ``pid`` by thread id (its scheduler run
+    time), and of the whole process, threads that have ended included (user + system
+    time, in clock ticks), as ``0``. On kvm_pvm the guest's emulated instructions are
+    the vCPU thread's system time."""
     found = {0: process_cpu_s(pid) or 0.0}
     for task in _tasks(pid):
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        try:  # the scheduler's run time in ns, finer than stat's clock ticks
+            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
             continue
-        found[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICK
     return found
 
 
