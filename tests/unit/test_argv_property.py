@@ -174,7 +174,7 @@ def check(argv: list[str], must_boot: bool, booted: list[str]) -> str:
         assert out, (argv, status, err)
         return "help or dump"
     assert status in (4, 64), (argv, status, err)
-    assert err.startswith("hvf: ") and len(err.splitlines()[0]) > len("hvf: "), (argv, err)
+    assert err.startswith("hvf: ") and len(err.split("\n")[0]) > len("hvf: "), (argv, err)
     assert out == "", (argv, out)
     return str(status)
 
