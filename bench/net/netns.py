@@ -6,7 +6,7 @@ the namespace) and one timed run of a VMM against it.
 A run starts ``hostside`` in the namespace, waits for its ``ready`` line (its sockets
 are bound to the tap), then starts the VMM there too (``ip netns exec NS ...``, which
 execs, so the process is the VMM's own) and samples the VMM's CPU time per thread
-(``/proc/PID/task/*/stat``) every :data:`SAMPLE_SECONDS`; its CPU over the run is
+(``/proc/PID/task/*/schedstat``) every :data:`SAMPLE_SECONDS`; its CPU over the run is
 taken between the first sample after hostside reported the first frame and the last
 ones before it was done (the guest exits as soon as it is, often before that line is
 read). The busiest thread over that span is taken for the vCPU's.
@@ -31,7 +31,7 @@ GUEST_MAC = "02:00:00:77:00:05"
 RUN_TIMEOUT = 300.0
 #: How long the host side may take after the VMM has exited (its idle limit is 3 s).
 HOST_GRACE = 10.0
-#: How often the VMM's per-thread CPU times are read (their clock ticks every 10 ms).
+#: How often the VMM's per-thread CPU times are read.
 SAMPLE_SECONDS = 0.01
 HERE = pathlib.Path(__file__).resolve().parent
 DIRECTIONS = {"g2h": "guest->host", "h2g": "host->guest"}
@@ -99,12 +99,10 @@ def build_hostside(work: pathlib.Path, cc: str) -> pathlib.Path:
     return exe
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
 def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU time (user + system, s) so far of each thread of ``pid``, by thread id (on
-    kvm_pvm the guest's emulated instructions are the vCPU thread's system time)."""
+    """CPU time (s) so far of each thread of ``pid``, by thread id: its scheduler run
+    time (``schedstat``, in ns; on kvm_pvm the guest's emulated instructions are the
+    vCPU thread's)."""
     found = {}
     try:
         tasks = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
@@ -112,10 +110,9 @@ def thread_cpu(pid: int) -> dict[int, float]:
         return {}
     for task in tasks:
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
             continue
-        found[int(task.name)] = (int(fields[11]) + int(fields[12])) / TICK
     return found
 
 
