@@ -69,6 +69,8 @@ MAX_UNREAD = 64 * 1024
 ACCEPT_BACKOFF = 0.1
 #: A shortage of file descriptors is logged at most this often (seconds).
 WARN_INTERVAL = 60.0
+#: How long closing waits for the reply of a command that ends the VM (poweroff).
+LAST_REPLY_SECONDS = 1.0
 _UCRED = struct.Struct("3i")
 _FD_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -170,6 +172,7 @@ class ControlServer:
             os.eventfd_write(self._wake, 1)
         if self._thread is not None:
             self._thread.join(5)
+        self._last_replies()
         for client in list(self._clients):
             self._drop(client)
         self._selector.close()
@@ -182,6 +185,28 @@ class ControlServer:
                 self.path.unlink()
         except OSError:
             pass
+
+    def _last_replies(self, timeout: float = LAST_REPLY_SECONDS) -> None:
+        """After the server thread: a command that ends the VM (``poweroff``, ``suspend
+        --exit``) still gets its reply to its client, which is waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                waiting = any(c.command is not None and not c.closed for c in self._clients) \
+                    and not self._outbox
+            if not waiting or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)  # the command's thread is about to post its reply
+        self._deliver()
+        for client in list(self._clients):
+            if client.outbox and not client.closed:
+                try:
+                    client.sock.settimeout(max(0.0, deadline - time.monotonic()))
+                    client.sock.sendall(client.outbox)
+                    client.outbox.clear()
+                    client.undelivered = None
+                except OSError:
+                    pass
 
     def handle(self, line: bytes, send: Send | None = None) -> dict[str, Any]:
         """Run one request line on this thread; always returns a reply object."""
