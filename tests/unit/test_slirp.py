@@ -7,7 +7,6 @@ option checks and guest frames it must survive."""
 from __future__ import annotations
 
 import ipaddress
-import select
 import socket
 import struct
 import time
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hvf.iowait import readable, writable
 from hvf.errors import ConfigError
 from hvf.plugins.net.slirp import SlirpBackend, open_slirp, parse_hostfwd
 
@@ -85,7 +85,7 @@ def frames(backend: SlirpBackend, timeout: float = 5.0) -> Iterator[bytes]:
     deadline = time.monotonic() + timeout
     buffer = bytearray(65536)
     while (left := deadline - time.monotonic()) > 0:
-        if select.select([backend.fileno(0)], [], [], left)[0]:
+        if readable([backend.fileno(0)], left):
             length = backend.receive(0, [memoryview(buffer)])
             yield bytes(buffer[:length])
 
@@ -173,7 +173,7 @@ def test_restricted_by_default_as_bhyve(open_stack: Callable[..., SlirpBackend])
     with socket.create_server(("127.0.0.1", 0)) as listener:
         learn_guest(backend)
         send(backend, tcp_syn(HOST, 40001, listener.getsockname()[1], 7))
-        assert not select.select([listener], [], [], 1.0)[0]
+        assert not readable([listener], 1.0)
 
 
 def test_hostfwd_reaches_the_guest(open_stack: Callable[..., SlirpBackend]) -> None:
@@ -284,7 +284,7 @@ def test_frames_for_a_guest_that_stops_reading_are_bounded(
     backend = open_stack()
     sent = 6000  # each answered by a 64-byte ARP reply: more than the pair holds
     for _ in range(sent):
-        select.select([], [backend.fileno(0)], [], 5)
+        writable(backend.fileno(0), 5)
         send(backend, arp_request(HOST))
     wait_for(lambda: backend.stats()["slirp_from_guest"] == sent)
     stats = backend.stats()

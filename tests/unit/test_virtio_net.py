@@ -8,7 +8,6 @@ and chains (a hypothesis fuzz), and the saved state."""
 from __future__ import annotations
 
 import hashlib
-import select
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import FakeVm, mmio_read
+from hvf.iowait import readable
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.net import options
 from hvf.plugins.net.backend import NetBackend, Views
@@ -92,7 +92,7 @@ class ManualLoop:
             soon, self.soon = self.soon, []
             for callback in soon:
                 callback()
-            ready = select.select(list(self.readers), [], [], 0)[0] if self.readers else []
+            ready = readable(list(self.readers), 0) if self.readers else []
             for fd in ready:
                 if fd in self.readers:
                     self.readers[fd]()
