@@ -164,6 +164,18 @@ def tx_header(flags: int = 0, gso: int = 0, hdr_len: int = 0, gso_size: int = 0,
     return HEADER.pack(flags, gso, hdr_len, gso_size, csum_start, csum_offset, num_buffers)
 
 
+#: Every Nic made by the running test, closed after it (their eventfds and socket pairs
+#: would otherwise pile up over a run: thousands in the Hypothesis tests).
+_OPEN: list[Nic] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_nics() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().device.close()
+
+
 class Nic:
     """A virtio-net function on a fake machine, its driver, and its queues."""
 
@@ -177,6 +189,7 @@ class Nic:
         self.vm.attach(bus)
         self.backend = PairBackend(pairs, vnet_header=vnet_header)
         self.device = VirtioNet("virtio-net@pci.0.2.0", self.backend, MAC, mtu=mtu)
+        _OPEN.append(self)
         bus.add(BDF, self.device)
         bus.assign_resources(enable_decoding=True)
         self.driver = Driver(self.vm, BDF)
