@@ -16,7 +16,6 @@ the back end first, so nothing is in flight in a saved state.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
 from hvf.plugins.block.backend import BlockBackend, Status
 from hvf.plugins.block.image import Image, open_image
-from hvf.plugins.block.options import ImageOptions, legacy_config
+from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
 from hvf.plugins.virtio.pci import VirtioPciDevice
 from hvf.snapshot_api import Fields, check_fields
@@ -323,11 +322,6 @@ def parse(conf: list[str]) -> dict[str, str]:
     return legacy_config(conf, "virtio-blk")
 
 
-def default_serial(path: str) -> bytes:
-    """A stable 20-byte serial number derived from the image path."""
-    return b"HVF-" + hashlib.blake2b(path.encode(), digest_size=8).hexdigest().upper().encode()
-
-
 def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -> VirtioBlk:
     where = "virtio-blk@pci.{}.{}.{}".format(*slot)
     values = Config({k: v for k, v in config.items() if isinstance(v, str)})
@@ -343,7 +337,7 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
         raise ConfigError(f"{where}: num_queues= takes 1 to {MAX_QUEUES}, not '{queues}'")
     image = open_image(path, ImageOptions.from_config(values))
     try:
-        return VirtioBlk(where, image, ser.encode() if ser is not None else default_serial(path),
+        return VirtioBlk(where, image, (ser if ser is not None else default_serial(path)).encode(),
                          bootindex=bootindex, queues=int(queues))
     except BaseException:
         image.close()

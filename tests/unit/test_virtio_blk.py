@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fakes import FakeVm, mmio_read
 from hvf.cli import main
 from hvf.errors import ConfigError
+from hvf.plugins.block.options import default_serial
 from hvf.plugins.pci.bus import PciBus
 from hvf.plugins.virtio import blk
 from hvf.plugins.virtio.pci import CFG_DEVICE
@@ -173,7 +174,7 @@ def test_get_id(image: Path) -> None:
         assert used.data == b"DISK-1" + bytes(14) + bytes([blk.S_OK])
     with disk(image) as d:
         used = d.request(blk.T_GET_ID, into=[8, 12])
-        assert used.data[:20] == blk.default_serial(str(image)) and len(used.data[:20]) == 20
+        assert used.data[:20] == default_serial(str(image)).encode() and len(used.data[:20]) == 20
         assert used.data[-1] == blk.S_OK
     with pytest.raises(ConfigError, match="ser="):
         blk.create(vm=FakeVm(), slot=BDF, config={"path": str(image), "ser": "x" * 21})
