@@ -14,11 +14,10 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from hvf.testing.guests import build_guest
 
 from conftest import TESTS, run_hvf
-from test_snapshot import check_counter, counter_args, lines_in, read, wait_until
+from test_snapshot import Hvf, check_counter, counter_args, lines_in, read, wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -120,51 +119,8 @@ def dirty_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- processes ----
 
-
-class Proc:
-    """``python -m hvf ARGS`` as a child (inside network namespace ``netns`` if given),
-    its output in files under ``tmp``; leaving the ``with`` kills it."""
-
-    def __init__(self, args: Sequence[object], tmp: Path, tag: str, *,
-                 netns: str | None = None, runtime: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.tag = tag
-        self.stdout_path, self.stderr_path = tmp / f"{tag}.stdout", tmp / f"{tag}.stderr"
-        self.env = {**os.environ, **(env or {})}
-        if runtime is not None:
-            self.env["HVF_RUNTIME_DIR"] = str(runtime)
-        prefix = ["ip", "netns", "exec", netns] if netns else []
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "hvf", *map(str, args)],
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         env=self.env)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_bytes().decode(errors="replace")
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"hvf ({self.tag}) still running after {timeout} s; "
-                                 f"stderr: {self.stderr!r}") from None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
+#: hvf as a child process, in a network namespace if asked (test_snapshot's).
+Proc = Hvf
 
 
 def ctl(name: str, *args: object, proc: Proc | None = None,

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -39,7 +40,7 @@ from hvf.plugins.snapshot.statefile import read_state, write_state
 from hvf.plugins.snapshot.store import SnapshotStore
 from hvf.snapshot_api import Chunk
 
-from conftest import PVM, PVM_REASON, popen_hvf, raw_pty, run_hvf
+from conftest import PVM, PVM_REASON, raw_pty, run_hvf
 
 pytestmark = pytest.mark.kvm
 
@@ -58,17 +59,25 @@ T = TypeVar("T")
 
 
 class Hvf:
-    """``python -m hvf ARGS`` as a child; its stdout and stderr go to files in ``tmp``.
-
-    Leaving the ``with`` kills it if it still runs."""
+    """``python -m hvf ARGS`` as a child (inside network namespace ``netns`` if given,
+    with its runtime directory at ``runtime`` if given); its stdout and stderr go to
+    files in ``tmp``. Leaving the ``with`` kills it if it still runs."""
 
     def __init__(self, args: Sequence[object], tmp: Path, tag: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, netns: str | None = None,
+                 runtime: Path | None = None) -> None:
         self.tag = tag
         self.stdout_path = tmp / f"{tag}.stdout"
         self.stderr_path = tmp / f"{tag}.stderr"
+        #: The child's environment, for ``hvf ctl`` runs that must find its socket.
+        self.env = {**os.environ, **(env or {})}
+        if runtime is not None:
+            self.env["HVF_RUNTIME_DIR"] = str(runtime)
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = popen_hvf(map(str, args), stdout=out, stderr=err, env=env)
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "hvf", *map(str, args)],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         env=self.env)
 
     @property
     def stdout(self) -> str:
@@ -90,9 +99,9 @@ class Hvf:
             raise AssertionError(f"hvf ({self.tag}) still running after {timeout} s; "
                                  f"stderr: {self.stderr!r}") from None
 
-    def kill(self) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(sig)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover - a stuck zombie
