@@ -35,6 +35,7 @@ from hvf.vcpu import RateLimitedLog, Vcpu
 if TYPE_CHECKING:
     from hvf.cpumodel import CpuProfile
     from hvf.gdbstub import GdbStub
+    from hvf.incremental import CheckpointBase
     from hvf.pluginmanager import Plugins
 
 log = logging.getLogger("hvf")
@@ -122,6 +123,8 @@ class Machine:
             self.vmfd.exit_on_unknown_msrs()  # -w
         self.vcpus = [Vcpu(self, i) for i in range(self.ncpus)]
         self.gdb: GdbStub | None = None
+        #: What the next incremental checkpoint builds on (:mod:`hvf.incremental`).
+        self.checkpoint_base: CheckpointBase | None = None
         try:
             #: The CPU the guest is given (cpu.model, cpu.features), or ``cpu``, the
             #: one a restored or migrated guest had, once this host is found to give it.
