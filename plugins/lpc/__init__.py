@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hvf
-from hvf import smbios
 from hvf.acpi import build_for as build_acpi
 from hvf.errors import ConfigError
-from hvf.plugins.lpc import bootrom, bridge, debugcon, fwcfg, pctestdev
+from hvf.pluginmanager import lazy
+from hvf.plugins.lpc import bridge, fwcfg
 from hvf.plugins.lpc.acpi import describe as describe_acpi
 from hvf.plugins.lpc.pm import PowerManagement
 
 if TYPE_CHECKING:
     from hvf.acpi import AcpiBuilder
+    from hvf.device import Device
     from hvf.registry import Registry
     from hvf.vm import Machine
 
@@ -32,6 +33,17 @@ def _flag(name: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _when_set(key: str, module: str):  # type: ignore[no-untyped-def]
+    """The factory of device module ``module``, which it imports only for a machine
+    whose configuration sets ``lpc.KEY`` (the bridge asks every LPC device)."""
+    create = lazy(f"{__name__}.{module}:create")
+
+    def factory(*, vm: Machine, config: Any) -> Device | None:
+        return None if config.get(f"lpc.{key}") is None else create(vm=vm, config=config)
+
+    return factory
+
+
 @hvf.hookimpl
 def hvf_register_pci_devices(registry: Registry) -> None:
     registry.add("lpc", bridge.create, help="LPC (PCI-to-ISA) bridge 8086:7000, bus 0 only")
@@ -39,13 +51,15 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 
 @hvf.hookimpl
 def hvf_register_lpc_devices(registry: Registry) -> None:
-    registry.add("bootrom", bootrom.create, parse=bootrom.parse,
+    registry.add("bootrom", _when_set("bootrom", "bootrom"),
+                 parse=lazy(f"{__name__}.bootrom:parse"),
                  help="boot firmware: bootrom,ROM[,VARS] (mapped below 4 GiB; implies fwcfg)")
-    registry.add("pc-testdev", pctestdev.create, parse=_flag("pc-testdev"),
+    registry.add("pc-testdev", _when_set("pc-testdev", "pctestdev"), parse=_flag("pc-testdev"),
                  help="test-kernel ports: debug exit 0xF4, scratch 0xE0, IRQ lines 0x2000+n")
     registry.add("fwcfg", fwcfg.create, parse=fwcfg.parse,
                  help="QEMU's fw_cfg interface at 0x510-0x511, DMA at 0x514 (fwcfg[,qemu])")
-    registry.add("debugcon", debugcon.create, parse=debugcon.parse,
+    registry.add("debugcon", _when_set("debugcon.path", "debugcon"),
+                 parse=lazy(f"{__name__}.debugcon:parse"),
                  help="debug console on port 0x402 (debugcon[,PATH|stdio])")
 
 
@@ -68,6 +82,8 @@ def _e820_file(vm: Machine) -> bytes:
 def hvf_machine_ready(vm: Machine) -> None:
     firmware_config = fwcfg.find(vm)
     if firmware_config is not None:
+        from hvf import smbios
+
         firmware_config.add_file("etc/e820", lambda: _e820_file(vm))
         anchor, tables = smbios.build(vm.config)
         firmware_config.add_file("etc/smbios/smbios-anchor", anchor)

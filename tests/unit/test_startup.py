@@ -69,6 +69,7 @@ NOT_NEEDED = (
     "hvf.plugins.ahci.factory", "hvf.plugins.ahci.config", "hvf.plugins.nvme.controller",
     "hvf.plugins.nvme.options", "hvf.plugins.virtio.blk", "hvf.plugins.virtio.vhost_user_blk",
     "hvf.plugins.snapshot.store", "hvf.plugins.snapshot.statefile",
+    "hvf.plugins.lpc.bootrom", "hvf.smbios",
 )
 _PROBE = """
 import json, sys
