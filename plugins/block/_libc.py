@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """The three libc calls the block layer needs that Python's ``os`` lacks, through cffi's
 ABI mode (no compiler; cffi releases the GIL around each call): ``fallocate`` with mode
-flags, ``statx`` for the direct-I/O alignment, and the address of a buffer."""
+flags, ``statx`` for the direct-I/O alignment, and the address of a buffer. Their
+declarations come parsed from ``_libc_abi.py`` (see ``_libc_build.py``): importing this
+module loads neither cffi's C parser nor pycparser."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import struct
 from typing import Any
 
-from cffi import FFI
+from hvf.plugins.block._libc_abi import ffi as _ffi
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -22,11 +24,6 @@ _STATX_DIOALIGN = 0x2000
 _STATX_SIZE = 256
 _STATX_DIO = struct.Struct("=II")
 
-_ffi = FFI()
-_ffi.cdef("""
-int fallocate(int fd, int mode, int64_t offset, int64_t len);
-int statx(int dirfd, const char *pathname, int flags, unsigned int mask, void *statxbuf);
-""")
 _libc: Any = _ffi.dlopen(None)
 
 
