@@ -315,7 +315,7 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
     """A machine rebuilt from the snapshot at ``path``, its state loaded, not running."""
     from pathlib import Path
 
-    from hvf import snapshot
+    from hvf import incremental, snapshot
     from hvf.snapshot_api import StateReader
 
     backend = plugins.snapshot_backends.get("directory")
@@ -327,7 +327,10 @@ def _restored_machine(path: str, given: Config, plugins: Plugins) -> Machine:
     ram_file = store.open_ram(ram_path, int(state.machine["memory_size"]))
     vm = build_restoring(saved, plugins, ram_file=ram_file, cpu=snapshot.saved_cpu(state.chunks))
     try:
+        store.load_layers(state, vm.memory.view)
         snapshot.restore(vm, StateReader(state.chunks))
+        if vm.memory.private:  # its private pages are what changed since: see hvf.incremental
+            incremental.track(vm, Path(path), state.ram, log=False)
     except BaseException:
         vm.close()
         raise

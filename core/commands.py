@@ -91,11 +91,15 @@ def _snapshot_path(args: dict[str, Any]) -> Path:
 
 
 def _checkpoint(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    return snapshot.save(vm, _snapshot_path(args), leave_paused=False, progress=args.get("_progress"))
+    return snapshot.save(vm, _snapshot_path(args), leave_paused=False,
+                         incremental=args.get("incremental") is True,
+                         progress=args.get("_progress"))
 
 
 def _suspend(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
-    result = snapshot.save(vm, _snapshot_path(args), leave_paused=True, progress=args.get("_progress"))
+    result = snapshot.save(vm, _snapshot_path(args), leave_paused=True,
+                           incremental=args.get("incremental") is True,
+                           progress=args.get("_progress"))
     if args.get("exit"):
         vm.request_exit(exitcodes.REBOOT, f"suspended to {result['path']}")
         result["state"] = "stopping"

@@ -110,9 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     suspend = sub.add_parser("suspend", help="write a snapshot and pause (or stop with --exit)")
     suspend.add_argument("--exit", action="store_true", help="stop the VM once the snapshot is safe")
-    suspend.add_argument("path", nargs="?", help="snapshot directory (default: ./NAME.snapshot)")
     checkpoint = sub.add_parser("checkpoint", help="write a snapshot; the VM keeps running")
-    checkpoint.add_argument("path", nargs="?", help="snapshot directory (default: ./NAME.snapshot)")
+    for saving in (suspend, checkpoint):
+        saving.add_argument("--incremental", action="store_true",
+                            help="write only the pages dirtied since the VM's last "
+                                 "checkpoint, as a layer over it")
+        saving.add_argument("path", nargs="?",
+                            help="snapshot directory (default: ./NAME.snapshot)")
     migrate = sub.add_parser("migrate", help="move the running VM to 'hvf --incoming URI' "
                              "(this process then exits with 0)")
     migrate.add_argument("uri", nargs="?", help="tcp:HOST:PORT or unix:PATH")
@@ -143,8 +147,10 @@ def _human(vm: str, command: str, reply: dict[str, Any]) -> str:
                 f"{int(reply.get('memory', 0)) >> 20} MiB, pid {reply.get('pid')}, "
                 f"up {reply.get('uptime')} s")
     if command in ("suspend", "checkpoint"):
-        return (f"{vm}: snapshot written to {reply.get('path')} in {reply.get('seconds')} s; "
-                f"VM {reply.get('state', 'running')}")
+        kind = "incremental snapshot" if reply.get("incremental") else "snapshot"
+        ram = int(reply.get("ram_bytes_written", 0))
+        return (f"{vm}: {kind} written to {reply.get('path')} in {reply.get('seconds')} s "
+                f"({ram / 2**20:.1f} MiB of RAM); VM {reply.get('state', 'running')}")
     if command in ("pause", "resume", "poweroff"):
         return f"{vm}: {reply.get('state')}"
     if command == "migrate" and reply.get("state") == "migrated":
@@ -237,6 +243,8 @@ def ctl_main(argv: Sequence[str]) -> int:
             args["path"] = str(Path(path).absolute())
             if command == "suspend" and options.exit:
                 args["exit"] = True
+            if options.incremental:
+                args["incremental"] = True
         elif command == "call":
             command, args = options.name, _call_args(options.args)
         elif command == "migrate":

@@ -64,11 +64,11 @@ def file_extents(fd: int, size: int) -> Iterator[Extent]:
             raise
 
 
-def private_extents(address: int, size: int, pagemap: str = "/proc/self/pagemap"
-                    ) -> list[Extent]:
+def private_extents(address: int, size: int, pagemap: str = "/proc/self/pagemap", *,
+                    coalesce: int = COALESCE) -> list[Extent]:
     """Offsets into the mapping at ``address`` (``size`` bytes, ``MAP_PRIVATE`` of a
     file) of the pages this process holds its own copy of (present or swapped
-    anonymous pages), runs less than :data:`COALESCE` apart merged. All of it if the
+    anonymous pages), runs less than ``coalesce`` bytes apart merged. All of it if the
     pagemap cannot be read."""
     try:
         fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
@@ -90,7 +90,7 @@ def private_extents(address: int, size: int, pagemap: str = "/proc/self/pagemap"
             i = 0
             while (i := lib.hvf_private_run(entries, n, i, end_out)) < n:
                 start, i = base + i, int(end_out[0])
-                if open_run and start - open_run[1] < COALESCE // PAGE:
+                if open_run and start - open_run[1] < max(coalesce // PAGE, 1):
                     open_run[1] = base + i
                 else:
                     if open_run:

@@ -23,6 +23,9 @@ import hvf
 from hvf import cpumodel, vmstate
 from hvf.config import Config
 from hvf.errors import SnapshotError
+from hvf.incremental import base_of as incremental_base
+from hvf.incremental import track as track_checkpoint
+from hvf.memory import PAGE_SHIFT
 from hvf.snapshot_api import Chunk, StateReader, StateWriter, upgrade
 
 if TYPE_CHECKING:
@@ -62,14 +65,17 @@ def config_differences(saved: Config, given: Config) -> list[str]:
 _snapshot_lock = threading.Lock()
 
 
-def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | None = None) -> dict[str, Any]:
-    """Write a snapshot of ``vm`` to ``path``; returns a summary."""
+def save(vm: Machine, path: Path, *, leave_paused: bool, incremental: bool = False,
+         progress: Progress | None = None) -> dict[str, Any]:
+    """Write a snapshot of ``vm`` to ``path``; returns a summary. ``incremental`` writes
+    only the pages dirtied since the VM's last checkpoint (:mod:`hvf.incremental`)."""
     backend = vm.plugins.snapshot_backends.get("directory")
     if backend is None:
         raise SnapshotError("no snapshot backend is installed (the 'snapshot' plugin)")
     if not _snapshot_lock.acquire(blocking=False):
         raise SnapshotError("another checkpoint of this VM is in progress")
     try:
+        base = incremental_base(vm) if incremental else None
         was_paused = vm.paused
         started = time.monotonic()
         if not was_paused:
@@ -82,14 +88,25 @@ def save(vm: Machine, path: Path, *, leave_paused: bool, progress: Progress | No
                 "cpus": vm.ncpus,
                 "config": vm.config.as_dict(),
             }
-            backend.factory(path).save(memory=vm.memory, machine=machine,
-                                     chunks=list(writer.chunks.values()), progress=progress,
-                                     background_cleanup=True)
+            store = backend.factory(path)
+            chunks = list(writer.chunks.values())
+            if base is None:
+                ram = store.save(memory=vm.memory, machine=machine, chunks=chunks,
+                                 progress=progress, background_cleanup=True)
+                written = int(ram.get("data_bytes", 0))
+            else:
+                dirty = base.dirty()
+                ram = store.save_incremental(
+                    memory=vm.memory, machine=machine, chunks=chunks, base=base.path,
+                    base_ram=base.ram, dirty=dirty, progress=progress,
+                    background_cleanup=True)
+                written = sum(count for _, count in dirty) << PAGE_SHIFT
+            track_checkpoint(vm, path, ram)
         finally:
             if not was_paused and not leave_paused:
                 vm.resume()
-        return {"path": str(path), "chunks": len(writer.chunks),
-                "seconds": round(time.monotonic() - started, 3)}
+        return {"path": str(path), "chunks": len(writer.chunks), "incremental": incremental,
+                "ram_bytes_written": written, "seconds": round(time.monotonic() - started, 3)}
     finally:
         _snapshot_lock.release()
 

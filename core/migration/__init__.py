@@ -80,7 +80,7 @@ def _number(args: dict[str, Any], key: str, default: float | None, low: float,
 def migrate_command(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
     """The ``migrate`` control command (``hvf ctl migrate``)."""
     global _current
-    from hvf import snapshot
+    from hvf import incremental, snapshot
     from hvf.migration.source import DEFAULT_DOWNTIME_MS, Migration
     from hvf.migration.stream import parse_uri
 
@@ -113,6 +113,7 @@ def migrate_command(*, vm: Machine, args: dict[str, Any]) -> dict[str, Any]:
         raise MigrationError("a checkpoint of this VM is in progress; migrate it afterwards")
     try:
         _current = migration
+        incremental.forget(vm)  # the migration's dirty log replaces the checkpoints' one
         try:
             return migration.run()
         except MigrationError as e:

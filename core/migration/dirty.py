@@ -48,7 +48,7 @@ class DirtyLog:
         caller's to send."""
         if self.manual:
             self.vm.vmfd.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, self._protect)
-        self.memory.written = bytearray(self.memory.size // PAGE)
+        self.reset_written()
         self.vm.log_dirty_pages(True)
         self.active = True
         self.harvest()  # with INITIALLY_SET every bit starts set: protect every page
@@ -75,6 +75,10 @@ class DirtyLog:
         rings = [(offset // PAGE, (offset + length - 1) // PAGE - offset // PAGE + 1)
                  for offset, length in self.memory.rings.values() if length > 0]
         return union(marked, rings)
+
+    def reset_written(self) -> None:
+        """Forget hvf's marks so far (they are saved: call it with the VM paused)."""
+        self.memory.written = bytearray(self.memory.size // PAGE)
 
     def stop(self) -> None:
         """Stop logging (the VM runs on as before)."""

@@ -64,7 +64,7 @@ class RamSource(Protocol):
     def data_extents(self) -> Iterable[tuple[int, int]]: ...
 
 
-class _Checksummer:
+class Checksummer:
     """Folds pieces into a running CRC-32 on a thread of its own, in order, so the
     checksum costs no time beside the writes (zlib and pwrite both release the GIL)."""
 
@@ -93,7 +93,7 @@ def _pwrite_all(fd: int, piece: memoryview, offset: int) -> None:
         piece, offset = piece[n:], offset + n
 
 
-class _FileWriter:
+class FileWriter:
     """Writes pieces of guest RAM into a new file on :data:`WRITERS` threads.
 
     Pieces aligned to the file system's block size go through a second descriptor
@@ -156,10 +156,10 @@ class _Runs:
     """Collects runs of non-zero pages, hands them to the writer in pieces of at most
     :data:`WRITE_CHUNK`, and folds them into the CRC."""
 
-    def __init__(self, out: _FileWriter | None, view: memoryview, checksum: bool = True) -> None:
+    def __init__(self, out: FileWriter | None, view: memoryview, checksum: bool = True) -> None:
         self.out = out
         self.view = view
-        self._summer = _Checksummer() if checksum else None
+        self._summer = Checksummer() if checksum else None
         self.data_bytes = 0
         self.run_start = -1  # start of the open run of non-zero pages, -1 if none
         self.done = 0  # the open run is written and summed up to here
@@ -241,7 +241,7 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
     size = memory.size
     tmp = temp_name(path)
     try:
-        out = _FileWriter(tmp, size)
+        out = FileWriter(tmp, size)
     except OSError as e:
         raise SnapshotError(f"cannot create RAM file in {path.parent}: {e.strerror}") from None
     try:

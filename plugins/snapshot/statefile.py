@@ -5,7 +5,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic b"HVFSTATE"
-    8       4     u32 format version (1)
+    8       4     u32 format version (1; 2 when guest RAM is layered)
     12      8     u64 manifest length M
     20      M     manifest: UTF-8 JSON (indented, human-readable)
     20+M    32    SHA-256 of bytes 0 .. 20+M (header and manifest)
@@ -60,10 +60,13 @@ from hvf.errors import SnapshotError
 from hvf.snapshot_api import Chunk
 
 MAGIC = b"HVFSTATE"
-#: The format version this hvf writes.
+#: The format version this hvf writes for a full snapshot; a snapshot whose RAM has
+#: incremental layers (:mod:`.layers`) is :data:`LAYERED_VERSION`, so that an hvf that
+#: knows no layers refuses it instead of restoring its base RAM alone.
 FORMAT_VERSION = 1
+LAYERED_VERSION = 2
 #: The format versions this hvf reads.
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
 
 _HEADER = struct.Struct("<8sIQ")
 HEADER_SIZE = _HEADER.size  # 20
@@ -290,6 +293,7 @@ def _manifest_value(value: Any, where: str) -> Any:
 
 def _build(machine: Mapping[str, Any], ram: Mapping[str, Any], chunks: Iterable[Chunk],
            created: str) -> bytes:
+    version = LAYERED_VERSION if "layers" in ram else FORMAT_VERSION
     payloads: list[tuple[Chunk, bytes]] = []
     seen: set[str] = set()
     for chunk in chunks:
@@ -307,7 +311,7 @@ def _build(machine: Mapping[str, Any], ram: Mapping[str, Any], chunks: Iterable[
                           "offset": offset, "length": len(data),
                           "sha256": hashlib.sha256(data).hexdigest()})
             offset += len(data)
-        doc = {"format_version": FORMAT_VERSION, "created": created,
+        doc = {"format_version": version, "created": created,
                "hvf_version": HVF_VERSION, "machine": machine_json, "ram": ram_json,
                "chunks": index}
         return json.dumps(doc, indent=1, ensure_ascii=True, allow_nan=False).encode() + b"\n"
@@ -319,7 +323,7 @@ def _build(machine: Mapping[str, Any], ram: Mapping[str, Any], chunks: Iterable[
     while HEADER_SIZE + len(body) + DIGEST_SIZE != base:
         base = HEADER_SIZE + len(body) + DIGEST_SIZE
         body = manifest(base)
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+    head = _HEADER.pack(MAGIC, version, len(body)) + body
     return b"".join([head, hashlib.sha256(head).digest(), *(d for _, d in payloads)])
 
 
@@ -380,7 +384,7 @@ def parse_state(data: bytes, source: str = "<state>") -> StateFile:
         newer = " (written by a newer hvf?)" if version > max(SUPPORTED_VERSIONS) else ""
         reads = ", ".join(map(str, SUPPORTED_VERSIONS))
         raise SnapshotError(f"{source}: unsupported state file format version {version}"
-                            f"{newer}; this hvf ({HVF_VERSION}) reads version {reads}")
+                            f"{newer}; this hvf ({HVF_VERSION}) reads versions {reads}")
     mend = HEADER_SIZE + mlen
     if mend + DIGEST_SIZE > len(data):
         raise SnapshotError(f"{source}: truncated in the manifest (its {mlen} bytes and "
@@ -415,6 +419,8 @@ def _parse_manifest(doc: Any, data: bytes, data_start: int, version: int,
     _need(doc, "hvf_version", str, "manifest")
     machine = _from_json(_need(doc, "machine", dict, "manifest"), "machine", 0)
     ram = _from_json(_need(doc, "ram", dict, "manifest"), "ram", 0)
+    if "layers" in ram and version < LAYERED_VERSION:
+        raise _Malformed(f"format version {version} has no RAM layers, but 'ram' lists some")
     entries = _need(doc, "chunks", list, "manifest")
     chunks: list[Chunk] = []
     names: set[str] = set()
@@ -498,6 +504,11 @@ def describe(state: StateFile) -> str:
         ck = ram["checksum"]
         ram_line += f", {ck.get('algorithm', '?')} {ck.get('value', '?')!r}"
     lines.append(ram_line)
+    layers = ram.get("layers")
+    if isinstance(layers, list):
+        lines.append(f"RAM layers ({len(layers)}, oldest first, each over the ones before):")
+        lines.extend(f"  {e.get('file', '?')}: {human_size(e.get('data_bytes'))} of pages"
+                     if isinstance(e, dict) else f"  {e!r}" for e in layers)
     if isinstance(config, dict):
         lines.append(f"config ({len(config)} keys):")
         lines.extend(f"  {k}={v}" for k, v in sorted(config.items()))

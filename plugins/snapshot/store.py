@@ -6,6 +6,7 @@
     PATH/                       mode 0700
         state                   the state file (:mod:`.statefile`)
         ram-20260101T120000Z-1a2b3c4d   guest RAM (:mod:`.ramfile`), named by ``state``
+        ram-20260101T120500Z-5e6f7a8b   a RAM layer (:mod:`.layers`), if incremental
 
 Every save writes a RAM file under a new name and then replaces ``state``; the
 rename of ``state`` is the commit point. Until then the previous ``state`` and the
@@ -19,6 +20,11 @@ A save creates the directory (never its parents) or reuses one that holds only h
 files: a ``state`` that begins with hvf's magic, RAM files and leftovers of saves, all
 regular files; anything else there is refused by name and left alone. Saves into one
 directory are serialised with ``flock`` on the directory.
+
+An incremental save keeps the RAM file and layers of the snapshot it builds on and
+adds a layer. Built on a snapshot in another directory, it first hard-links that one's
+files into its own (they are never modified, so two snapshots may share them, and
+removing either leaves the other whole); across file systems it is refused.
 """
 
 from __future__ import annotations
@@ -37,11 +43,26 @@ from pathlib import Path
 from typing import Any
 
 from hvf.errors import SnapshotError
-from hvf.plugins.snapshot.ramfile import Progress, RamSource, open_ram, save_ram, verify_ram
+from hvf.extents import PAGE
+from hvf.plugins.snapshot.layers import (
+    Run,
+    apply_layer,
+    check_layer,
+    layer_entries,
+    verify_layer,
+    write_layer,
+)
+from hvf.plugins.snapshot.ramfile import (
+    Progress,
+    RamSource,
+    open_ram,
+    save_ram,
+    verify_ram,
+)
 from hvf.plugins.snapshot.statefile import (
     MAGIC,
-    describe,
     StateFile,
+    describe,
     encode_fields,
     fsync_dir,
     read_state,
@@ -150,53 +171,104 @@ class SnapshotStore:
             os.close(fd)
 
     def save(self, *, memory: RamSource, machine: Mapping[str, Any], chunks: Iterable[Chunk],
-             progress: Progress | None = None, background_cleanup: bool = False) -> None:
+             progress: Progress | None = None, background_cleanup: bool = False
+             ) -> dict[str, Any]:
         """Save guest RAM and device state; the previous snapshot survives any crash.
+        Returns the state file's ``ram`` section (what :meth:`save_incremental` builds on).
 
         With ``background_cleanup`` the replaced RAM files are deleted on a thread after
         the commit (a big, fragmented file can take a while); :func:`wait_for_cleanups`
         waits for that.
         """
-        chunks = list(chunks)
-        seen: set[str] = set()
-        for chunk in chunks:  # refuse bad device state before the long RAM write
-            if chunk.name in seen:
-                raise SnapshotError(f"cannot save: two chunks named '{chunk.name}'")
-            seen.add(chunk.name)
-            encode_fields(chunk.fields, where=f"chunk '{chunk.name}'")
+        chunks = _checked(chunks)
         self._prepare_dir()
         with self._locked():
             ram_name = _new_ram_name()
-            ram_path = self.path / ram_name
-            info = save_ram(memory, ram_path, progress=progress)
-            try:
-                write_state(self.path / STATE, machine=machine,
-                            ram={"file": ram_name, **info}, chunks=chunks)
-            except BaseException:
-                if not self._committed(ram_name):
-                    with contextlib.suppress(OSError):
-                        ram_path.unlink()
-                raise
-            stale = self._stale(keep=ram_name)
-            if not background_cleanup:
-                self._remove(stale)
-        if background_cleanup:
-            cleaner = threading.Thread(target=self._remove, args=(stale,),
-                                       name="hvf snapshot cleanup", daemon=True)
-            _cleanups.append(cleaner)
-            cleaner.start()
+            info = save_ram(memory, self.path / ram_name, progress=progress)
+            ram = {"file": ram_name, **info}
+            self._commit(machine, ram, chunks, new=[ram_name],
+                         background_cleanup=background_cleanup)
+        return ram
 
-    def _committed(self, ram_name: str) -> bool:
-        """Whether ``state`` names ``ram_name`` (a failure after the rename, say)."""
+    def save_incremental(self, *, memory: RamSource, machine: Mapping[str, Any],
+                         chunks: Iterable[Chunk], base: Path, base_ram: Mapping[str, Any],
+                         dirty: list[Run], progress: Progress | None = None,
+                         background_cleanup: bool = False) -> dict[str, Any]:
+        """Save device state and only the ``dirty`` pages of guest RAM, as a layer over
+        the snapshot in ``base`` whose ``ram`` section was ``base_ram`` (which must still
+        be what that snapshot holds); returns the new ``ram`` section."""
+        chunks = _checked(chunks)
+        base = Path(base)
+        self._prepare_dir()
+        with self._locked():
+            names = _ram_names(base_ram)
+            if _held_ram(base) != names:
+                raise SnapshotError(
+                    f"cannot write an incremental snapshot: {base}, the checkpoint it would "
+                    f"build on, has changed since this VM wrote it (take a full checkpoint)")
+            linked = [] if base.resolve() == self.path.resolve() else self._link(base, names)
+            if progress:
+                progress(0, memory.size)
+            layers = layer_entries(dict(base_ram), str(base / STATE))
+            new = linked
+            if dirty:
+                try:
+                    layer = write_layer(memory, self.path / _new_ram_name(), dirty)
+                except BaseException:
+                    self._remove(linked)
+                    raise
+                layers = [*layers, layer]
+                new = [*linked, layer["file"]]
+            ram = {**base_ram, "layers": layers}
+            self._commit(machine, ram, chunks, new=new, background_cleanup=background_cleanup)
+            if progress:
+                progress(memory.size, memory.size)
+        return ram
+
+    def _link(self, base: Path, names: list[str]) -> list[str]:
+        """Hard-link the RAM files ``names`` of the snapshot in ``base`` into this one."""
+        done: list[str] = []
         try:
-            return read_state(self.path / STATE).ram.get("file") == ram_name
-        except SnapshotError:
-            return False
+            for name in names:
+                target = self.path / name
+                if target.exists() and os.path.samefile(base / name, target):
+                    continue  # linked by an earlier save here
+                os.link(base / name, target)
+                done.append(name)
+        except OSError as e:
+            self._remove(done)
+            if e.errno == errno.EXDEV:
+                raise SnapshotError(f"cannot write an incremental snapshot into {self.path}: "
+                                    f"it is on another file system than {base}, the "
+                                    f"checkpoint it builds on (use that directory, one on "
+                                    f"its file system, or a full checkpoint)") from None
+            raise SnapshotError(f"cannot link {base / name} into {self.path}: "
+                                f"{e.strerror}") from None
+        return done
 
-    def _stale(self, *, keep: str) -> list[str]:
-        """RAM files other than ``keep`` and leftovers of interrupted saves."""
-        return [name for name in os.listdir(self.path)
-                if name != keep and (_RAM_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name))]
+    def _commit(self, machine: Mapping[str, Any], ram: dict[str, Any], chunks: list[Chunk], *,
+                new: list[str], background_cleanup: bool) -> None:
+        """Replace ``state`` (the commit point), then remove the RAM files it no longer
+        names; on failure remove the files this save made (``new``) unless committed."""
+        try:
+            write_state(self.path / STATE, machine=machine, ram=ram, chunks=chunks)
+        except BaseException:
+            if _held_ram(self.path) != _ram_names(ram):
+                self._remove(new)
+            raise
+        stale = self._stale(keep=set(_ram_names(ram)))
+        if not background_cleanup:
+            self._remove(stale)
+            return
+        cleaner = threading.Thread(target=self._remove, args=(stale,),
+                                   name="hvf snapshot cleanup", daemon=True)
+        _cleanups.append(cleaner)
+        cleaner.start()
+
+    def _stale(self, *, keep: set[str]) -> list[str]:
+        """RAM files other than those in ``keep`` and leftovers of interrupted saves."""
+        return [name for name in os.listdir(self.path) if name not in keep
+                and (_RAM_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name))]
 
     def _remove(self, names: list[str]) -> None:
         removed = False
@@ -221,17 +293,42 @@ class SnapshotStore:
         if not state_path.exists() and not state_path.is_symlink():
             raise SnapshotError(f"{self.path}: not an hvf snapshot (it has no '{STATE}' file)")
         state = read_state(state_path)
-        return state, self._ram_path(state, state_path)
+        ram = self._ram_path(state, state_path)
+        self._layers(state, state_path)
+        return state, ram
 
     def open_ram(self, ram: Path, size: int) -> int:
         """The RAM file ``load`` named, opened for a restored VM to map."""
         return open_ram(ram, size)
 
+    def load_layers(self, state: StateFile, view: memoryview) -> None:
+        """Read the snapshot's RAM layers, oldest first, over guest RAM mapped from its
+        RAM file (``view``); nothing for a full snapshot."""
+        for path, runs, _entry in self._layers(state, self.path / STATE):
+            apply_layer(path, runs, view)
+
     def verify(self) -> StateFile:
-        """Load the snapshot and check every checksum, the RAM file's data included."""
+        """Load the snapshot and check every checksum, the RAM files' data included."""
         state, ram = self.load()
         verify_ram(ram, state.ram)
+        for path, _runs, entry in self._layers(state, self.path / STATE):
+            verify_layer(path, entry)
         return state
+
+    def _layers(self, state: StateFile, state_path: Path
+                ) -> list[tuple[Path, list[Run], dict[str, Any]]]:
+        """Each RAM layer's file, its checked runs and its entry."""
+        pages = int(state.ram["size"]) // PAGE
+        found = []
+        for i, entry in enumerate(layer_entries(state.ram, str(state_path))):
+            name = entry.get("file")
+            if not isinstance(name, str) or not _RAM_NAME.fullmatch(name):
+                raise SnapshotError(f"{state_path}: refusing RAM layer name {name!r}: it must "
+                                    f"be a plain 'ram-...' name inside {self.path}")
+            path = self.path / name
+            found.append((path, check_layer(path, entry, pages, f"{state_path}, layer {i + 1}"),
+                          entry))
+        return found
 
     @staticmethod
     def describe(state: StateFile) -> str:
@@ -264,3 +361,29 @@ class SnapshotStore:
             raise SnapshotError(f"{path}: the RAM file is {st.st_size} bytes but the snapshot "
                                 f"records {size} (truncated or replaced)")
         return path
+
+
+def _checked(chunks: Iterable[Chunk]) -> list[Chunk]:
+    """``chunks``, refused now if a save would fail on them (before the RAM write)."""
+    chunks = list(chunks)
+    seen: set[str] = set()
+    for chunk in chunks:
+        if chunk.name in seen:
+            raise SnapshotError(f"cannot save: two chunks named '{chunk.name}'")
+        seen.add(chunk.name)
+        encode_fields(chunk.fields, where=f"chunk '{chunk.name}'")
+    return chunks
+
+
+def _ram_names(ram: Mapping[str, Any]) -> list[str]:
+    """The RAM file and the layers a ``ram`` section names, base first."""
+    layers = ram.get("layers", [])
+    return [ram.get("file"), *(e.get("file") for e in layers if isinstance(e, dict))]
+
+
+def _held_ram(path: Path) -> list[str] | None:
+    """What the snapshot in ``path`` names now (None: no readable snapshot)."""
+    try:
+        return _ram_names(read_state(path / STATE).ram)
+    except SnapshotError:
+        return None

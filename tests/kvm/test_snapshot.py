@@ -669,10 +669,10 @@ def test_restore_refuses_newer_versions(snap_copy: Path, tmp_path: Path) -> None
     state = snap_copy / "state"
     original = state.read_bytes()
     data = bytearray(original)
-    struct.pack_into("<I", data, 8, 2)  # the header's format version
+    struct.pack_into("<I", data, 8, 3)  # the header's format version
     state.write_bytes(bytes(data))
     err = refused_restore(snap_copy, tmp_path, "newer1")
-    assert "unsupported state file format version 2" in err and "newer hvf" in err
+    assert "unsupported state file format version 3" in err and "newer hvf" in err
     # a chunk saved by a newer core (a valid file otherwise)
     state.write_bytes(original)
     parsed = read_state(state)

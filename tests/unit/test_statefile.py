@@ -231,9 +231,9 @@ def test_bad_magic(tmp_path: Path) -> None:
 
 
 def test_unknown_format_version(valid: bytes) -> None:
-    data = valid[:8] + struct.pack("<I", 2) + valid[12:]
-    with pytest.raises(SnapshotError, match=r"unsupported state file format version 2 "
-                       r"\(written by a newer hvf\?\); this hvf \(0\.1\.0\) reads version 1"):
+    data = valid[:8] + struct.pack("<I", 3) + valid[12:]
+    with pytest.raises(SnapshotError, match=r"unsupported state file format version 3 "
+                       r"\(written by a newer hvf\?\); this hvf \(0\.1\.0\) reads versions 1, 2"):
         parse_state(data, "f")
     with pytest.raises(SnapshotError, match="format version 0;"):
         parse_state(valid[:8] + bytes(4) + valid[12:])
