@@ -90,19 +90,21 @@ class Machine:
             undo.callback(self.vmfd.close)
             self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
             self.vmfd.set_tss_addr(TSS_ADDR)
-            self.vmfd.create_irqchip()
-            self.vmfd.create_pit2()
-            #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
-            self.interrupts = InterruptController(
-                self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
             self.memory = GuestMemory(memory_size, ram_file,
                                       shared=config.get_bool("memory.shared"),
                                       wired=config.get_bool("memory.wired"),  # -S
                                       in_core=config.get_bool("memory.guest_in_core"),  # -C
                                       adopt=adopt_ram)
             undo.callback(self.memory.close)
+            # RAM's slots before the irqchip: the first slot set after KVM_CREATE_IRQCHIP
+            # waits out the grace period that it started (~8 ms asleep here).
+            self.log_dirty_pages(False)
+            self.vmfd.create_irqchip()
+            self.vmfd.create_pit2()
+            #: Interrupt lines, MSI vectors and irqfds; devices are handed theirs.
+            self.interrupts = InterruptController(
+                self.vmfd, max_gsi=self.kvm.check_extension(lib.KVM_CAP_IRQ_ROUTING))
             undo.pop_all()
-        self.log_dirty_pages(False)
         self._next_slot = len(self.memory.regions)
 
         self._cond = threading.Condition()
