@@ -26,7 +26,8 @@ from hvf.plugins.pci import hostbridge
 from hvf.plugins.pci.acpi import ROOT_BRIDGE
 from hvf.plugins.pci.acpi import describe as describe_acpi
 from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
-from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, BAR_ROM, Bar, PciDevice
+from hvf.plugins.pci.config_space import BAR_IO, BAR_MEM32, BAR_MEM64, BAR_ROM, Bar
+from hvf.plugins.pci.device import PciDevice
 from hvf.plugins.pci.msi import MsiCapability
 from hvf.plugins.pci.msix import CAP_ID_MSIX, MsixCapability
 from hvf.plugins.pci.rom import load_rom

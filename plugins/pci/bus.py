@@ -16,15 +16,8 @@ import attrs
 from hvf.device import Device
 from hvf.errors import ConfigError
 from hvf.memory import HIGHMEM_BASE, GiB, MiB
-from hvf.plugins.pci.device import (
-    BAR_IO,
-    BAR_MEM64,
-    COMMAND,
-    HEADER_TYPE,
-    INTERRUPT_LINE,
-    Bar,
-    PciDevice,
-)
+from hvf.plugins.pci.config_space import BAR_IO, BAR_MEM64, COMMAND, HEADER_TYPE, INTERRUPT_LINE, Bar
+from hvf.plugins.pci.device import PciDevice
 from hvf.plugins.pci.intx import PIRQ_COUNT, PIRQ_WRITABLE, IntxRouter
 from hvf.plugins.pci.rom import ROM_ADDRESS
 from hvf.snapshot_api import Fields, check_fields, field_bytes, field_flags

@@ -37,7 +37,7 @@ from hvf.plugins.uart import com
 from hvf.plugins.lpc.bridge import LpcBridge, attach_isa_devices
 from hvf.plugins.lpc.fwcfg import FwCfg
 from hvf.plugins.pci.bus import ECAM_BASE, PciBus
-from hvf.plugins.pci.device import BAR_MEM64, PciDevice
+from hvf.plugins.pci import BAR_MEM64, PciDevice
 from hvf.plugins.pci.intx import pirq_for
 
 import fakes

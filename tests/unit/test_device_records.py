@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hvf.plugins.lpc.reset import PORT_A_A20, RCR_WRITABLE, ResetState
-from hvf.plugins.pci.device import PciFunctionState
+from hvf.plugins.pci.config_space import PciFunctionState
 from hvf.plugins.pci.msix import MsixState
 from hvf.plugins.virtio.console import ConsoleState
 

@@ -18,7 +18,7 @@ from hvf.iobus import MmioBus, PortBus, Range
 from hvf.memory import GiB, KiB, MiB
 from hvf.plugins.pci import hostbridge
 from hvf.plugins.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
-from hvf.plugins.pci.device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
+from hvf.plugins.pci import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 from hvf.plugins.pci.intx import PERMITTED_IRQS, pirq_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
