@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from hvf import exitcodes
 from hvf.control import ControlClient, is_live, runtime_dir, socket_path
 from hvf.errors import CtlError, HvfError, SnapshotError
+from hvf.memory import describe_size
 
 #: Seconds ``hvf ctl`` waits for each answer of the VM (a save reports progress).
 DEFAULT_TIMEOUT = 30
@@ -148,9 +149,9 @@ def _human(vm: str, command: str, reply: dict[str, Any]) -> str:
                 f"up {reply.get('uptime')} s")
     if command in ("suspend", "checkpoint"):
         kind = "incremental snapshot" if reply.get("incremental") else "snapshot"
-        ram = int(reply.get("ram_bytes_written", 0))
+        ram = describe_size(int(reply.get("ram_bytes_written", 0)))
         return (f"{vm}: {kind} written to {reply.get('path')} in {reply.get('seconds')} s "
-                f"({ram / 2**20:.1f} MiB of RAM); VM {reply.get('state', 'running')}")
+                f"({ram} of RAM); VM {reply.get('state', 'running')}")
     if command in ("pause", "resume", "poweroff"):
         return f"{vm}: {reply.get('state')}"
     if command == "migrate" and reply.get("state") == "migrated":
