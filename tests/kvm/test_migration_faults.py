@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hvf.migration.stream import HEADER, MAGIC, Kind
 
+from conftest import run_hvf
 from test_migration import Proc, ctl, finished, listening, start_migration
 from test_snapshot import check_counter, counter_args, lines_in, read, wait_until
 
@@ -101,6 +102,7 @@ def damaged_migration(guests: dict[str, Path], tmp_path: Path, name: str,
                  runtime=tmp_path / "run-b") as dst:
         wait_until(lambda: lines_in(out_a) >= 3, 60, "3 lines from the counter", src)
         wait_until(lambda: listening(dst), 60, "the destination to listen", dst)
+        ctl(name, "checkpoint", tmp_path / "ck", proc=src)  # its dirty log runs from here
         proxy = Proxy(front, back, tamper)
         try:
             status, reply = finished(start_migration(name, src, f"unix:{front}"), 120)
@@ -111,6 +113,10 @@ def damaged_migration(guests: dict[str, Path], tmp_path: Path, name: str,
         yield reply["error"], dst
         print(f"destination: {dst.stderr.splitlines()[-1]}")
         assert ctl(name, "status", proc=src)["state"] == "running"
+        # the migration took the dirty log over: the next checkpoint must be a full one
+        refused = run_hvf(["ctl", "--vm", name, "checkpoint", "--incremental", tmp_path / "ck"],
+                          timeout=60, env=src.env)
+        assert refused.returncode != 0 and "take a full checkpoint" in refused.stderr
         lines = lines_in(out_a)
         wait_until(lambda: lines_in(out_a) >= lines + 2, 30, "the source counting on", src)
         ctl(name, "poweroff", proc=src)
