@@ -35,6 +35,10 @@ class NetBackend:
     guest_offloads = 0
     #: F_CSUM / F_HOST_* offload bits it accepts from the guest.
     host_offloads = 0
+    #: :meth:`fileno` itself moves one whole frame, vnet header first, per ``writev``
+    #: and per ``readv`` (returning its whole length), as :meth:`send` and
+    #: :meth:`receive` do: the device may move frames on it in C.
+    frame_fd = False
 
     def __init__(self, name: str, pairs: int) -> None:
         #: For messages and stats: "tap tap0", "slirp".

@@ -21,6 +21,7 @@ import attrs
 
 from hvf.errors import DeviceError
 from hvf.plugins.net import ctrl
+from hvf.plugins.net.fastpath import NetPath
 from hvf.plugins.net.frames import announcement
 from hvf.plugins.net.rx import RxQueue
 from hvf.plugins.net.spec import (
@@ -108,8 +109,16 @@ class VirtioNet(VirtioPciDevice):
         self.tx = [TxQueue(self, pair) for pair in range(self.pairs)]
         #: Set by a restore: announce the guest once the machine runs.
         self.announce_pending = False
+        self._path: NetPath | None = None
 
     # ---- what the data path asks ----
+
+    @property
+    def path(self) -> NetPath | None:
+        """The C data path, on a back end with a frame descriptor (a tap)."""
+        if self._path is None and self.backend.frame_fd and self.backend.vnet_header:
+            self._path = NetPath(self.ctx.memory)
+        return self._path
 
     @property
     def merge(self) -> bool:

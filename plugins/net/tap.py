@@ -77,6 +77,7 @@ class TapBackend(NetBackend):
     """An attached tap interface, one non-blocking descriptor per queue pair."""
 
     vnet_header = True
+    frame_fd = True
     host_offloads = F_CSUM | F_HOST_TSO4 | F_HOST_TSO6
 
     def __init__(self, ifname: str, fds: list[int], *, created: bool) -> None:

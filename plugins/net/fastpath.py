@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: BSD-2-Clause
+"""virtio-net's batch data path in C (:mod:`hvf.plugins.net._netpath`), for back ends
+whose descriptor moves one whole frame per ``writev``/``readv`` (a tap:
+:attr:`~hvf.plugins.net.backend.NetBackend.frame_fd`).
+
+:meth:`NetPath.transmit` sends every available transmit chain and
+:meth:`NetPath.receive` fills posted receive chains with frames, both in one C call
+(the GIL released). Each stops where the next chain or frame needs what only the
+Python path (:mod:`.tx`, :mod:`.rx`) does: a chain breaking the ring's rules (Python
+raises the error that sets DEVICE_NEEDS_RESET), a transmitted frame to drop or an ARP
+frame to learn from, a receive ring holding less than the largest frame, an error
+from the back end. The ring positions live in the queue's state as before, so the
+two paths take turns on a queue. Received bytes are marked written for a migration.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING, Any
+
+from hvf.plugins.net._netpath import ffi, lib
+from hvf.plugins.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
+from hvf.plugins.virtio.spec import F_RING_INDIRECT_DESC
+
+if TYPE_CHECKING:
+    from hvf.memory import GuestMemory
+    from hvf.plugins.net.state import RxFilter
+    from hvf.plugins.virtio.queue import SplitQueue
+
+#: What a call reports: the ring (tx) or the back end (rx) has no more; it did as
+#: many frames as asked; the next chain or frame is the Python path's; the back end
+#: cannot take a frame now (tx).
+EMPTY = lib.HVF_NET_EMPTY
+LIMIT = lib.HVF_NET_LIMIT
+SLOW = lib.HVF_NET_SLOW
+BLOCKED = lib.HVF_NET_BLOCKED
+
+
+class NetPath:
+    """The C data path over one guest's RAM, for the queues of one device."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._memory = memory
+        self._ram = ram = ffi.new("struct hvf_net_ram *")
+        #: The region buffers C points into (they keep guest RAM mapped).
+        self._windows: list[Any] = []
+        for i, region in enumerate(memory.regions):
+            window = ffi.from_buffer(
+                memory.view[region.file_offset : region.file_offset + region.size])
+            self._windows.append(window)
+            ram.base[i] = region.guest_base
+            ram.size[i] = region.size
+            ram.host[i] = ffi.cast("uint8_t *", window)
+            ram.file_offset[i] = region.file_offset
+        ram.nregions = len(memory.regions)
+        self._written: bytearray | None = None
+        self._written_buffer: Any = None
+        #: Per queue index: the SplitQueue its ring record was made for, and the record.
+        self._rings: dict[int, tuple[SplitQueue, Any]] = {}
+        self._tx = ffi.new("struct hvf_net_tx_args *")
+        self._rx = ffi.new("struct hvf_net_rx_args *")
+        self._filter: tuple[Any, ...] | None = None
+        self._sockets: dict[int, bool] = {}
+
+    def transmit(self, index: int, queue: SplitQueue, negotiated: int, fd: int,
+                 mtu_frame: int, limit: int) -> tuple[int, int, int]:
+        """Send up to ``limit`` frames from ``queue``: (status, frames, bytes)."""
+        ring = self._ring(index, queue, negotiated)
+        args = self._tx
+        args.negotiated = negotiated
+        args.mtu_frame = mtu_frame
+        state = queue.state
+        ring.next_avail, ring.next_used = state.next_avail, state.next_used
+        status = lib.hvf_net_tx(self._ram, ring, fd, args, limit)
+        state.next_avail, state.next_used = ring.next_avail, ring.next_used
+        return status, args.frames, args.bytes
+
+    def receive(self, index: int, queue: SplitQueue, negotiated: int, fd: int, *,
+                merge: bool, guest_csum: bool, frame_limit: int, mac: bytes,
+                rx_filter: RxFilter, limit: int) -> tuple[int, Any]:
+        """Take up to ``limit`` frames from ``fd`` into ``queue``'s chains: the status and
+        the counts (``frames``, ``bytes``, ``oversize``, ``filtered``)."""
+        ring = self._ring(index, queue, negotiated)
+        args = self._rx
+        args.merge = merge
+        args.guest_csum = guest_csum
+        args.limit = frame_limit
+        args.is_socket = self._is_socket(fd)
+        self._set_filter(args, mac, rx_filter)
+        self._sync_written()
+        state = queue.state
+        ring.next_avail, ring.next_used = state.next_avail, state.next_used
+        status = lib.hvf_net_rx(self._ram, ring, fd, args, limit)
+        state.next_avail, state.next_used = ring.next_avail, ring.next_used
+        return status, args
+
+    def _ring(self, index: int, queue: SplitQueue, negotiated: int) -> Any:
+        known = self._rings.get(index)
+        if known is not None and known[0] is queue:
+            return known[1]
+        state = queue.state
+        size = state.size
+        ring = ffi.new("struct hvf_net_ring *")
+        # The queue checked these lie inside guest RAM when it was made.
+        ring.desc = self._host(state.desc_addr, desc_table_bytes(size))
+        ring.avail = self._host(state.avail_addr, avail_ring_bytes(size))
+        ring.used = self._host(state.used_addr, used_ring_bytes(size))
+        ring.size = size
+        ring.indirect = bool(negotiated & F_RING_INDIRECT_DESC)
+        self._rings[index] = (queue, ring)
+        return ring
+
+    def _host(self, gpa: int, length: int) -> Any:
+        ram = self._ram
+        for i in range(ram.nregions):
+            base, size = ram.base[i], ram.size[i]
+            if base <= gpa and gpa + length <= base + size:
+                return ram.host[i] + (gpa - base)
+        raise ValueError(f"ring at {gpa:#x} length {length:#x} is not inside guest RAM")
+
+    def _sync_written(self) -> None:
+        written = self._memory.written
+        if written is self._written:
+            return
+        self._written = written
+        ram = self._ram
+        if written is None:
+            self._written_buffer = None
+            ram.written = ffi.NULL
+            ram.written_pages = 0
+        else:
+            self._written_buffer = ffi.from_buffer(written)
+            ram.written = ffi.cast("uint8_t *", self._written_buffer)
+            ram.written_pages = len(written)
+
+    def _set_filter(self, args: Any, mac: bytes, f: RxFilter) -> None:
+        key = (mac, f.promisc, f.allmulti, f.unicast_overflow, f.multicast_overflow,
+               tuple(f.unicast), tuple(f.multicast))
+        if key == self._filter:
+            return
+        self._filter = key
+        args.mac = list(mac)
+        args.promisc, args.allmulti = f.promisc, f.allmulti
+        args.unicast_overflow, args.multicast_overflow = f.unicast_overflow, f.multicast_overflow
+        args.nunicast, args.nmulticast = len(f.unicast), len(f.multicast)
+        for i, address in enumerate(f.unicast):
+            args.unicast[i] = list(address)
+        for i, address in enumerate(f.multicast):
+            args.multicast[i] = list(address)
+
+    def _is_socket(self, fd: int) -> bool:
+        known = self._sockets.get(fd)
+        if known is None:
+            known = self._sockets[fd] = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        return known
