@@ -41,6 +41,10 @@ class Device:
     #: snapshots made by earlier versions of the device still restore. The fields are
     #: untrusted: ``f`` raises ``ValueError`` naming a field it cannot convert.
     state_upgrades: ClassVar[Mapping[int, Upgrade]] = {}
+    #: False when the device's back end writes guest RAM from outside hvf (another
+    #: process: a vhost-user back end), where hvf's dirty log cannot see it: a
+    #: migration that copies RAM and an incremental checkpoint then refuse the machine.
+    dirty_tracked: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
         self.name = name

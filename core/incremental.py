@@ -88,6 +88,12 @@ def forget(vm: Machine) -> None:
 
 def base_of(vm: Machine) -> CheckpointBase:
     """The base an incremental checkpoint of ``vm`` builds on, or why there is none."""
+    from hvf.migration.dirty import unseen_writers
+
+    unseen = unseen_writers(vm)
+    if unseen is not None:
+        raise SnapshotError(f"an incremental checkpoint writes only the pages logged as "
+                            f"dirty, but {unseen}: take a full checkpoint")
     if vm.checkpoint_base is None:
         raise SnapshotError("an incremental checkpoint writes what changed since this VM's "
                             "last checkpoint (or the snapshot it was restored from), and it "

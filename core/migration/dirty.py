@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from hvf.vm import Machine
 
 
+def unseen_writers(vm: Machine) -> str | None:
+    """Why the dirty log of ``vm`` cannot be complete (None: it can): devices whose back
+    ends write guest RAM from another process (:attr:`hvf.device.Device.dirty_tracked`)."""
+    unseen = [d.name for d in vm.devices if not d.dirty_tracked]
+    if not unseen:
+        return None
+    return (f"the back end of {', '.join(unseen)} writes guest RAM from another process, "
+            f"where hvf's dirty log cannot see it")
+
+
 class DirtyLog:
     """Dirty tracking of one machine's RAM, for the length of one migration."""
 

@@ -35,7 +35,7 @@ from hvf.errors import HvfError, MigrationError
 from hvf.extents import PAGE, private_extents
 from hvf.migration import handshake
 from hvf.migration.chunks import encode_state
-from hvf.migration.dirty import DirtyLog
+from hvf.migration.dirty import DirtyLog, unseen_writers
 from hvf.migration.pages import (
     MAX_PAGES,
     Run,
@@ -115,6 +115,10 @@ class Migration:
         self.bandwidth = bandwidth  # bytes/s; 0: as fast as the link goes
         self.timeout = timeout
         self.ram = ("private" if vm.memory.private else "shared") if local else "copy"
+        unseen = unseen_writers(vm) if self.ram != "shared" else None
+        if unseen is not None:
+            raise MigrationError(f"cannot copy guest RAM while it runs: {unseen} (hand the "
+                                 f"RAM over with --local, or suspend and restore)")
         self.progress = progress
         self.cancelled = threading.Event()
         self.throttle = Throttle(vm)

@@ -121,6 +121,7 @@ def negotiate(client: VhostUserClient) -> Backend:
 class VhostUserBlk(VirtioPciDevice):
     device_type = TYPE_BLOCK
     class_code = 0x010000
+    dirty_tracked = False  # the daemon writes guest RAM (no VHOST_F_LOG_ALL log here)
 
     def __init__(self, name: str, socket_path: str, client: VhostUserClient,
                  backend: Backend, queues: int, *, bootindex: int | None = None) -> None:

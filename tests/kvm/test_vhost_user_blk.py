@@ -195,6 +195,27 @@ def test_suspend_mid_write_and_restore_into_shared_memory(
     check_image(daemon.image, sectors)
 
 
+def test_what_needs_a_complete_dirty_log_is_refused(
+        guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
+    """The daemon writes guest RAM where hvf's dirty log cannot see it: an incremental
+    checkpoint and a migration that copies RAM are refused, naming the device, and the
+    guest runs on; a full checkpoint is fine."""
+    name, snap = "vu-dirty", tmp_path / "snap"
+    args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
+            "--kernel", guests["virtio_blk"], "--append", "n=16384", name]
+    with Hvf(args, tmp_path, "a") as vm:
+        wait_served(name, vm)
+        wait_until(lambda: "blk capacity" in vm.stdout, 120, "the guest to start", vm)
+        assert run_hvf(["ctl", "--vm", name, "checkpoint", snap], timeout=60).returncode == 0
+        for command, what in ((["checkpoint", "--incremental", snap], "incremental"),
+                              (["migrate", f"unix:{tmp_path / 'nobody.sock'}"], "copy")):
+            r = run_hvf(["ctl", "--vm", name, *command], timeout=60)
+            assert r.returncode != 0, r.stdout
+            assert "vhost-user-blk" in r.stderr and "dirty log" in r.stderr, (what, r.stderr)
+        assert vm.wait(300) == 1, (vm.stdout, vm.stderr)  # the guest finished its work
+    assert vm.stdout.splitlines()[-6:-2] == blk_lines(16384), vm.stdout
+
+
 def test_bad_vhost_user_configuration_exits_4(tmp_path: Path) -> None:
     cases = {
         "3,vhost-user-blk": "no back end given",
