@@ -17,8 +17,10 @@ before ``Popen``):
   start to hvf's exit (status 1), the whole life of a short VM.
 
 Marks per run: ``output``, the guest's first line on the pipe (a thread reads it; in
-``plain`` it is written by the guest's first instructions, so this is process start to
-the guest's first instruction); ``running``, the VM's reply ``"state": "running"`` to
+``plain`` the guest writes it once its set-up code has run: .bss cleared, page tables,
+IDT; on kvm_pvm, which emulates that code, its first exit to hvf comes ~25 ms after its
+first instruction (~8 ms for ``hello``), so this bounds process start to the guest's
+first instruction from above); ``running``, the VM's reply ``"state": "running"`` to
 ``status`` on its control socket (polled for from the start, every 0.5 ms); the VMM's
 CPU time (user + system, all threads, /proc/PID/stat) when the output arrived; then
 ``poweroff`` on the control socket. The interpreter alone (``python -c pass``, the same
@@ -370,7 +372,7 @@ def report(summary: dict[str, dict[str, dict[str, float]]], rounds: int,
     for label, marks in summary.items():
         out.append(f"    {label:18}" + "".join(_cell(marks.get(k)) for k in KEYS))
     out += [
-        "    plain: --kernel counter.elf (its first output is its first instructions); "
+        "    plain: --kernel counter.elf (its first output follows its set-up code); "
         "restore: -r SNAPSHOT of it;",
         "    exit: the hello guest with exit=0, to hvf's exit; floor: python -c pass; "
         "running: `status` says so",
