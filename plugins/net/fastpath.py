@@ -60,6 +60,7 @@ class NetPath:
         self._rings: dict[int, tuple[SplitQueue, Any]] = {}
         self._tx = ffi.new("struct hvf_net_tx_args *")
         self._rx = ffi.new("struct hvf_net_rx_args *")
+        #: The receive filter and address last given to C, as copies.
         self._filter: tuple[Any, ...] | None = None
         self._sockets: dict[int, bool] = {}
 
@@ -135,11 +136,14 @@ class NetPath:
             ram.written_pages = len(written)
 
     def _set_filter(self, args: Any, mac: bytes, f: RxFilter) -> None:
-        key = (mac, f.promisc, f.allmulti, f.unicast_overflow, f.multicast_overflow,
-               tuple(f.unicast), tuple(f.multicast))
-        if key == self._filter:
+        last = self._filter
+        if (last is not None and last[0] == mac and last[1] == f.promisc
+                and last[2] == f.allmulti and last[3] == f.unicast_overflow
+                and last[4] == f.multicast_overflow and last[5] == f.unicast
+                and last[6] == f.multicast):
             return
-        self._filter = key
+        self._filter = (mac, f.promisc, f.allmulti, f.unicast_overflow,
+                        f.multicast_overflow, list(f.unicast), list(f.multicast))
         args.mac = list(mac)
         args.promisc, args.allmulti = f.promisc, f.allmulti
         args.unicast_overflow, args.multicast_overflow = f.unicast_overflow, f.multicast_overflow
