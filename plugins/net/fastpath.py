@@ -20,11 +20,13 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from hvf.plugins.net._netpath import ffi, lib
+from hvf.plugins.net.spec import F_GUEST_CSUM
 from hvf.plugins.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
 from hvf.plugins.virtio.spec import F_RING_INDIRECT_DESC
 
 if TYPE_CHECKING:
     from hvf.memory import GuestMemory
+    from hvf.plugins.net.device import VirtioNet
     from hvf.plugins.net.state import RxFilter
     from hvf.plugins.virtio.queue import SplitQueue
 
@@ -62,7 +64,6 @@ class NetPath:
         self._rx = ffi.new("struct hvf_net_rx_args *")
         #: The receive filter and address last given to C, as copies.
         self._filter: tuple[Any, ...] | None = None
-        self._sockets: dict[int, bool] = {}
 
     def transmit(self, index: int, queue: SplitQueue, negotiated: int, fd: int,
                  mtu_frame: int, limit: int) -> tuple[int, int, int]:
@@ -77,19 +78,25 @@ class NetPath:
         state.next_avail, state.next_used = ring.next_avail, ring.next_used
         return status, args.frames, args.bytes
 
-    def receive(self, index: int, queue: SplitQueue, negotiated: int, fd: int, *,
-                merge: bool, guest_csum: bool, frame_limit: int, mac: bytes,
-                rx_filter: RxFilter, limit: int) -> tuple[int, Any]:
-        """Take up to ``limit`` frames from ``fd`` into ``queue``'s chains: the status and
-        the counts (``frames``, ``bytes``, ``oversize``, ``filtered``)."""
-        ring = self._ring(index, queue, negotiated)
+    def receive(self, index: int, queue: SplitQueue, fd: int, limit: int,
+                device: VirtioNet) -> tuple[int, Any]:
+        """Take up to ``limit`` frames from ``fd`` into ``queue``'s chains for ``device``:
+        the status and the counts (``frames``, ``bytes``, ``oversize``, ``filtered``)."""
         args = self._rx
-        args.merge = merge
-        args.guest_csum = guest_csum
-        args.limit = frame_limit
-        args.is_socket = self._is_socket(fd)
-        self._set_filter(args, mac, rx_filter)
-        self._sync_written()
+        known = self._rings.get(index)
+        if known is not None and known[0] is queue:
+            ring = known[1]
+        else:  # a new queue: the driver's features are settled for its life
+            negotiated = device.negotiated
+            ring = self._ring(index, queue, negotiated)
+            args.merge = device.merge
+            args.guest_csum = bool(negotiated & F_GUEST_CSUM)
+            args.limit = device.rx_limit
+            args.is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        net = device.net
+        self._set_filter(args, net.mac, net.rx_filter)
+        if self._memory.written is not self._written:
+            self._sync_written()
         state = queue.state
         ring.next_avail, ring.next_used = state.next_avail, state.next_used
         status = lib.hvf_net_rx(self._ram, ring, fd, args, limit)
@@ -121,10 +128,7 @@ class NetPath:
         raise ValueError(f"ring at {gpa:#x} length {length:#x} is not inside guest RAM")
 
     def _sync_written(self) -> None:
-        written = self._memory.written
-        if written is self._written:
-            return
-        self._written = written
+        written = self._written = self._memory.written
         ram = self._ram
         if written is None:
             self._written_buffer = None
@@ -153,8 +157,3 @@ class NetPath:
         for i, address in enumerate(f.multicast):
             args.multicast[i] = list(address)
 
-    def _is_socket(self, fd: int) -> bool:
-        known = self._sockets.get(fd)
-        if known is None:
-            known = self._sockets[fd] = stat.S_ISSOCK(os.fstat(fd).st_mode)
-        return known

@@ -125,11 +125,8 @@ class RxQueue:
         """Frames the C data path took, up to ``limit``: (its status, frames delivered
         or dropped)."""
         device = self.device
-        net = device.net
-        status, done = path.receive(
-            self.index, queue, device.negotiated, device.backend.fileno(self.pair),
-            merge=device.merge, guest_csum=bool(device.negotiated & F_GUEST_CSUM),
-            frame_limit=device.rx_limit, mac=net.mac, rx_filter=net.rx_filter, limit=limit)
+        status, done = path.receive(self.index, queue, device.backend.fileno(self.pair), limit,
+                                    device)
         counters = device.counters
         counters.rx_frames += done.frames
         counters.rx_bytes += done.bytes
