@@ -346,8 +346,9 @@ def restored_config(saved_values: dict[str, str], given: Config, what: str,
     saved = Config(saved_values)
     differences = snapshot.config_differences(saved, given)
     if differences:
-        raise ConfigError(f"{what}: these options contradict {source} (only console "
-                          "backends and the name may change): " + "; ".join(differences))
+        raise ConfigError(f"{what}: these options contradict {source} (only console and "
+                          "network back ends, vhost-user sockets and the name may change): "
+                          + "; ".join(differences))
     for key, value in given.items():
         saved.set(key, value)
     return saved

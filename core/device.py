@@ -42,9 +42,9 @@ class Device:
     #: untrusted: ``f`` raises ``ValueError`` naming a field it cannot convert.
     state_upgrades: ClassVar[Mapping[int, Upgrade]] = {}
     #: False when the device's back end writes guest RAM from outside hvf (another
-    #: process: a vhost-user back end), where hvf's dirty log cannot see it: a
-    #: migration that copies RAM and an incremental checkpoint then refuse the machine.
-    dirty_tracked: ClassVar[bool] = True
+    #: process: a vhost-user back end) and cannot log those writes (:meth:`log_writes`):
+    #: a migration that copies RAM and an incremental checkpoint then refuse the machine.
+    dirty_tracked: bool = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -63,6 +63,16 @@ class Device:
         Raise ``ValueError`` naming the field for anything :meth:`save_state` could not
         have written; the core reports it as malformed state of this device's chunk.
         """
+
+    def log_writes(self, on: bool) -> None:
+        """Start (with the machine paused) or stop logging the guest-RAM writes the
+        device's back end makes outside hvf; nothing for a device whose writes go through
+        hvf (its DMA views are marked already)."""
+
+    def logged_writes(self) -> list[tuple[int, int]]:
+        """The pages the back end wrote outside hvf since logging started or the last
+        call: sorted ``(first page, count)`` runs in the RAM file's layout."""
+        return []
 
     def boot_entries(self) -> Sequence[BootEntry]:
         """What the firmware may boot from this device, with the ``bootindex`` it was

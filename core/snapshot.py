@@ -38,7 +38,8 @@ log = logging.getLogger("hvf.snapshot")
 CORE_OWNER = "hvf"
 Progress = Callable[[int, int], None]
 
-#: Configuration a restore may change: where consoles go, network back ends, the VM's name.
+#: Configuration a restore may change: where consoles go, network back ends, vhost-user
+#: sockets, the VM's name.
 OVERRIDABLE = ("name", "config.dump", "lpc.debugcon.path", "control.")
 
 
@@ -46,8 +47,8 @@ def overridable(key: str) -> bool:
     if key.startswith(OVERRIDABLE):
         return True
     parts = key.split(".")
-    if parts[0] == "pci" and parts[-1] == "backend":
-        return True  # pci.B.S.F.backend: a network card's tap
+    if parts[0] == "pci" and parts[-1] in ("backend", "socket"):
+        return True  # pci.B.S.F.backend: a network card's tap; .socket: a vhost-user daemon
     # lpc.comN.path, pci.B.S.F.path: console backends
     return parts[-1] == "path" and (parts[0] == "pci" or (parts[0] == "lpc" and parts[1].startswith("com")))
 

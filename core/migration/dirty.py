@@ -35,8 +35,8 @@ def unseen_writers(vm: Machine) -> str | None:
     unseen = [d.name for d in vm.devices if not d.dirty_tracked]
     if not unseen:
         return None
-    return (f"the back end of {', '.join(unseen)} writes guest RAM from another process, "
-            f"where hvf's dirty log cannot see it")
+    return (f"the back end of {', '.join(unseen)} writes guest RAM from another process "
+            f"and cannot log those writes for hvf's dirty log")
 
 
 class DirtyLog:
@@ -60,6 +60,8 @@ class DirtyLog:
             self.vm.vmfd.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, self._protect)
         self.reset_written()
         self.vm.log_dirty_pages(True)
+        for device in self.vm.devices:  # back ends writing from another process
+            device.log_writes(True)
         self.active = True
         self.harvest()  # with INITIALLY_SET every bit starts set: protect every page
 
@@ -75,7 +77,8 @@ class DirtyLog:
             if found and self.manual:
                 vmfd.clear_dirty_log(slot, 0, pages, bitmap)
             runs += found
-        return runs
+        outside = [device.logged_writes() for device in self.vm.devices]
+        return union(runs, *outside) if any(outside) else runs
 
     def hvf_written(self) -> list[Run]:
         """Every page hvf handed out or wrote since :meth:`start`, and every ring's (call
@@ -95,4 +98,6 @@ class DirtyLog:
         if self.active:
             self.active = False
             self.vm.log_dirty_pages(False)
+            for device in self.vm.devices:
+                device.log_writes(False)
             self.memory.written = None

@@ -32,11 +32,16 @@ FLAG_NEED_REPLY = 1 << 3
 
 #: The vhost-user feature bit that says the back end speaks protocol features.
 F_PROTOCOL_FEATURES = 1 << 30
+#: The back end logs the guest-RAM pages it writes (dirty logging, for migration).
+F_LOG_ALL = 1 << 26
 P_MQ = 1 << 0
+P_LOG_SHMFD = 1 << 1
 P_REPLY_ACK = 1 << 3
 P_CONFIG = 1 << 9
 #: Protocol features this front end uses.
-PROTOCOL_FEATURES = P_MQ | P_REPLY_ACK | P_CONFIG
+PROTOCOL_FEATURES = P_MQ | P_LOG_SHMFD | P_REPLY_ACK | P_CONFIG
+#: SET_VRING_ADDR flag: log the used ring's writes at its guest-physical address too.
+VRING_F_LOG = 1 << 0
 
 MAX_REGIONS = 8
 MAX_CONFIG = 256
@@ -48,6 +53,7 @@ _STATE = struct.Struct("<II")
 _ADDR = struct.Struct("<IIQQQQ")
 _REGION = struct.Struct("<QQQQ")
 _CONFIG_HEADER = struct.Struct("<III")
+_LOG = struct.Struct("<QQ")
 
 
 class Request(enum.IntEnum):
@@ -55,6 +61,7 @@ class Request(enum.IntEnum):
     SET_FEATURES = 2
     SET_OWNER = 3
     SET_MEM_TABLE = 5
+    SET_LOG_BASE = 6
     SET_VRING_NUM = 8
     SET_VRING_ADDR = 9
     SET_VRING_BASE = 10
@@ -212,9 +219,18 @@ class VhostUserClient:
     def set_vring_base(self, index: int, base: int) -> None:
         self._call(Request.SET_VRING_BASE, _STATE.pack(index, base))
 
-    def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
-        """Ring addresses in the front end's address space (as the memory table maps)."""
-        self._call(Request.SET_VRING_ADDR, _ADDR.pack(index, 0, desc, used, avail, 0))
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int,
+                       log: int | None = None) -> None:
+        """Ring addresses in the front end's address space (as the memory table maps);
+        with ``log``, the used ring's guest-physical address, whose writes are logged."""
+        self._call(Request.SET_VRING_ADDR, _ADDR.pack(
+            index, 0 if log is None else VRING_F_LOG, desc, used, avail, log or 0))
+
+    def set_log_base(self, size: int, fd: int) -> None:
+        """Log dirty pages into the ``size``-byte bitmap in ``fd`` (LOG_SHMFD) from now
+        on; when this returns the back end no longer writes the previous one."""
+        self._send(Request.SET_LOG_BASE, _LOG.pack(size, 0), [fd])
+        self._reply(Request.SET_LOG_BASE)  # its u64 says nothing more
 
     def get_vring_base(self, index: int) -> int:
         """Stop queue ``index``; its next available-ring position."""

@@ -17,6 +17,11 @@ carries: a restore of such a VM loads the RAM file into a new shared memfd inste
 (``GET_VRING_BASE``) and finishes what it had taken, so a snapshot's RAM and queue
 positions agree; at resume, or after a restore, the queues start again from there.
 
+For a migration or an incremental checkpoint the back end logs the guest pages it
+writes (``VHOST_F_LOG_ALL`` into a shared bitmap, :mod:`.vhost_user_log`), which
+hvf's dirty log takes in with KVM's; a back end that cannot (no ``LOG_SHMFD``) makes
+hvf refuse both rather than miss its writes.
+
 When the back end hangs up, hvf reconnects (each second) and starts the queues again
 from the positions the guest's used rings show: requests the back end had not taken
 are served by the new one, and the guest sees a delay, not an error. That is exact for
@@ -45,13 +50,16 @@ from hvf.plugins.virtio.blk import TYPE_BLOCK
 from hvf.plugins.virtio.pci import ISR_QUEUE, VirtioPciDevice
 from hvf.plugins.virtio.spec import DRIVER_OK, F_VERSION_1, NO_VECTOR, TRANSPORT_FEATURES
 from hvf.plugins.virtio.vhost_user import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     P_CONFIG,
+    P_LOG_SHMFD,
     P_MQ,
     PROTOCOL_FEATURES,
     MemoryRegion,
     VhostUserClient,
 )
+from hvf.plugins.virtio.vhost_user_log import WriteLog
 from hvf.snapshot_api import Fields, check_fields
 
 if TYPE_CHECKING:
@@ -121,7 +129,6 @@ def negotiate(client: VhostUserClient) -> Backend:
 class VhostUserBlk(VirtioPciDevice):
     device_type = TYPE_BLOCK
     class_code = 0x010000
-    dirty_tracked = False  # the daemon writes guest RAM (no VHOST_F_LOG_ALL log here)
 
     def __init__(self, name: str, socket_path: str, client: VhostUserClient,
                  backend: Backend, queues: int, *, bootindex: int | None = None) -> None:
@@ -136,6 +143,10 @@ class VhostUserBlk(VirtioPciDevice):
             self.device_features &= ~F_MQ
         self.transport_features = backend.features & TRANSPORT_FEATURES
         self.bases = [0] * queues
+        #: Whether the back end can log what it writes (the dirty log then takes it in).
+        self.dirty_tracked = bool(client.protocol_features & P_LOG_SHMFD
+                                  and backend.features & F_LOG_ALL)
+        self._log: WriteLog | None = None
         #: Whether the back end runs the queues now.
         self.running = False
         self.reconnects = 0
@@ -198,11 +209,15 @@ class VhostUserBlk(VirtioPciDevice):
         if client is None or not self.state.status & DRIVER_OK:
             return  # disconnected: the reconnection starts them
         memory = self.ctx.memory
+        log = self._log
         try:
-            client.set_features(self.negotiated | F_PROTOCOL_FEATURES)
+            client.set_features(self.negotiated | F_PROTOCOL_FEATURES
+                                | (F_LOG_ALL if log is not None else 0))
             client.set_mem_table([
                 MemoryRegion(r.guest_base, r.size, memory.host_addr + r.file_offset,
                              r.file_offset, memory.fd) for r in memory.regions])
+            if log is not None:
+                client.set_log_base(log.size, log.fd)
             for index, queue in enumerate(self.queues):
                 if queue is None:
                     continue
@@ -211,7 +226,8 @@ class VhostUserBlk(VirtioPciDevice):
                 client.set_vring_base(index, self.bases[index])
                 client.set_vring_addr(index, self._host_addr(state.desc_addr),
                                       self._host_addr(state.used_addr),
-                                      self._host_addr(state.avail_addr))
+                                      self._host_addr(state.avail_addr),
+                                      log=state.used_addr if log is not None else None)
                 client.set_vring_kick(index, self.doorbells[index].fd)
                 client.set_vring_call(index, self._call_fd(index))
                 client.set_vring_enable(index, True)
@@ -261,6 +277,40 @@ class VhostUserBlk(VirtioPciDevice):
         with self.lock:
             if self.state.status & DRIVER_OK and not self.running:
                 self._start()
+
+    # ---- the back end's dirty log (a migration's or the checkpoints' thread) ----
+
+    def log_writes(self, on: bool) -> None:
+        with self.lock:
+            if on:
+                if self.running:  # the queues must start again with the log set up
+                    raise DeviceError(f"{self.name}: dirty logging must start while the "
+                                      f"back end runs no queue (the machine paused)")
+                if self._log is None:
+                    self._log = WriteLog(self.ctx.memory)
+                return
+            log, self._log = self._log, None
+            if log is None:
+                return
+            if self.running and self.client is not None:
+                try:
+                    self.client.set_features(self.negotiated | F_PROTOCOL_FEATURES)
+                except OSError as e:
+                    self._lost(e)
+            log.close()
+
+    def logged_writes(self) -> list[tuple[int, int]]:
+        with self.lock:
+            log = self._log
+            if log is None:
+                return []
+            client = self.client if self.running else None
+            if client is not None:
+                try:
+                    return log.take(lambda fd: client.set_log_base(log.size, fd))
+                except OSError as e:  # gone: it writes nothing more
+                    self._lost(e)
+            return log.take(None)
 
     # ---- losing and finding the back end ----
 
@@ -366,6 +416,9 @@ class VhostUserBlk(VirtioPciDevice):
         for fd in self._call_fds:
             self.ctx.loop.remove_reader(fd)
             os.close(fd)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         super().close()
 
 

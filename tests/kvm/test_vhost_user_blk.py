@@ -16,7 +16,9 @@ from pathlib import Path
 import attrs
 import pytest
 from hvf.testing import bootdisk
-from test_snapshot import Hvf, suspend_exit, wait_served, wait_until
+from test_incremental_checkpoint import guest_ram
+from test_migration import finished, listening, start_migration
+from test_snapshot import Hvf, ctl, poweroff, suspend_exit, wait_served, wait_until
 from test_virtio_blk_guest import IMAGE_SIZE, SECTOR, pattern
 
 from conftest import run_guest, run_hvf
@@ -34,8 +36,10 @@ MACHINE = ("-s", "0,hostbridge", "-s", "31,lpc", "-l", "pc-testdev", "-l", "debu
 class StorageDaemon:
     """``qemu-storage-daemon`` exporting ``image`` as vhost-user-blk on ``socket``."""
 
-    def __init__(self, image: Path, socket: Path, fmt: str = "raw", queues: int = 1) -> None:
+    def __init__(self, image: Path, socket: Path, fmt: str = "raw", queues: int = 1, *,
+                 locking: bool = True) -> None:
         self.image, self.socket, self.fmt, self.queues = image, socket, fmt, queues
+        self.locking = locking  # off: a second daemon on an image the first has open
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -45,7 +49,8 @@ class StorageDaemon:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 ["qemu-storage-daemon",
-                 "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+                 "--blockdev", f"driver=file,node-name=file0,filename={self.image}"
+                               + ("" if self.locking else ",locking=off"),
                  "--blockdev", f"driver={self.fmt},node-name=disk0,file=file0",
                  "--export", ("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                               f"addr.path={self.socket},writable=on,num-queues={self.queues}")],
@@ -195,25 +200,67 @@ def test_suspend_mid_write_and_restore_into_shared_memory(
     check_image(daemon.image, sectors)
 
 
-def test_what_needs_a_complete_dirty_log_is_refused(
+def reading_back(name: str, vm: Hvf, sectors: int) -> None:
+    """Wait until the guest is in its read-back, the daemon writing guest RAM."""
+    wait_until(lambda: f"blk flushed {sectors}" in vm.stdout, 300, "the writes to end", vm)
+    time.sleep(0.3)
+
+
+def test_an_incremental_checkpoint_takes_in_what_the_daemon_wrote(
         guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
-    """The daemon writes guest RAM where hvf's dirty log cannot see it: an incremental
-    checkpoint and a migration that copies RAM are refused, naming the device, and the
-    guest runs on; a full checkpoint is fine."""
-    name, snap = "vu-dirty", tmp_path / "snap"
+    """Mid read-back only the daemon writes the guest's data buffers: its own dirty log
+    (LOG_SHMFD) goes into the layer, so the layered RAM equals a full save of the same
+    paused guest, and the restored guest's read-back checks every sector."""
+    sectors, name = IMAGE_SIZE // SECTOR, "vu-incremental"
+    snap, whole = tmp_path / "snap", tmp_path / "whole"
     args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
-            "--kernel", guests["virtio_blk"], "--append", "n=16384", name]
+            "--kernel", guests["virtio_blk"], "--append", f"n={sectors}", name]
     with Hvf(args, tmp_path, "a") as vm:
         wait_served(name, vm)
         wait_until(lambda: "blk capacity" in vm.stdout, 120, "the guest to start", vm)
-        assert run_hvf(["ctl", "--vm", name, "checkpoint", snap], timeout=60).returncode == 0
-        for command, what in ((["checkpoint", "--incremental", snap], "incremental"),
-                              (["migrate", f"unix:{tmp_path / 'nobody.sock'}"], "copy")):
-            r = run_hvf(["ctl", "--vm", name, *command], timeout=60)
-            assert r.returncode != 0, r.stdout
-            assert "vhost-user-blk" in r.stderr and "dirty log" in r.stderr, (what, r.stderr)
-        assert vm.wait(300) == 1, (vm.stdout, vm.stderr)  # the guest finished its work
-    assert vm.stdout.splitlines()[-6:-2] == blk_lines(16384), vm.stdout
+        reading_back(name, vm, sectors)
+        ctl(name, "checkpoint", snap)  # from here the guest only reads its data buffers
+        time.sleep(0.5)
+        layer = ctl(name, "suspend", "--incremental", snap)
+        assert f"blk read {sectors}" not in vm.stdout, "suspended too late: read-back done"
+        ctl(name, "checkpoint", whole)  # the same paused guest, all of it
+        print(f"\nincremental checkpoint mid read-back: {layer['ram_bytes_written']} bytes")
+        assert guest_ram(snap) == guest_ram(whole)
+        first = vm.stdout
+        poweroff(name, vm)
+    with Hvf(["-r", snap], tmp_path, "b") as vm:
+        assert vm.wait(300) == 1, (vm.stdout, vm.stderr)
+        rest = vm.stdout
+    assert (first + rest).splitlines()[-6:-2] == blk_lines(sectors), (first, rest)
+
+
+def test_migrates_mid_read_back_to_another_daemon(
+        guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
+    """Pre-copy with the daemon's dirty log: the destination, on a second daemon for
+    the same image (its socket given with -o, as a console path may be), finishes the
+    read-back, every sector checked."""
+    sectors, name = IMAGE_SIZE // SECTOR, "vu-migrate"
+    other = StorageDaemon(daemon.image, tmp_path / "vhost-b.sock", locking=False)
+    sock = tmp_path / "mig.sock"
+    args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
+            "--kernel", guests["virtio_blk"], "--append", f"n={sectors}", name]
+    try:
+        with Hvf(args, tmp_path, "a") as src, \
+                Hvf(["--incoming", f"unix:{sock}", "-o", f"pci.0.3.0.socket={other.socket}"],
+                    tmp_path, "b", runtime=tmp_path / "run-b") as dst:
+            wait_served(name, src)
+            wait_until(lambda: listening(dst), 60, "the destination to listen", dst)
+            reading_back(name, src, sectors)
+            status, reply = finished(start_migration(name, src, f"unix:{sock}"), 300)
+            assert status == 0 and reply["state"] == "migrated", (reply, dst.stderr)
+            print(f"\nmigrated mid read-back: downtime {reply['downtime_ms']} ms, "
+                  f"{reply['rounds']} rounds")
+            assert src.wait(30) == 0, src.stderr
+            assert dst.wait(300) == 1, (dst.stdout, dst.stderr)
+        lines = (src.stdout + dst.stdout).splitlines()
+        assert f"blk read {sectors} ok" in lines, (src.stdout, dst.stdout)
+    finally:
+        other.kill()
 
 
 def test_bad_vhost_user_configuration_exits_4(tmp_path: Path) -> None:
