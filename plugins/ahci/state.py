@@ -16,6 +16,7 @@ import attrs
 
 from hvf.plugins.ahci.spec import (
     CMD_POD,
+    CMD_ST,
     CMD_STORED,
     IS_MASK,
     MAX_PORTS,
@@ -88,6 +89,9 @@ class PortState:
             soft_reset=_flag(fields, "soft_reset"))
         if state.clb % 1024 or state.fb % 256:
             raise ValueError("saved field 'clb' or 'fb' is not aligned as PxCLB/PxFB are")
+        if not state.cmd & CMD_ST and (state.ci or state.sact):
+            raise ValueError("saved field 'ci' or 'sact' holds commands of a stopped port "
+                             "(stopping a port clears them, and a stopped one takes none)")
         return state
 
 

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hvf.plugins.ahci.spec import CMD_ST, SIG_ATA
+from hvf.plugins.ahci.state import PortState
 from hvf.plugins.lpc.reset import PORT_A_A20, RCR_WRITABLE, ResetState
 from hvf.plugins.pci.config_space import PciFunctionState
 from hvf.plugins.pci.msix import MsixState
@@ -80,3 +82,14 @@ def test_console_state() -> None:
         fields[field] = value
         with pytest.raises(ValueError, match=field):
             ConsoleState.from_fields(fields, 2)
+
+
+@pytest.mark.parametrize("field", ["ci", "sact"])
+def test_a_stopped_ahci_port_holds_no_commands(field: str) -> None:
+    """Clearing PxCMD.ST clears PxCI and PxSACT, and a stopped port takes no command:
+    a record saying otherwise is refused (found by test_ahci_fuzz)."""
+    fields = PortState.initial(SIG_ATA).to_fields()
+    with pytest.raises(ValueError, match="stopped port"):
+        PortState.from_fields({**fields, field: 2})
+    running = {**fields, "cmd": fields["cmd"] | CMD_ST, field: 2}
+    assert getattr(PortState.from_fields(running), field) == 2
