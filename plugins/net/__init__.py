@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import hvf
-from hvf.plugins.net import options
-from hvf.plugins.net.device import VirtioNet
+from hvf.pluginmanager import lazy
 
 if TYPE_CHECKING:
     from hvf.registry import Registry
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 @hvf.hookimpl
 def hvf_register_pci_devices(registry: Registry) -> None:
-    registry.add("virtio-net", options.create, parse=options.parse,
+    registry.add("virtio-net", lazy(f"{__name__}.options:create"),
+                 parse=lazy(f"{__name__}.options:parse"),
                  help="virtio network card (1af4:1041), BACKEND[,mac=xx:xx:xx:xx:xx:xx]"
                       "[,mtu=N][,queues=N]; BACKEND a tap (tap0, created when missing) or "
                       "slirp[,hostfwd=tcp:HOSTADDR:PORT-:PORT[;...]][,restrict=off]")
@@ -25,7 +26,8 @@ def hvf_register_pci_devices(registry: Registry) -> None:
 
 @hvf.hookimpl
 def hvf_vm_start(vm: Machine) -> None:
-    for device in vm.devices:
-        if isinstance(device, VirtioNet) and device.announce_pending:
+    module = sys.modules.get(f"{__name__}.device")  # none before a virtio-net is made
+    for device in vm.devices if module is not None else ():
+        if isinstance(device, module.VirtioNet) and device.announce_pending:
             device.announce_pending = False
             vm.loop.call_soon(device.announce)
