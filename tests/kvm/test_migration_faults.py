@@ -62,7 +62,8 @@ class Proxy:
         dest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dest.connect(str(self.back))
         self.sockets += [source, dest]
-        threading.Thread(target=self._back_to_source, args=(dest, source), daemon=True).start()
+        back = threading.Thread(target=self._back_to_source, args=(dest, source), daemon=True)
+        back.start()
         with contextlib.suppress(OSError, EOFError):
             while True:
                 head = recv_exactly(source, HEADER.size)
@@ -73,6 +74,10 @@ class Proxy:
                     dest.sendall(frame[:HEADER.size + length // 2])
                     break
                 dest.sendall(out)
+        # The destination's answer (a REFUSE) must reach the source before it all closes.
+        with contextlib.suppress(OSError):
+            dest.shutdown(socket.SHUT_WR)
+        back.join(30)
         self.close()
 
     @staticmethod
