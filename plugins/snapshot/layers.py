@@ -25,7 +25,6 @@ restoring the base alone.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
@@ -34,8 +33,15 @@ from typing import Any
 
 from hvf.errors import SnapshotError
 from hvf.extents import PAGE
-from hvf.plugins.snapshot.ramfile import WRITE_CHUNK, Checksummer, FileWriter, RamSource
-from hvf.plugins.snapshot.statefile import fsync_dir, temp_name
+from hvf.plugins.snapshot.ramfile import (
+    WRITE_CHUNK,
+    Checksummer,
+    FileWriter,
+    RamSource,
+    check_file,
+    published,
+)
+from hvf.plugins.snapshot.statefile import temp_name
 
 #: A run of pages: (first page, page count), in the RAM file's layout.
 Run = tuple[int, int]
@@ -82,7 +88,7 @@ def write_layer(memory: RamSource, path: Path, runs: Sequence[Run]) -> dict[str,
     except OSError as e:
         raise SnapshotError(f"cannot create RAM layer in {path.parent}: {e.strerror}") from None
     summer = Checksummer()
-    try:
+    with published(tmp, path, f"RAM layer {path}"):
         try:
             offset = 0
             for first, count in runs:
@@ -95,16 +101,6 @@ def write_layer(memory: RamSource, path: Path, runs: Sequence[Run]) -> dict[str,
         finally:
             out.close()
             crc = summer.result()
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise SnapshotError(f"cannot write RAM layer {path}: {e.strerror or e}") from None
-        raise
     return {"file": path.name, "pages": encode_runs(runs), "data_bytes": total,
             "checksum": {"algorithm": LAYER_CHECKSUM, "value": crc}}
 
@@ -123,18 +119,9 @@ def layer_entries(ram: dict[str, Any], where: str) -> list[dict[str, Any]]:
 def check_layer(path: Path, entry: dict[str, Any], pages: int, where: str) -> list[Run]:
     """A layer's runs, its file checked to be a regular file of exactly their size."""
     runs = decode_runs(entry.get("pages"), pages, where)
-    size = sum(count for _, count in runs) * PAGE
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise SnapshotError(f"{where}: the RAM layer '{path.name}' is missing") from None
-    except OSError as e:
-        raise SnapshotError(f"{path}: cannot stat RAM layer: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"{path}: the RAM layer is not a regular file")
-    if st.st_size != size:
-        raise SnapshotError(f"{path}: the RAM layer is {st.st_size} bytes but its page table "
-                            f"covers {size} (truncated or replaced)")
+    check_file(path, sum(count for _, count in runs) * PAGE, "RAM layer",
+               missing=f"{where}: the RAM layer '{path.name}' is missing",
+               recorded="its page table covers")
     return runs
 
 

@@ -23,6 +23,7 @@ is. Restoring maps the file lazily and does not check it (that would read it all
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -32,7 +33,7 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -228,6 +229,38 @@ def _scan(view: memoryview, extents: Iterable[tuple[int, int]], size: int, runs:
         progress(size, size)
 
 
+@contextlib.contextmanager
+def published(tmp: Path, path: Path, what: str) -> Iterator[None]:
+    """Rename ``tmp`` over ``path`` durably once the body has written it; on any
+    failure remove ``tmp``, an ``OSError`` reported as "cannot write ``what``"."""
+    try:
+        yield
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SnapshotError(f"cannot write {what}: {e.strerror or e}") from None
+        raise
+
+
+def check_file(path: Path, size: int, what: str, *, missing: str, recorded: str) -> None:
+    """Refuse ``path`` (the ``what``) unless it is a regular file of ``size`` bytes;
+    ``missing`` is the error if it is absent, ``recorded`` says who expects ``size``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise SnapshotError(missing) from None
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot stat {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"{path}: the {what} is not a regular file")
+    if st.st_size != size:
+        raise SnapshotError(f"{path}: the {what} is {st.st_size} bytes but {recorded} "
+                            f"{size} (truncated or replaced)")
+
+
 def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
              checksum: bool = True) -> dict[str, Any]:
     """Write guest RAM to ``path`` sparsely and atomically; the manifest's ``ram`` facts.
@@ -244,7 +277,7 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
         out = FileWriter(tmp, size)
     except OSError as e:
         raise SnapshotError(f"cannot create RAM file in {path.parent}: {e.strerror}") from None
-    try:
+    with published(tmp, path, f"guest RAM to {path}"):
         try:
             runs = _Runs(out, memory.view, checksum)
             try:
@@ -255,16 +288,6 @@ def save_ram(memory: RamSource, path: Path, *, progress: Progress | None = None,
                 raise
         finally:
             out.close()
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise SnapshotError(f"cannot write guest RAM to {path}: {e.strerror or e}") from None
-        raise
     info: dict[str, Any] = {"size": size, "data_bytes": runs.data_bytes, "page_size": PAGE}
     if checksum:
         info["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": runs.crc}

@@ -55,6 +55,7 @@ from hvf.plugins.snapshot.layers import (
 from hvf.plugins.snapshot.ramfile import (
     Progress,
     RamSource,
+    check_file,
     open_ram,
     save_ram,
     verify_ram,
@@ -348,18 +349,9 @@ class SnapshotStore:
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise SnapshotError(f"{state_path}: records no valid RAM size ({size!r})")
         path = self.path / name
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise SnapshotError(f"{self.path}: the RAM file '{name}' that '{STATE}' names is "
-                                f"missing") from None
-        except OSError as e:
-            raise SnapshotError(f"{path}: cannot stat RAM file: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"{path}: the RAM file is not a regular file")
-        if st.st_size != size:
-            raise SnapshotError(f"{path}: the RAM file is {st.st_size} bytes but the snapshot "
-                                f"records {size} (truncated or replaced)")
+        check_file(path, size, "RAM file",
+                   missing=f"{self.path}: the RAM file '{name}' that '{STATE}' names is missing",
+                   recorded="the snapshot records")
         return path
 
 
