@@ -379,6 +379,39 @@ def run_vmm(cmd: list[str], backend: Backend, done_line: str, cpu_lines: Iterabl
 # ---- reporting ----
 
 
+#: The two VMMs every comparison runs, in the order of a round's first half.
+VMMS = ("hvf", "qemu")
+
+
+def medians(rounds: list[dict[str, Any]], who: str, keys: Iterable[str]) -> dict[str, float]:
+    """The median over ``rounds`` of each of ``who``'s figures ``keys``."""
+    return {k: statistics.median(r[who][k] for r in rounds) for k in keys}
+
+
+def judge(entry: dict[str, Any], metric: str, target: float) -> dict[str, Any]:
+    """Give a summary row its ratio by ``metric`` and its PASS/MISS against ``target``."""
+    entry["ratio"] = entry[metric]["ratio"]
+    entry["verdict"] = "PASS" if entry["ratio"] >= target else "MISS"
+    return entry
+
+
+def verdict(rows: Any, metric: str, target: float) -> dict[str, Any]:
+    """The summary of judged ``rows`` (a list, or a dict of them): PASS only when every
+    row passes, and the least ratio."""
+    judged = list(rows.values()) if isinstance(rows, dict) else rows
+    return {"metric": metric, "target": target, "rows": rows,
+            "verdict": "PASS" if all(e["verdict"] == "PASS" for e in judged) else "MISS",
+            "ratio": min(e["ratio"] for e in judged)}
+
+
+def qemu_kvm_note(config: dict[str, Any]) -> list[str]:
+    """The report's line saying QEMU fell back to TCG, if it did."""
+    if not config.get("qemu_kvm_failure"):
+        return []
+    return [f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
+            "the comparison is against QEMU with TCG"]
+
+
 def ratio_stats(ratios: list[float]) -> dict[str, float]:
     """Median, least and greatest of per-round ratios."""
     return {"ratio": statistics.median(ratios), "ratio_min": min(ratios),

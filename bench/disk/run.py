@@ -42,7 +42,6 @@ import argparse
 import os
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
 from common import (
+    VMMS,
     BenchError,
     Log,
     add_output_options,
@@ -59,10 +59,14 @@ from common import (
     add_verdict_options,
     choose_qemu_accel,
     find_qemu,
+    judge,
+    medians,
     qemu_host_info,
+    qemu_kvm_note,
     ratio_stats,
     require_hvf,
     require_kvm,
+    verdict,
     version_line,
     write_json,
 )
@@ -85,7 +89,6 @@ WARMUP = Row("seqread", 1 << 20, 4, 64 << 20)
 DEFAULT_ROUNDS = 3
 DEFAULT_TARGET = 1.0
 METRICS = ("guest", "wall", "cpu")
-VMMS = ("hvf", "qemu")
 _RATE_KEY = {"guest": "bytes_per_s", "wall": "wall_bytes_per_s", "cpu": "bytes_per_cpu_s"}
 
 
@@ -129,7 +132,6 @@ def bench(runners: dict[str, Any], fio: Any, devices: list[Device], rows: list[R
 
 def summarize(records: list[dict[str, Any]], devices: list[Device], rows: list[Row],
               target: float, metric: str) -> dict[str, Any]:
-    med = statistics.median
     keys = ("bytes_per_s", "iops", "wall_bytes_per_s", "bytes_per_cpu_s", "guest_s",
             "wall_s", "cpu_us_per_request", "vcpu_us_per_request", "other_us_per_request",
             "tsc_excess_s", "startup_s", "irqs_per_request")
@@ -138,18 +140,13 @@ def summarize(records: list[dict[str, Any]], devices: list[Device], rows: list[R
         for row in rows:
             mine = [r for r in records if r["device"] == device.name and r["row"] == row.name]
             entry: dict[str, Any] = {"device": device.name, "row": row.name, "op": row.op,
-                                     "buf": row.buf, "depth": row.depth, "bytes": row.total}
-            for name in VMMS:
-                entry[name] = {k: med(r[name][k] for r in mine) for k in keys}
-            entry["host"] = {k: med(r["host"][k] for r in mine) for k in ("bytes_per_s", "iops")}
+                                     "buf": row.buf, "depth": row.depth, "bytes": row.total,
+                                     **{name: medians(mine, name, keys) for name in VMMS},
+                                     "host": medians(mine, "host", ("bytes_per_s", "iops"))}
             for m in METRICS:
                 entry[m] = ratio_stats([r[f"{m}_ratio"] for r in mine])
-            entry["ratio"] = entry[metric]["ratio"]
-            entry["verdict"] = "PASS" if entry["ratio"] >= target else "MISS"
-            entries.append(entry)
-    verdict = "PASS" if all(e["verdict"] == "PASS" for e in entries) else "MISS"
-    return {"metric": metric, "target": target, "rows": entries, "verdict": verdict,
-            "ratio": min(e["ratio"] for e in entries)}
+            entries.append(judge(entry, metric, target))
+    return verdict(entries, metric, target)
 
 
 def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]) -> str:
@@ -176,9 +173,7 @@ def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]
         f"{host['cpu'] or 'unknown CPU'}; load average at start {host['loadavg']}",
         f"           Python {host['python']}; {host['qemu']}; {host['fio']}",
     ]
-    if config.get("qemu_kvm_failure"):
-        out.append(f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
-                   "the comparison is against QEMU with TCG")
+    out += qemu_kvm_note(config)
     for line in config.get("missing", []):
         out.append(f"  MISSING: {line}")
     out += ["", f"{'':27}  {'------- hvf -------':>19}  {'------ QEMU -------':>19}  "

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
 from common import (
+    VMMS,
     BenchError,
     Log,
     add_output_options,
@@ -60,11 +60,15 @@ from common import (
     choose_qemu_accel,
     find_qemu,
     hvf_command,
+    judge,
+    medians,
     qemu_command,
     qemu_host_info,
+    qemu_kvm_note,
     ratio_stats,
     require_hvf,
     require_kvm,
+    verdict,
     write_json,
 )
 from netns import (
@@ -91,7 +95,6 @@ MEMORY_MIB = 256
 SLOT = 2
 #: Clocks the rates are taken by; the one --metric names decides the verdict.
 METRICS = ("cpu", "wall")
-VMMS = ("hvf", "qemu")
 _RATE_KEY = {"wall": "frames_per_s", "cpu": "frames_per_cpu_s"}
 
 
@@ -132,26 +135,19 @@ def bench(runners: dict[str, Any], host_ceiling: Any, rows: list[Row], rounds: i
 
 def summarize(records: list[dict[str, Any]], rows: list[Row], target: float,
               metric: str) -> dict[str, Any]:
-    med = statistics.median
     keys = ("frames_per_s", "bytes_per_s", "frames_per_cpu_s", "seconds", "cpu_us_per_frame",
             "vcpu_us_per_frame", "other_us_per_frame", "hostside_us_per_frame", "startup_s")
     entries = []
     for row in rows:
         mine = [r for r in records if r["row"] == row.name]
-        entry: dict[str, Any] = {"row": row.name, "direction": row.direction,
-                                 "length": row.length, "frames": row.frames}
-        for name in VMMS:
-            entry[name] = {k: med(r[name][k] for r in mine) for k in keys}
-        entry["host"] = {k: med(r["host"][k] for r in mine)
-                         for k in ("frames_per_s", "bytes_per_s", "cpu_us_per_frame")}
+        entry: dict[str, Any] = {
+            "row": row.name, "direction": row.direction, "length": row.length,
+            "frames": row.frames, **{name: medians(mine, name, keys) for name in VMMS},
+            "host": medians(mine, "host", ("frames_per_s", "bytes_per_s", "cpu_us_per_frame"))}
         for m in METRICS:
             entry[m] = ratio_stats([r[f"{m}_ratio"] for r in mine])
-        entry["ratio"] = entry[metric]["ratio"]
-        entry["verdict"] = "PASS" if entry["ratio"] >= target else "MISS"
-        entries.append(entry)
-    verdict = "PASS" if all(e["verdict"] == "PASS" for e in entries) else "MISS"
-    return {"metric": metric, "target": target, "rows": entries, "verdict": verdict,
-            "ratio": min(e["ratio"] for e in entries)}
+        entries.append(judge(entry, metric, target))
+    return verdict(entries, metric, target)
 
 
 def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]) -> str:
@@ -176,9 +172,7 @@ def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]
         f"{host['cpu'] or 'unknown CPU'}; load average at start {host['loadavg']}",
         f"           Python {host['python']}; {host['qemu']}",
     ]
-    if config.get("qemu_kvm_failure"):
-        out.append(f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
-                   "the comparison is against QEMU with TCG")
+    out += qemu_kvm_note(config)
     out += ["", f"{'':18}  {'--------- hvf ---------':>23}  {'--------- QEMU --------':>23}"
             f"  {'--- host side ---':>17}  {'-- hvf/QEMU --':>14}",
             f"{'row':18}  {'frames/s':>8} {'MB/s':>6} {'us/f':>6}  {'frames/s':>8} "

@@ -52,6 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
 from common import (
+    VMMS,
     Backend,
     BenchError,
     Log,
@@ -64,8 +65,10 @@ from common import (
     choose_qemu_accel,
     find_qemu,
     hvf_command,
+    judge,
     qemu_command,
     qemu_host_info,
+    qemu_kvm_note,
     ratio_stats,
     require_hvf,
     require_kvm,
@@ -79,7 +82,6 @@ DEFAULT_TARGET = 1.0
 WARMUP_BYTES = 16 << 10
 MEMORY_MIB = 256
 RUN_TIMEOUT = 600.0
-VMMS = ("hvf", "qemu")
 #: Clocks the throughput is measured by; the one --metric names decides the verdict.
 METRICS = ("cpu", "wall")
 UART_LINE = "uart 03f8 irq 4"
@@ -219,10 +221,8 @@ def summarize(rows: list[dict[str, Any]], target: float, metric: str) -> dict[st
             **ratio_stats(ratios),
             "ratio_of_medians": summary["qemu"][per_byte] / summary["hvf"][per_byte],
         }
-    summary["ratio"] = summary[metric]["ratio"]
     summary["target"] = target
-    summary["verdict"] = "PASS" if summary["ratio"] >= target else "MISS"
-    return summary
+    return judge(summary, metric, target)
 
 
 def report(rows: list[dict[str, Any]], summary: dict[str, Any], host: dict[str, Any],
@@ -246,9 +246,7 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], host: dict[str, 
         f"{host['cpu'] or 'unknown CPU'}; load average at start {host['loadavg']}",
         f"           Python {host['python']}; {host['qemu']}",
     ]
-    if config.get("qemu_kvm_failure"):
-        out.append(f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
-                   "the comparison is against QEMU with TCG")
+    out += qemu_kvm_note(config)
     out += [
         "",
         f"{'':5}  {'------------- hvf -------------':>31}  "

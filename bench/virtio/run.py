@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for common
 from common import (
+    VMMS,
     Backend,
     BenchError,
     Log,
@@ -76,12 +76,16 @@ from common import (
     choose_qemu_accel,
     find_qemu,
     hvf_command,
+    judge,
+    medians,
     qemu_command,
     qemu_host_info,
+    qemu_kvm_note,
     ratio_stats,
     require_hvf,
     require_kvm,
     run_vmm,
+    verdict,
     write_json,
 )
 
@@ -93,7 +97,6 @@ DEFAULT_TARGET = 1.0
 MEMORY_MIB = 256
 HVF_SLOT = 4
 RUN_TIMEOUT = 120.0
-VMMS = ("hvf", "qemu")
 #: Clocks the throughput is measured by; the one --metric names decides the verdict.
 METRICS = ("cpu", "wall")
 OPEN_LINE = "port 0 host open"
@@ -255,28 +258,22 @@ def bench(runners: dict[str, Runner], sizes: list[tuple[int, int]], rounds: int,
 
 def summarize(rows: list[dict[str, Any]], sizes: list[tuple[int, int]], target: float,
               metric: str) -> dict[str, Any]:
-    med = statistics.median
+    keys = ("bytes_per_s", "bytes_per_cpu_s", "cpu_us_per_buf", "transfer_s", "cpu_s",
+            "delivery_lag_s", "startup_s", "wall_s")
     per_buf: dict[str, Any] = {}
     for buf, tx in sizes:
         mine = [r for r in rows if r["buf"] == buf]
         entry: dict[str, Any] = {"buf": buf, "bytes": tx // buf * buf}
         for name in VMMS:
-            entry[name] = {key: med(r[name][key] for r in mine)
-                           for key in ("bytes_per_s", "bytes_per_cpu_s", "cpu_us_per_buf",
-                                       "transfer_s", "cpu_s", "delivery_lag_s", "startup_s",
-                                       "wall_s")}
+            entry[name] = medians(mine, name, keys)
             entry[name]["lost_before_connect"] = max(r[name]["lost_before_connect"]
                                                      for r in mine)
         for m in METRICS:
             key = "bytes_per_s" if m == "wall" else "bytes_per_cpu_s"
             entry[m] = {**ratio_stats([r[f"{m}_ratio"] for r in mine]),
                         "ratio_of_medians": entry["hvf"][key] / entry["qemu"][key]}
-        entry["ratio"] = entry[metric]["ratio"]
-        entry["verdict"] = "PASS" if entry["ratio"] >= target else "MISS"
-        per_buf[str(buf)] = entry
-    verdict = "PASS" if all(e["verdict"] == "PASS" for e in per_buf.values()) else "MISS"
-    return {"metric": metric, "target": target, "rows": per_buf, "verdict": verdict,
-            "ratio": min(e["ratio"] for e in per_buf.values())}
+        per_buf[str(buf)] = judge(entry, metric, target)
+    return verdict(per_buf, metric, target)
 
 
 def _size(n: int) -> str:
@@ -311,9 +308,7 @@ def report(rows: list[dict[str, Any]], summary: dict[str, Any], host: dict[str, 
         f"{host['cpu'] or 'unknown CPU'}; load average at start {host['loadavg']}",
         f"           Python {host['python']}; {host['qemu']}",
     ]
-    if config.get("qemu_kvm_failure"):
-        out.append(f"  NOTE:    QEMU with KVM failed here ({config['qemu_kvm_failure']}); "
-                   "the comparison is against QEMU with TCG")
+    out += qemu_kvm_note(config)
     head = (f"{'':9}  {'---------- hvf ----------':>25}  {'---------- QEMU ---------':>25}  "
             f"{'-- hvf/QEMU --':>14}")
     cols = (f"{'buf':>5} {'rnd':>3}  {'MB/s':>7}  {'cpu MB/s':>8}  {'us/buf':>6}  "
