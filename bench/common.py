@@ -119,6 +119,60 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU time (s) so far of each live thread of ``pid``, by thread id: its scheduler
+    run time (``schedstat``, nanoseconds, where ``/proc/PID/stat`` counts 10 ms clock
+    ticks); empty once the process is gone. On kvm_pvm the guest's emulated
+    instructions are the vCPU thread's."""
+    found = {}
+    try:
+        tasks = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return {}
+    for task in tasks:
+        try:
+            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuReading:
+    """A process's CPU time at one moment, two ways: its live threads' scheduler run
+    times (fine) and the whole process's user + system time, threads that have ended
+    included (in clock ticks)."""
+
+    fine: float
+    ticks: float
+    threads: frozenset[int]
+
+
+def cpu_reading(pid: int) -> CpuReading | None:
+    """``pid``'s CPU time now; None once it is gone."""
+    threads = thread_cpu(pid)
+    ticks = process_cpu_s(pid)
+    if ticks is None or not threads:
+        return None
+    return CpuReading(sum(threads.values()), ticks, frozenset(threads))
+
+
+#: A span's fine CPU time is trusted unless the ticks exceed it by more than this.
+TICK_SLACK_S = 0.025
+
+
+def cpu_between(start: CpuReading | None, end: CpuReading | None) -> float | None:
+    """The CPU time a process used from ``start`` to ``end``: by its threads' run times
+    (nanoseconds), unless a thread alive at ``start`` had ended by ``end`` or the
+    ticks count more (a thread that came and went between them), then by the ticks."""
+    if start is None or end is None:
+        return None
+    fine, ticks = end.fine - start.fine, end.ticks - start.ticks
+    if start.threads - end.threads or ticks - fine > TICK_SLACK_S:
+        return ticks
+    return fine
+
+
 def start_threads(*targets: Callable[[], object]) -> list[threading.Thread]:
     """Start a daemon thread for each of ``targets`` (readers of a child's pipes)."""
     threads = [threading.Thread(target=t, daemon=True) for t in targets]
@@ -204,9 +258,9 @@ class Backend:
         self.last_byte_at = 0.0
         self.first_at: float | None = None
         self.first_size = 0
-        self.first_cpu: float | None = None
+        self.first_cpu: CpuReading | None = None
         self.complete_at: float | None = None
-        self.complete_cpu: float | None = None
+        self.complete_cpu: CpuReading | None = None
         self._pid = 0
         self._seen = 0
         self._thread: threading.Thread | None = None
@@ -245,10 +299,10 @@ class Backend:
             self.last_byte_at = now
             if self.first_at is None:
                 self.first_at, self.first_size = now, total
-                self.first_cpu = process_cpu_s(self._pid)
+                self.first_cpu = cpu_reading(self._pid)
             if self.expect is not None and total >= self.expect and self.complete_at is None:
                 self.complete_at = now
-                self.complete_cpu = process_cpu_s(self._pid)
+                self.complete_cpu = cpu_reading(self._pid)
 
     def _read(self) -> None:
         assert self._sock is not None
@@ -296,7 +350,7 @@ class VmmRun:
     """One VMM run as :func:`run_vmm` saw it (times are ``time.perf_counter()``)."""
 
     lines: list[tuple[float, str]]  #: debug-console lines with their arrival times
-    cpu_at: dict[str, float | None]  #: the VMM's CPU time when the marked lines arrived
+    cpu_at: dict[str, CpuReading | None]  #: the VMM's CPU time when the marked lines arrived
     returncode: int
     stderr: str
     data: bytes  #: everything the backend received
@@ -327,7 +381,7 @@ def run_vmm(cmd: list[str], backend: Backend, done_line: str, cpu_lines: Iterabl
     lines: list[tuple[float, str]] = []
     seen = threading.Condition()
     marked = {done_line, *cpu_lines}
-    cpu_at: dict[str, float | None] = {}
+    cpu_at: dict[str, CpuReading | None] = {}
     t0 = time.perf_counter()
     deadline = t0 + timeout
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -339,7 +393,7 @@ def run_vmm(cmd: list[str], backend: Backend, done_line: str, cpu_lines: Iterabl
             now = time.perf_counter()
             line = raw.decode(errors="replace").rstrip("\n")
             if line in marked and line not in cpu_at:
-                cpu_at[line] = process_cpu_s(proc.pid)
+                cpu_at[line] = cpu_reading(proc.pid)
             with seen:
                 lines.append((now, line))
                 seen.notify_all()

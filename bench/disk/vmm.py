@@ -28,6 +28,7 @@ from common import (
     qemu_command,
     reap,
     start_threads,
+    thread_cpu,
 )
 
 MEMORY_MIB = 256
@@ -166,18 +167,12 @@ KVM_RUN = 0xAE80
 IOCTL = 16  # x86-64
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU time (s) so far of each thread of ``pid`` by thread id (its scheduler run
-    time), and of the whole process, threads that have ended included (user + system
-    time, in clock ticks), as ``0``. On kvm_pvm the guest's emulated instructions are
-    the vCPU thread's system time."""
-    found = {0: process_cpu_s(pid) or 0.0}
-    for task in _tasks(pid):
-        try:  # the scheduler's run time in ns, finer than stat's clock ticks
-            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+def process_threads_cpu(pid: int) -> dict[int, float]:
+    """:func:`common.thread_cpu` for each live thread of ``pid``, and the whole
+    process, threads that have ended included (user + system time, in clock ticks),
+    as ``0``. On kvm_pvm the guest's emulated instructions are the vCPU thread's
+    system time."""
+    return {0: process_cpu_s(pid) or 0.0, **thread_cpu(pid)}
 
 
 def vcpu_thread(pid: int) -> int | None:
@@ -234,7 +229,7 @@ def run_guest(cmd: list[str], prefix: str, what: str,
             now = time.perf_counter()
             line = raw.decode(errors="replace").rstrip("\n")
             if line in marks and marks[line] not in cpu:
-                cpu[marks[line]] = thread_cpu(proc.pid)
+                cpu[marks[line]] = process_threads_cpu(proc.pid)
             lines.append((now, line))
 
     def find_vcpu() -> None:

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import attrs
-from common import BenchError, reap, start_threads
+from common import BenchError, reap, start_threads, thread_cpu
 
 TAP = "hvfb0"
 TX_QUEUE_LEN = 1000
@@ -97,23 +97,6 @@ def build_hostside(work: pathlib.Path, cc: str) -> pathlib.Path:
     except subprocess.CalledProcessError as e:
         raise BenchError(f"building hostside.c failed:\n{e.stderr}") from None
     return exe
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU time (s) so far of each thread of ``pid``, by thread id: its scheduler run
-    time (``schedstat``, in ns; on kvm_pvm the guest's emulated instructions are the
-    vCPU thread's)."""
-    found = {}
-    try:
-        tasks = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return {}
-    for task in tasks:
-        try:
-            found[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
 
 
 @attrs.frozen

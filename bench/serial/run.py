@@ -23,7 +23,9 @@ start-up, firmware (QEMU runs SeaBIOS) and teardown are not. Each run's bytes ar
 checked against the pattern. Runs alternate between the VMMs, the one going first
 alternating per round. Throughput is measured by two clocks: N / transfer time (wall),
 and N / the CPU time the VMM process (all threads; KVM accounts guest time to the vCPU
-thread) used from the ``uart`` line to ``tx done`` (cpu, read from /proc/PID/stat).
+thread) used from the ``uart`` line to ``tx done`` (cpu: its threads' scheduler run
+times, from /proc/PID/task/*/schedstat; /proc/PID/stat's clock ticks where a thread
+ended in between).
 The verdict uses the median over rounds of the per-round ratio hvf/QEMU, by CPU time
 unless ``--metric wall``: on a shared host the elapsed time of either VMM swings with
 other load (by 2x and more on a busy 2-CPU host), its CPU time hardly. On a quiet host
@@ -63,6 +65,7 @@ from common import (
     add_verdict_options,
     build_guest,
     choose_qemu_accel,
+    cpu_between,
     find_qemu,
     hvf_command,
     judge,
@@ -156,7 +159,7 @@ def run_once(cmd: list[str], backend: Backend, n: int, what: str,
         "guest_s": t_done - t_uart,  # the guest's own view: first byte to `tx done`
         # CPU time the VMM used (all threads) from the `uart` line to `tx done`:
         # insensitive to other load on the host, unlike the elapsed time.
-        "cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        "cpu_s": cpu_between(cpu0, cpu1),
         "delivery_lag_s": t_end - t_done,
         "startup_s": t_uart - run.t0,
         "wall_s": run.t_exit - run.t0,
@@ -190,7 +193,7 @@ def bench(runners: dict[str, Callable[[int, str], dict[str, Any]]], n: int, roun
         got = {name: runners[name](n, f"{name} round {r + 1}") for name in order}
         for name in VMMS:
             if not got[name]["cpu_s"]:
-                raise BenchError(f"{name} round {r + 1}: no CPU time from /proc/PID/stat")
+                raise BenchError(f"{name} round {r + 1}: no CPU time measured")
         row = {
             "round": r + 1, "first": order[0], **got,
             # Throughput ratio by elapsed time, and by CPU time (bytes per CPU second).
