@@ -121,7 +121,7 @@ class Vcpu:
         vm = self.vm
         fd = self.fd.fd
         run = self.fd.run
-        ports = vm.pio.table
+        port_range = vm.pio.table.get  # a dict: port -> Range
         run_fast = lib.hvf_run_fast
         fast_io = lib.HVF_FAST_IO
         fast_out = lib.HVF_FAST_IO_OUT
@@ -133,7 +133,7 @@ class Vcpu:
             r = run_fast(fd, run)
             if r >= fast_io:  # one port access, decoded in C
                 port = (r >> 32) & 0xFFFF
-                rng = ports[port]
+                rng = port_range(port)
                 if rng is None:
                     self._unhandled_single(r, port)
                 elif r & fast_out:
@@ -152,7 +152,7 @@ class Vcpu:
                     return
             elif r == exit_io:
                 io = self.fd.exit_io
-                self._string_io(ports[io.port], io.port, io.size, io.count, io.data_offset,
+                self._string_io(port_range(io.port), io.port, io.size, io.count, io.data_offset,
                                 io.direction)
             elif r == exit_mmio:
                 self._mmio()

@@ -989,7 +989,7 @@ class ConfigSpaceMachine(RuleBasedStateMachine):
         for bar in self.bars:
             space: PortBus | MmioBus
             if bar.kind == BAR_IO:
-                space, places = self.vm.pio, self.vm.pio.table.count(bar.range)
+                space, places = self.vm.pio, list(self.vm.pio.table.values()).count(bar.range)
             else:
                 space, places = self.vm.mmio, self.vm.mmio.entries.count(bar.range)
             addr = self.addr[bar.index]
