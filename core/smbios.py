@@ -12,7 +12,6 @@ Structures: BIOS information (type 0), system (1), chassis (3), system boot (32)
 from __future__ import annotations
 
 import struct
-import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 import hvf
@@ -69,8 +68,10 @@ def _uuid(config: Config) -> bytes:
     text = config.get("uuid")
     if not text:
         return bytes(16)
+    import uuid  # only for a configured UUID: uuid loads libuuid
+
     try:
-        value = uuidlib.UUID(text)
+        value = uuid.UUID(text)
     except ValueError:
         raise ConfigError(f"invalid uuid '{text}'") from None
     return value.bytes_le  # SMBIOS stores the first three fields little-endian

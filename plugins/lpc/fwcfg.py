@@ -39,7 +39,6 @@ import contextlib
 import logging
 import struct
 import threading
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -442,6 +441,8 @@ def _uuid_bytes(text: str | None) -> bytes:
     """The 16 bytes of ``text`` in RFC 4122 (big-endian) order; zeros when absent."""
     if not text:
         return bytes(16)
+    import uuid  # only for a configured UUID: uuid loads libuuid
+
     try:
         return uuid.UUID(text).bytes
     except ValueError:

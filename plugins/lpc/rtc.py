@@ -18,7 +18,6 @@ against); version 1 kept float seconds, which a restore converts.
 
 from __future__ import annotations
 
-import datetime
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -181,6 +180,8 @@ class Rtc(Device):
         cmos[index] = value
 
     def _set_clock_from_registers(self) -> None:
+        import datetime  # only when the guest sets the clock: datetime costs 0.3 MB resident
+
         c = self.state.cmos
         hour_byte = c[HOURS]
         hour = self._decode(hour_byte & 0x7F)
