@@ -9,7 +9,6 @@ reports progress does not time out while the reports come.
 from __future__ import annotations
 
 import errno
-import json
 import socket
 import time
 from collections.abc import Callable
@@ -85,6 +84,8 @@ class ControlClient:
                         f"(--timeout SECONDS waits longer)")
 
     def _receive(self) -> dict[str, Any]:
+        import json  # here, not at the top: the VM's own import of this module needs none
+
         try:
             line = self.reader.readline()
         except TimeoutError:
@@ -106,6 +107,8 @@ class ControlClient:
         self, command: str, *, progress: Callable[[int, int], None] | None = None, **args: Any
     ) -> dict[str, Any]:
         """Run ``command``; raises CtlError with the VM's message on an error reply."""
+        import json
+
         rid = self._next_id
         self._next_id += 1
         if progress is not None:
