@@ -53,15 +53,17 @@ class BootRom(Device):
                 f"boot ROM '{rom_path}' is {len(rom)} bytes: it must be a non-empty multiple of "
                 f"{PAGE} bytes, at most {MAX_ROM_SIZE >> 20} MiB"
             )
-        self.rom = rom
+        self.rom: bytes | None = rom  # until attach copies it into the guest's ROM
 
     def attach(self, ctx: DeviceContext) -> None:
         if not ctx.has_capability(lib.KVM_CAP_READONLY_MEM):
             raise CapabilityError("the host's KVM cannot map read-only memory (boot ROM)")
-        size = len(self.rom)
+        rom, self.rom = self.rom, None  # rom_map holds the image from here: no second copy
+        assert rom is not None, "a boot ROM attaches once"
+        size = len(rom)
         base = FOUR_GIB - size
         self.rom_map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.rom_map[:] = self.rom
+        self.rom_map[:] = rom
         ctx.add_memory_slot(base, size, _address(self.rom_map), readonly=True)
         ctx.mmio.register(base, size, "boot ROM (writes ignored)", read_zero)
         top = base
@@ -71,7 +73,7 @@ class BootRom(Device):
         shadow = min(size, MAX_SHADOW)
         if ctx.memory.contains(LEGACY_TOP - shadow, shadow) and not ctx.restoring:
             # (a restored guest's RAM already holds the shadow as the firmware left it)
-            ctx.memory.write(LEGACY_TOP - shadow, self.rom[-shadow:])
+            ctx.memory.write(LEGACY_TOP - shadow, rom[-shadow:])
 
     def _map_vars(self, ctx: DeviceContext, rom_base: int) -> int:
         assert self.vars_path is not None
