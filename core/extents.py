@@ -2,8 +2,9 @@
 """Where guest RAM may hold data: the parts of a file, or of a copy-on-write mapping,
 outside of which every byte is known to be zero.
 
-A fresh guest's memfd answers ``SEEK_DATA``/``SEEK_HOLE``: pages the guest never
-touched are holes. A restored guest runs on its snapshot's RAM file mapped
+A fresh guest's anonymous RAM holds pages only where something wrote, which
+``/proc/self/pagemap`` shows (in 2 MiB steps where they are huge pages); a memfd
+answers ``SEEK_DATA``/``SEEK_HOLE``: pages the guest never touched are holes. A restored guest runs on its snapshot's RAM file mapped
 ``MAP_PRIVATE``: a page holds either the file's bytes or, once written, a private copy,
 and ``/proc/self/pagemap`` says which. So its data lies in the file's data extents plus
 its private pages, and a save need not read the rest (reading it would fault in every
@@ -67,9 +68,9 @@ def file_extents(fd: int, size: int) -> Iterator[Extent]:
 def private_extents(address: int, size: int, pagemap: str = "/proc/self/pagemap", *,
                     coalesce: int = COALESCE) -> list[Extent]:
     """Offsets into the mapping at ``address`` (``size`` bytes, ``MAP_PRIVATE`` of a
-    file) of the pages this process holds its own copy of (present or swapped
-    anonymous pages), runs less than ``coalesce`` bytes apart merged. All of it if the
-    pagemap cannot be read."""
+    file, or anonymous) of the pages this process holds its own copy of (present or
+    swapped anonymous pages; not the shared zero page a read maps), runs less than
+    ``coalesce`` bytes apart merged. All of it if the pagemap cannot be read."""
     try:
         fd = os.open(pagemap, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -2,9 +2,9 @@
 """Guest RAM: one file laid out as a PC, with bounds-checked guest-physical access.
 
 RAM below :data:`LOWMEM_LIMIT` starts at guest address 0; whatever does not fit below
-the PCI hole is mapped from 4 GiB up. Both pieces are windows onto one file (a memfd,
-or a snapshot's RAM file), so a snapshot backend can write or map the whole of guest
-RAM as a single file.
+the PCI hole is mapped from 4 GiB up. Both pieces are windows onto one mapping laid out
+as a single file (anonymous memory, a memfd or a snapshot's RAM file), so a snapshot
+backend can write or map the whole of guest RAM as one file.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ EBDA_BASE = 0x9FC00
 BIOS_BASE = 0xF0000
 E820_RAM = 1
 E820_RESERVED = 2
+
+#: <sys/mman.h> (Linux), which Python 3.11's mmap lacks: no commit charge for the whole
+#: size up front, as for a memfd's pages (guest RAM is sparse; it may exceed host RAM).
+_MAP_NORESERVE = 0x4000
 
 
 def _mlock(addr: int, length: int) -> None:
@@ -121,14 +125,17 @@ def pc_layout(size: int) -> tuple[Region, ...]:
 
 
 class GuestMemory:
-    """Guest RAM: a new memfd mapped shared, or a snapshot's RAM file (``ram_file``, an
-    open descriptor this object takes over) mapped copy-on-write, so that pages load
-    from the file on first touch and the file is never modified. With ``shared``, a
-    snapshot's RAM file is instead loaded into a new memfd, mapped shared, so that other
-    processes (vhost-user back ends) can map guest RAM too. ``wired`` locks it in host
-    memory (``-S``, ``mlock``); ``in_core`` keeps it in core dumps (``-C``). With
-    ``adopt``, ``ram_file`` is the memfd of a guest handed over by another hvf process
-    (``hvf ctl migrate --local``), mapped shared as it is."""
+    """Guest RAM: new anonymous memory with transparent huge pages asked for
+    (``MADV_HUGEPAGE``, as QEMU's and cloud-hypervisor's guest RAM: the host and KVM
+    map it in 2 MiB pages where the host allows), or a snapshot's RAM file
+    (``ram_file``, an open descriptor this object takes over) mapped copy-on-write, so
+    that pages load from the file on first touch and the file is never modified. With
+    ``shared``, RAM is a new memfd mapped shared (a snapshot's RAM file loaded into it),
+    so that other processes can map it too: vhost-user back ends, and another hvf
+    process taking the guest over (``hvf ctl migrate --local``). ``wired`` locks it in
+    host memory (``-S``, ``mlock``); ``in_core`` keeps it in core dumps (``-C``). With
+    ``adopt``, ``ram_file`` is the memfd of a guest handed over by another hvf process,
+    mapped shared as it is."""
 
     def __init__(self, size: int, ram_file: int | None = None, *, shared: bool = False,
                  wired: bool = False, in_core: bool = False, adopt: bool = False) -> None:
@@ -142,15 +149,26 @@ class GuestMemory:
         self.written: bytearray | None = None
         #: Long-lived views devices write (rings), by owner: file offset and length.
         self.rings: dict[object, tuple[int, int]] = {}
-        new_file = ram_file is None or (shared and not adopt)
-        self.fd = os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC) if new_file else ram_file
+        #: Whether RAM is anonymous memory (no file: ``fd`` is -1).
+        self.anonymous = ram_file is None and not shared
+        new_file = not self.anonymous and (ram_file is None or (shared and not adopt))
+        self.fd = -1
+        self._closed = False
         try:
-            if new_file:
-                os.ftruncate(self.fd, size)
-            self.map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if self.private else
-                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if self.anonymous:
+                self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                     | _MAP_NORESERVE)
+                self.map.madvise(mmap.MADV_HUGEPAGE)
+            else:
+                self.fd = (os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC) if new_file
+                           else ram_file)
+                if new_file:
+                    os.ftruncate(self.fd, size)
+                self.map = mmap.mmap(self.fd, size, mmap.MAP_PRIVATE if self.private else
+                                     mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except (OSError, OverflowError) as e:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             if ram_file is not None and new_file:
                 os.close(ram_file)
             reason = e.strerror if isinstance(e, OSError) else "too large"
@@ -193,22 +211,33 @@ class GuestMemory:
         finally:
             os.close(ram_file)
 
+    @property
+    def shareable(self) -> bool:
+        """Whether other processes can map this RAM as the guest sees it (a memfd
+        mapped shared: :attr:`fd`)."""
+        return not self.anonymous and not self.private
+
     def close(self) -> None:
         """Unmap guest RAM and close its file (again: nothing). Call it once no vCPU
         runs; a view of it still held elsewhere keeps the mapping until it goes."""
-        if self.fd < 0:
+        if self._closed:
             return
+        self._closed = True
         self.view.release()
         try:
             self.map.close()
         except BufferError:
             pass
-        os.close(self.fd)
-        self.fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def data_extents(self) -> Iterator[tuple[int, int]]:
         """Page-aligned ``(start, end)`` offsets, sorted, outside of which guest RAM
-        is zero (see :mod:`hvf.extents`)."""
+        is zero (see :mod:`hvf.extents`): the pages anonymous RAM holds, or a file's
+        data (and a copy-on-write mapping's private pages)."""
+        if self.anonymous:
+            return iter(extents.private_extents(self.host_addr, self.size))
         in_file = extents.file_extents(self.fd, self.size)
         if not self.private:
             return in_file

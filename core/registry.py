@@ -60,13 +60,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @attrs.frozen
 class Entry(Generic[F]):
-    """One registered name: what builds it, a line of help and the plugin behind it."""
+    """One registered name: what builds it, a line of help and the plugin behind it;
+    ``shares_ram``: its back end, another process, maps guest RAM itself."""
 
     name: str
     factory: F
     help: str = ""
     plugin: str = ""
     parse: Callable[[list[str]], dict[str, str]] | None = None
+    shares_ram: bool = False
 
 
 class Registry(Generic[F]):
@@ -86,8 +88,11 @@ class Registry(Generic[F]):
         *,
         help: str = "",
         parse: Callable[[list[str]], dict[str, str]] | None = None,
+        shares_ram: bool = False,
     ) -> None:
-        """Register ``name``; a name already taken by another plugin is an error."""
+        """Register ``name``; a name already taken by another plugin is an error.
+        ``shares_ram`` (a PCI device whose back end, another process, maps guest RAM,
+        as vhost-user's): a machine with one gets its RAM as a memfd (``memory.shared``)."""
         key = name.lower()
         if key in self._entries:
             other = self._entries[key].plugin
@@ -95,7 +100,7 @@ class Registry(Generic[F]):
                 f"{self.kind} '{name}' registered by plugin '{self.current_plugin}' "
                 f"is already provided by plugin '{other}'"
             )
-        self._entries[key] = Entry(name, factory, help, self.current_plugin, parse)
+        self._entries[key] = Entry(name, factory, help, self.current_plugin, parse, shares_ram)
 
     def get(self, name: str) -> Entry[F] | None:
         return self._entries.get(name.lower())

@@ -50,6 +50,20 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
+
+def _ram_shared(config: Config, plugins: Plugins) -> bool:
+    """Whether guest RAM must be a memfd other processes can map: ``memory.shared``,
+    or a PCI device whose back end maps it (registered with ``shares_ram``)."""
+    if config.get_bool("memory.shared"):
+        return True
+    devices = [value for key, value in config.items()
+               if key.startswith("pci.") and key.endswith(".device")]
+    if not devices:
+        return False
+    registry = plugins.pci_devices
+    return any((entry := registry.get(name)) is not None and entry.shares_ram
+               for name in devices)
+
 class Machine:
     """One virtual machine, built from a configuration tree by the plugins; with
     ``ram_file`` (a snapshot's RAM file, open) its RAM is that file, copy-on-write, and
@@ -91,7 +105,7 @@ class Machine:
             self.vmfd.set_identity_map_addr(IDENTITY_MAP_ADDR)
             self.vmfd.set_tss_addr(TSS_ADDR)
             self.memory = GuestMemory(memory_size, ram_file,
-                                      shared=config.get_bool("memory.shared"),
+                                      shared=_ram_shared(config, plugins),
                                       wired=config.get_bool("memory.wired"),  # -S
                                       in_core=config.get_bool("memory.guest_in_core"),  # -C
                                       adopt=adopt_ram)

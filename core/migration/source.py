@@ -21,6 +21,7 @@ if it can still hear it.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import threading
@@ -51,6 +52,8 @@ from hvf.snapshot_api import StateWriter
 
 if TYPE_CHECKING:
     from hvf.vm import Machine
+
+log = logging.getLogger("hvf")
 
 DEFAULT_DOWNTIME_MS = 300
 CONNECT_TIMEOUT = 10.0
@@ -102,6 +105,21 @@ class Throttle:
             self._thread = None
 
 
+def _ram_mode(vm: Machine, local: bool) -> str:
+    """How guest RAM goes over (see :mod:`.handshake`): ``--local`` hands over the
+    memfd (``shared``) or the snapshot's RAM file (``private``); anonymous RAM, which
+    no other process can map, is copied (``memory.shared=true`` makes it a memfd)."""
+    if not local:
+        return "copy"
+    if vm.memory.private:
+        return "private"
+    if vm.memory.shareable:
+        return "shared"
+    log.warning("migrate --local: guest RAM is anonymous memory, so its pages are copied "
+                "(memory.shared=true would hand it over)")
+    return "copy"
+
+
 class Migration:
     """One outgoing migration of ``vm`` to ``uri``."""
 
@@ -114,7 +132,7 @@ class Migration:
         self.downtime = downtime_ms / 1000
         self.bandwidth = bandwidth  # bytes/s; 0: as fast as the link goes
         self.timeout = timeout
-        self.ram = ("private" if vm.memory.private else "shared") if local else "copy"
+        self.ram = _ram_mode(vm, local)
         unseen = unseen_writers(vm) if self.ram != "shared" else None
         if unseen is not None:
             raise MigrationError(f"cannot copy guest RAM while it runs: {unseen} (hand the "

@@ -36,7 +36,7 @@ def hvf_register_pci_devices(registry: Registry) -> None:
     registry.add("virtio-blk", **_device("blk"),
                  help="virtio disk (1af4:1042), PATH[,ro][,nocache][,direct][,sectorsize=L[/P]]"
                       "[,ser=ID][,num_queues=N][,bootindex=N]")
-    registry.add("vhost-user-blk", **_device("vhost_user_blk"),
+    registry.add("vhost-user-blk", **_device("vhost_user_blk"), shares_ram=True,
                  help="virtio disk served by a vhost-user back end (qemu-storage-daemon), "
                       "socket=PATH[,queues=N]")
 

@@ -9,11 +9,12 @@ interrupt from its eventfd to KVM's irqfd, neither through hvf. Image formats, N
 throttling and the rest are the back end's.
 
 The back end must see guest RAM, so guest RAM must be a shared mapping of a file it can
-map. hvf's RAM is a shared memfd; a VM restored from a snapshot normally runs on a
-private copy-on-write mapping of the snapshot's RAM file, which no other process sees.
-This device therefore sets ``memory.shared=true``, which the snapshot's configuration
-carries: a restore of such a VM loads the RAM file into a new shared memfd instead (see
-:class:`hvf.memory.GuestMemory`). At pause the back end stops its queues
+map. hvf's RAM is otherwise anonymous memory, and a VM restored from a snapshot runs on
+a private copy-on-write mapping of the snapshot's RAM file, neither of which another
+process sees. This device is therefore registered with ``shares_ram``, so a machine
+with one gets its RAM as a shared memfd, and it sets ``memory.shared=true``, which the
+snapshot's configuration carries: a restore of such a VM loads the RAM file into a new
+shared memfd instead (see :class:`hvf.memory.GuestMemory`). At pause the back end stops its queues
 (``GET_VRING_BASE``) and finishes what it had taken, so a snapshot's RAM and queue
 positions agree; at resume, or after a restore, the queues start again from there.
 
@@ -445,9 +446,9 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     if not isinstance(wanted, str) or not wanted.isdigit() or not 1 <= int(wanted) <= MAX_QUEUES:
         raise ConfigError(f"{where}: queues= takes 1 to {MAX_QUEUES}")
     bootindex = parse_bootindex(config.get("bootindex"), where)
-    if vm.memory.private:
+    if not vm.memory.shareable:
         raise ConfigError(f"{where}: guest RAM is a private mapping the back end cannot see "
-                          "(restore with memory.shared=true)")
+                          "(memory.shared=true shares it)")
     try:
         client = VhostUserClient(path)
     except OSError as e:

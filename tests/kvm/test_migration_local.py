@@ -35,11 +35,13 @@ pytestmark = pytest.mark.kvm
 
 def test_a_4_gib_guest_is_handed_over_in_under_100_ms(guests: dict[str, Path],
                                                       tmp_path: Path) -> None:
-    """The guest's memfd goes over the socket, so no page is copied: an upgrade of the
-    hvf process under a running guest, under the same name."""
+    """With ``memory.shared=true`` guest RAM is a memfd, which goes over the socket, so
+    no page is copied: an upgrade of the hvf process under a running guest, under the
+    same name."""
     name, out_a, out_b = "mig-local", tmp_path / "com1-a", tmp_path / "com1-b"
     sock = tmp_path / "hand-over.sock"
-    with Proc(counter_args(guests["counter"], out_a, name, "-m", "4G"), tmp_path, "a") as src, \
+    with Proc(counter_args(guests["counter"], out_a, name, "-m", "4G", "-o",
+                           "memory.shared=true"), tmp_path, "a") as src, \
             Proc(["--incoming", f"unix:{sock}", "-l", f"com1,file={out_b}"], tmp_path,
                  "b") as dst:
         wait_until(lambda: lines_in(out_a) >= 3, 60, "3 lines from the counter", src)
@@ -53,6 +55,29 @@ def test_a_4_gib_guest_is_handed_over_in_under_100_ms(guests: dict[str, Path],
         wait_until(lambda: lines_in(out_b) >= 3, 60, "3 lines after the hand-over", dst)
         status = ctl(name, "status", proc=dst)  # the same name, now the new process's
         assert status["pid"] == dst.proc.pid and status["memory"] == 4 << 30
+        ctl(name, "poweroff", proc=dst)
+        assert dst.wait(30) == 1
+    check_counter(read(out_a) + read(out_b))
+
+
+def test_anonymous_ram_is_copied_by_a_local_migration(guests: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """Without ``memory.shared`` guest RAM is anonymous memory no other process can
+    map: ``--local`` copies its pages over the socket, and the guest counts on."""
+    name, out_a, out_b = "mig-anon", tmp_path / "com1-a", tmp_path / "com1-b"
+    sock = tmp_path / "copy.sock"
+    with Proc(counter_args(guests["counter"], out_a, name), tmp_path, "a") as src, \
+            Proc(["--incoming", f"unix:{sock}", "-l", f"com1,file={out_b}"], tmp_path,
+                 "b") as dst:
+        wait_until(lambda: lines_in(out_a) >= 3, 60, "3 lines from the counter", src)
+        wait_until(lambda: listening(dst), 60, "the destination to listen", dst)
+        figures = ctl(name, "migrate", "--local", f"unix:{sock}", proc=src)
+        show(figures, "local migration of anonymous RAM")
+        assert figures["state"] == "migrated" and figures["ram"] == "copy", figures
+        assert figures["pages"] > 0
+        assert src.wait(30) == 0, src.stderr
+        assert "its pages are copied" in src.stderr
+        wait_until(lambda: lines_in(out_b) >= 3, 60, "3 lines after the migration", dst)
         ctl(name, "poweroff", proc=dst)
         assert dst.wait(30) == 1
     check_counter(read(out_a) + read(out_b))

@@ -793,7 +793,8 @@ def test_restore_accepts_a_new_console_and_name(snap_copy: Path, tmp_path: Path)
 
 def fill_guest_ram(pid: int, start: int, length: int) -> None:
     """Random bytes into a running guest's RAM, written through hvf's guest-RAM memfd
-    (``/proc/PID/fd``): the test guests cannot dirty hundreds of MiB themselves here."""
+    (``/proc/PID/fd``; ``memory.shared=true``): the test guests cannot dirty hundreds of
+    MiB themselves here."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
         if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:hvf-guest-ram"):
             break
@@ -819,7 +820,8 @@ def test_sigkill_during_a_save_leaves_the_previous_snapshot(
     count_at = guest_symbol(guest, "count")
     snap, rng = tmp_path / "P", random.Random()
     out = tmp_path / "com1-0"
-    with Hvf(counter_args(guest, out, "killsrc", "-m", "2G"), tmp_path, "src") as vm:
+    with Hvf(counter_args(guest, out, "killsrc", "-m", "2G", "-o", "memory.shared=true"),
+             tmp_path, "src") as vm:
         wait_until(lambda: lines_in(out) >= 2, 60, "2 lines", vm)
         fill_guest_ram(vm.proc.pid, 256 << 20, 768 << 20)  # the guest never looks there
         ctl("killsrc", "checkpoint", snap)

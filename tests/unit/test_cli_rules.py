@@ -374,7 +374,7 @@ def test_wired_memory_beyond_host_ram() -> None:
         GuestMemory(2 * host_ram, wired=True)
 
 
-def _vmflags(mem: GuestMemory) -> set[str]:
+def vm_flags(mem: GuestMemory) -> set[str]:
     start = f"{mem.host_addr:x}-"
     lines = Path("/proc/self/smaps").read_text().splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(start))
@@ -385,8 +385,8 @@ def _vmflags(mem: GuestMemory) -> set[str]:
 def test_guest_memory_left_out_of_core_dumps_unless_asked() -> None:
     mem, in_core = GuestMemory(4 * MiB), GuestMemory(4 * MiB, in_core=True)
     try:
-        assert "dd" in _vmflags(mem)
-        assert "dd" not in _vmflags(in_core)
+        assert "dd" in vm_flags(mem)
+        assert "dd" not in vm_flags(in_core)
     finally:
         mem.close()
         in_core.close()

@@ -10,6 +10,8 @@ import pytest
 from hvf.errors import ConfigError, GuestMemoryError
 from hvf.memory import HIGHMEM_BASE, LOWMEM_LIMIT, GiB, GuestMemory, MiB, Region, pc_layout, parse_size
 
+from test_cli_rules import vm_flags
+
 
 @pytest.mark.parametrize(("text", "size"), [
     ("512M", 512 * MiB), ("2G", 2 * GiB), ("2g", 2 * GiB), ("1024", 1024 * MiB),
@@ -44,16 +46,34 @@ def test_bounds_checked_access() -> None:
         mem.write(HIGHMEM_BASE, b"x")
 
 
-def test_memory_is_one_memfd_seen_by_both_regions() -> None:
-    mem = GuestMemory(LOWMEM_LIMIT + 2 * MiB)
+@pytest.mark.parametrize("shared", [False, True])
+def test_memory_is_one_mapping_seen_by_both_regions(shared: bool) -> None:
+    mem = GuestMemory(LOWMEM_LIMIT + 2 * MiB, shared=shared)
     mem.write(HIGHMEM_BASE, b"high")
     assert mem.map[LOWMEM_LIMIT : LOWMEM_LIMIT + 4] == b"high"
     with pytest.raises(GuestMemoryError):
         mem.read(LOWMEM_LIMIT - 2, 4)  # RAM does not continue into the hole
+    mem.close()
+
+
+def test_fresh_ram_is_anonymous_with_huge_pages_asked_for_unless_shared() -> None:
+    mem = GuestMemory(64 * MiB)
+    assert mem.anonymous and mem.fd == -1 and not mem.shareable
+    flags = vm_flags(mem)
+    assert "hg" in flags and "sh" not in flags, flags  # MADV_HUGEPAGE; private
+    assert list(mem.data_extents()) == []
+    mem.write(10 * MiB + 4096, b"x")
+    assert all(s <= 10 * MiB + 4096 < e for s, e in mem.data_extents())
+    mem.close()
+    shared = GuestMemory(64 * MiB, shared=True)
+    assert not shared.anonymous and shared.shareable
+    assert os.readlink(f"/proc/self/fd/{shared.fd}").startswith("/memfd:hvf-guest-ram")
+    assert "sh" in vm_flags(shared)
+    shared.close()
 
 
 def test_close_releases_the_file_once() -> None:
-    mem = GuestMemory(16 * MiB)
+    mem = GuestMemory(16 * MiB, shared=True)
     mem.write(0, b"data")
     fd, inode = mem.fd, os.fstat(mem.fd).st_ino
     mem.close()

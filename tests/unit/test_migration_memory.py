@@ -83,7 +83,7 @@ def test_a_ring_is_registered_under_its_owner_and_replaced() -> None:
 
 def test_an_adopted_memfd_is_the_same_memory() -> None:
     """``--local``: the receiving process maps the sender's memfd shared."""
-    sender = GuestMemory(2 * MiB)
+    sender = GuestMemory(2 * MiB, shared=True)
     receiver = None
     try:
         sender.write(0x1234, b"before")
@@ -100,7 +100,7 @@ def test_an_adopted_memfd_is_the_same_memory() -> None:
 
 def test_a_shared_copy_is_not_adopted() -> None:
     """Without ``adopt``, ``shared`` still loads a RAM file into a new memfd."""
-    source = GuestMemory(2 * MiB)
+    source = GuestMemory(2 * MiB, shared=True)
     copy = None
     try:
         source.write(0x3000, b"data")
