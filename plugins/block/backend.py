@@ -380,3 +380,29 @@ class BlockBackend:
         for worker in self._workers:
             worker.join()
         self.image.close()
+
+
+#: ``HVF_BLOCK_ENGINE=threads`` keeps every disk on worker threads (tests, or a host
+#: whose io_uring misbehaves).
+ENGINE_ENV = "HVF_BLOCK_ENGINE"
+#: The errors io_uring_setup has failed with in this process (each logged once).
+_refused: set[int] = set()
+
+
+def new_backend(image: Image, *, threads: int = DEFAULT_THREADS, name: str = "") -> BlockBackend:
+    """The back end a front end uses for ``image``: the io_uring engine
+    (:class:`~hvf.plugins.block.uring.UringBackend`) where the host sets a ring up, else
+    ``threads`` worker threads."""
+    if os.environ.get(ENGINE_ENV) != "threads":
+        from hvf.plugins.block import uring
+
+        try:
+            ring = uring.Ring()
+        except OSError as e:
+            if e.errno not in _refused:
+                _refused.add(e.errno)
+                log.info("%s (%s): disks use worker threads", e.strerror,
+                         errno.errorcode.get(e.errno or 0, e.errno))
+        else:
+            return uring.UringBackend(image, ring, name=name)
+    return BlockBackend(image, threads=threads, name=name)

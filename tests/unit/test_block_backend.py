@@ -2,7 +2,9 @@
 """The block back end on real files: scatter/gather data, range checks (and a property
 test that no request touches bytes outside the image or the guest's buffers), read-only
 images, flush, discard and write-zeroes keeping sparse files sparse, direct I/O with
-bounce buffers, short transfers, errors, many requests in flight, drain and close."""
+bounce buffers, short transfers, errors, many requests in flight, drain and close; each
+on both engines (worker threads and io_uring) except where a test stands in for a system
+call the workers make (tests/unit/test_block_uring.py has the ring's own)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from hypothesis import strategies as st
 
 from hvf.plugins.block import backend as backend_module
 from hvf.plugins.block.backend import IOV_MAX, BlockBackend, Status
-from hvf.plugins.block.image import open_image
+from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions
+from hvf.plugins.block.uring import Ring, UringBackend
 
 KiB = 1024
 MiB = 1 << 20
@@ -71,8 +74,29 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+#: Tests of what the worker threads do (they stand in for a system call the workers make).
+threads_only = pytest.mark.parametrize("engine", ["threads"])
+
+
+@pytest.fixture(params=["threads", "uring"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine of the back ends a test makes."""
+    if request.param == "uring":
+        try:
+            Ring(8).close()
+        except OSError as e:
+            pytest.skip(f"no io_uring here: {e}")
+    return str(request.param)
+
+
+def new_backend(image: Image, engine: str, threads: int = 2) -> BlockBackend:
+    if engine == "threads":
+        return BlockBackend(image, threads=threads)
+    return UringBackend(image, Ring())
+
+
 @pytest.fixture
-def make(tmp_path: Path) -> Iterator[Make]:
+def make(tmp_path: Path, engine: str) -> Iterator[Make]:
     """``make(size, options, threads, where)``: a back end on a new file of random bytes."""
     backends: list[BlockBackend] = []
 
@@ -80,7 +104,7 @@ def make(tmp_path: Path) -> Iterator[Make]:
               where: Path | None = None) -> tuple[BlockBackend, Path, bytes]:
         data = random.Random(size).randbytes(size)
         path = write_file((where or tmp_path) / f"disk{len(backends)}.img", data)
-        backends.append(BlockBackend(open_image(path, options), threads=threads))
+        backends.append(new_backend(open_image(path, options), engine, threads))
         return backends[-1], path, data
 
     yield build
@@ -105,13 +129,16 @@ def test_scatter_gather_reads_and_writes_move_the_right_bytes(make: Make) -> Non
     assert file_bytes(path) == data[:777] + written + data[777 + len(written):]
 
 
-def test_completions_run_on_the_worker_threads(make: Make) -> None:
+def test_completions_run_on_the_back_ends_threads(make: Make, engine: str) -> None:
     backend, _, _ = make(threads=3)
     done = Completions()
     for _ in range(20):
         backend.read(0, [bytearray(512)], done)
     backend.drain()
-    assert done.threads <= {f"hvf block {i} {backend.name}" for i in range(3)}
+    if engine == "threads":
+        assert done.threads <= {f"hvf block {i} {backend.name}" for i in range(3)}
+    else:
+        assert done.threads == {f"hvf block ring {backend.name}"}
     assert threading.current_thread().name not in done.threads
 
 
@@ -142,6 +169,7 @@ def test_more_buffers_than_iov_max_are_split(make: Make) -> None:
     assert file_bytes(path)[:len(ram)] == ram
 
 
+@threads_only
 def test_short_transfers_are_resumed(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     backend, path, data = make()
     real_preadv, real_pwritev = os.preadv, os.pwritev
@@ -292,6 +320,7 @@ def test_no_request_touches_bytes_outside_its_ranges(
 # ---- flush, discard, write-zeroes ----
 
 
+@threads_only
 def test_flush_is_fdatasync(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     backend, _, _ = make()
     synced: list[int] = []
@@ -307,7 +336,7 @@ def test_flush_is_fdatasync(make: Make, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.fixture
-def sparse(tmp_path: Path) -> Iterator[Sparse]:
+def sparse(tmp_path: Path, engine: str) -> Iterator[Sparse]:
     """``sparse(options)``: a back end on a 4 MiB file whose first 2 MiB are written."""
     backends: list[BlockBackend] = []
 
@@ -318,7 +347,7 @@ def sparse(tmp_path: Path) -> Iterator[Sparse]:
             f.write(b"\xff" * (2 * MiB))
             f.truncate(4 * MiB)
             os.fsync(f.fileno())
-        backends.append(BlockBackend(open_image(path, options)))
+        backends.append(new_backend(open_image(path, options), engine))
         return backends[-1], path
 
     yield build
@@ -467,6 +496,7 @@ def test_nocache_write_zeroes_fallback_needs_alignment(direct_dir: Path, make: M
 # ---- errors ----
 
 
+@threads_only
 def test_host_errors_complete_with_the_errno(make: Make, monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
     backend, _, _ = make()
@@ -489,6 +519,7 @@ def test_an_image_that_shrank_reads_as_an_io_error(make: Make) -> None:
                                                                           -errno.EIO)
 
 
+@threads_only
 def test_a_bug_in_a_request_or_a_callback_is_logged_and_survived(
         make: Make, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     backend, _, _ = make(threads=1)
@@ -555,7 +586,7 @@ def test_close_drains_stops_the_workers_and_unlocks(make: Make) -> None:
     done = Completions()
     for i in range(50):
         backend.write(i * 512, [b"z" * 512], done)
-    workers = list(backend._workers)
+    workers = [*backend._workers, *filter(None, [getattr(backend, "_reaper", None)])]
     backend.close()
     assert len(done.results) == 50 and not any(w.is_alive() for w in workers)
     assert backend.image.fd == -1
