@@ -13,7 +13,7 @@ from hvf.errors import ImageError
 from hvf.plugins.ahci.config import CD, HD, PortConfig, ports_config
 from hvf.plugins.ahci.hba import Ahci
 from hvf.plugins.ahci.spec import CD_SECTOR
-from hvf.plugins.block.backend import BlockBackend
+from hvf.plugins.block.backend import new_backend
 from hvf.plugins.block.image import open_image
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ def _drive(port: PortConfig, name: str) -> Drive:
         if port.kind == CD and image.size < CD_SECTOR:
             raise ImageError(f"{port.path} is {image.size} bytes, less than one "
                              f"{CD_SECTOR}-byte CD block")
-        backend = BlockBackend(image, threads=DISK_THREADS if port.kind == HD else CD_THREADS,
-                               name=f"{name} port {port.index}")
+        backend = new_backend(image, threads=DISK_THREADS if port.kind == HD else CD_THREADS,
+                              name=f"{name} port {port.index}")
     except BaseException:
         image.close()
         raise

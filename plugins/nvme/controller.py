@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.bootorder import BootEntry, pci_path
 from hvf.errors import DeviceError, GuestMemoryError
-from hvf.plugins.block.backend import BlockBackend
+from hvf.plugins.block.backend import new_backend
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
 from hvf.plugins.nvme import identify, state
 from hvf.plugins.nvme.admin import AdminCommands, AsyncEvents
@@ -95,7 +95,7 @@ class NvmeController(QueueEngine):
                           subsystem_vendor=identify.VENDOR_ID, subsystem=identify.DEVICE_ID)
         self.identity = identity
         self.bootindex = bootindex
-        self.backend = BlockBackend(image, name=name)
+        self.backend = new_backend(image, name=name)
         self.bar = self.add_bar(0, BAR_MEM64, BAR_SIZE, self._bar_read, self._bar_write)
         self.request_intx()
         self.cap = (identity.qsz - 1) | CAP_CQR | CAP_TIMEOUT << 24 | CAP_CSS_NVM

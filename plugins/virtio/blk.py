@@ -25,7 +25,7 @@ from hvf.bootorder import BootEntry, parse_bootindex, pci_path
 from hvf.config import Config
 from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
-from hvf.plugins.block.backend import BlockBackend, Status
+from hvf.plugins.block.backend import Status, new_backend
 from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
@@ -144,7 +144,7 @@ class VirtioBlk(VirtioPciDevice):
                                 | (F_RO if self.readonly else 0)
                                 | (F_DISCARD | F_WRITE_ZEROES if self.discard else 0)
                                 | (F_MQ if queues > 1 else 0))
-        self.backend = BlockBackend(image, threads=threads, name=name)
+        self.backend = new_backend(image, threads=threads, name=name)
         #: Chains handed to the back end and not yet returned to the guest.
         self.in_flight = 0
         #: Requests refused before reaching the back end (IOERR or UNSUPP).
