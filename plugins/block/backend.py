@@ -382,18 +382,20 @@ class BlockBackend:
         self.image.close()
 
 
-#: ``HVF_BLOCK_ENGINE=threads`` keeps every disk on worker threads (tests, or a host
-#: whose io_uring misbehaves).
+#: ``HVF_BLOCK_ENGINE=io_uring`` or ``=threads`` picks the engine of every disk.
 ENGINE_ENV = "HVF_BLOCK_ENGINE"
+#: Threads: on this host the ring is not faster for virtio-blk (see above).
+DEFAULT_ENGINE = "threads"
 #: The errors io_uring_setup has failed with in this process (each logged once).
 _refused: set[int] = set()
 
 
 def new_backend(image: Image, *, threads: int = DEFAULT_THREADS, name: str = "") -> BlockBackend:
-    """The back end a front end uses for ``image``: the io_uring engine
-    (:class:`~hvf.plugins.block.uring.UringBackend`) where the host sets a ring up, else
+    """The back end a front end uses for ``image``, on the engine :data:`ENGINE_ENV`
+    names (else :data:`DEFAULT_ENGINE`): ``io_uring``
+    (:class:`~hvf.plugins.block.uring.UringBackend`) where the host sets a ring up, or
     ``threads`` worker threads."""
-    if os.environ.get(ENGINE_ENV) != "threads":
+    if (os.environ.get(ENGINE_ENV) or DEFAULT_ENGINE) == "io_uring":
         from hvf.plugins.block import uring
 
         try:
@@ -401,8 +403,8 @@ def new_backend(image: Image, *, threads: int = DEFAULT_THREADS, name: str = "")
         except OSError as e:
             if e.errno not in _refused:
                 _refused.add(e.errno)
-                log.info("%s (%s): disks use worker threads", e.strerror,
-                         errno.errorcode.get(e.errno or 0, e.errno))
+                log.warning("%s (%s): disks use worker threads", e.strerror,
+                            errno.errorcode.get(e.errno or 0, e.errno))
         else:
             return uring.UringBackend(image, ring, name=name)
     return BlockBackend(image, threads=threads, name=name)
