@@ -13,7 +13,7 @@ from hvf.errors import ImageError
 from hvf.plugins.ahci.config import CD, HD, PortConfig, ports_config
 from hvf.plugins.ahci.hba import Ahci
 from hvf.plugins.ahci.spec import CD_SECTOR
-from hvf.plugins.block.backend import new_backend
+from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.image import open_image
 
 if TYPE_CHECKING:

@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """The block back end the disk front ends share: asynchronous requests on an open
-:class:`~hvf.plugins.block.image.Image`, run by a small pool of worker threads.
+:class:`~hvf.plugins.block.image.Image`, run by a small pool of worker threads, or on
+an io_uring (:mod:`hvf.plugins.block.uring`); :mod:`hvf.plugins.block.engine` picks.
 
 A front end submits from its own thread (the I/O thread; never a vCPU) and gets each
-completion as ``done(status, nbytes)`` on a worker thread, where it posts the result
-and signals the guest (an irqfd write). ``nbytes`` is the byte count of a successful
-request; with :attr:`Status.IO_ERROR` it is the negated ``errno``, as in io_uring.
-``done`` is always called exactly once, never from inside the submitting call.
+completion as ``done(status, nbytes)`` on a worker thread (or the ring's reaper),
+where it posts the result and signals the guest (an irqfd write). ``nbytes`` is the byte
+count of a successful request; with :attr:`Status.IO_ERROR` it is the negated ``errno``,
+as in io_uring. ``done`` is always called exactly once, never from inside the submitting call.
 
 Every request is checked against the image before anything moves: a range that is not
 inside [0, size) completes with :attr:`Status.OUT_OF_RANGE`, a write, discard or
@@ -21,11 +22,11 @@ direct-I/O request whose offset or length is not aligned fails with ``-EINVAL``
 where the file system has neither. Flush is ``fdatasync``: it covers every write that
 completed before the flush was submitted.
 
-Threads, not io_uring. Measured on the development host (2 shared vCPUs, ext4 on
-virtio-blk, Linux 6.18, Python 3.11; a 256 MiB file; each figure the range of two
-4-second runs, the 4 KiB ones the median of five alternating rounds; requests kept in
-flight by one submitting thread, as a front end's I/O thread would; fio 3.33 with
-``--thread --invalidate=0 --direct=0|1 --ioengine=psync|io_uring``):
+Threads by default, io_uring on request. Measured on the development host (2 shared
+vCPUs, ext4 on virtio-blk, Linux 6.18, Python 3.11; a 256 MiB file; each figure the
+range of two 4-second runs, the 4 KiB ones the median of five alternating rounds;
+requests kept in flight by one submitting thread, as a front end's I/O thread would;
+fio 3.33 with ``--thread --invalidate=0 --direct=0|1 --ioengine=psync|io_uring``):
 
 =========================  ==============  ==============  ==============  ==============
                            4 KiB random    4 KiB random    1 MiB seq.      1 MiB seq.
@@ -44,17 +45,20 @@ io_uring from Python       88k             43k
 
 Large requests run at the device's speed whatever the engine. Small ones are bound by
 the interpreter: 8-22 µs of CPU per request here (submit, hand-off to a worker and the
-GIL, completion) against 2 µs for a synchronous loop. An io_uring engine in Python (a
-prototype: liburing through a cffi module, one reaper thread, without this module's
-checks and counters) did about twice as many small requests. It is not worth its cost
-yet (a compiled module and liburing at build time, a second I/O path to keep right):
-a virtio request costs the VMM some 80-90 µs of CPU end to end on this host (78-93 µs
-per virtio-console chain, ``bench/virtio``), so the 5-10 µs it saves would be a tenth
-of that at most.
-A front end sees only "submit, then ``done`` on another thread", which an io_uring
-engine could provide unchanged if a disk's own measurements show the back end to be the
-limit. Four workers by default: on 2 CPUs more help O_DIRECT (a device with queue
-depth), fewer help cached reads (less GIL contention).
+GIL, completion) against 2 µs for a synchronous loop. Four workers by default: on 2
+CPUs more help O_DIRECT (a device with queue depth), fewer help cached reads.
+
+The io_uring engine (``HVF_BLOCK_ENGINE=io_uring``) is not the default: it is not faster
+where it was meant to be. ``bench/disk`` (O_DIRECT, hvf/QEMU by the guest's clock, runs
+of 3-5 rounds in one hour, the host shared with other work): virtio-blk 4 KiB random
+reads at depth 16 ran 0.74-0.83 on the ring (six runs), 0.78-1.03 on threads (five),
+though the ring took less CPU (83-92 against 84-117 µs per request, the device side
+32-49 against 38-57): the guest waits on latency, not on hvf's CPU, and each ring
+completion likely costs a hop (the kernel completes it in the submitting thread, which
+wakes the reaper). ``IOSQE_ASYNC`` (io-wq) ran 0.75-0.77. NVMe random reads (a polled
+guest) gained, 1.29-1.40 against 0.95-1.35. A back end alone (one thread keeping 16
+O_DIRECT 4 KiB reads in flight) did 26-30k requests/s on the ring (40k with
+``IOSQE_ASYNC``) against 18-22k on threads.
 
 ``drain`` waits for every submitted request (pause, snapshot; the front end has
 stopped submitting); ``close`` drains, stops the workers and closes the image.
@@ -381,30 +385,3 @@ class BlockBackend:
             worker.join()
         self.image.close()
 
-
-#: ``HVF_BLOCK_ENGINE=io_uring`` or ``=threads`` picks the engine of every disk.
-ENGINE_ENV = "HVF_BLOCK_ENGINE"
-#: Threads: on this host the ring is not faster for virtio-blk (see above).
-DEFAULT_ENGINE = "threads"
-#: The errors io_uring_setup has failed with in this process (each logged once).
-_refused: set[int] = set()
-
-
-def new_backend(image: Image, *, threads: int = DEFAULT_THREADS, name: str = "") -> BlockBackend:
-    """The back end a front end uses for ``image``, on the engine :data:`ENGINE_ENV`
-    names (else :data:`DEFAULT_ENGINE`): ``io_uring``
-    (:class:`~hvf.plugins.block.uring.UringBackend`) where the host sets a ring up, or
-    ``threads`` worker threads."""
-    if (os.environ.get(ENGINE_ENV) or DEFAULT_ENGINE) == "io_uring":
-        from hvf.plugins.block import uring
-
-        try:
-            ring = uring.Ring()
-        except OSError as e:
-            if e.errno not in _refused:
-                _refused.add(e.errno)
-                log.warning("%s (%s): disks use worker threads", e.strerror,
-                            errno.errorcode.get(e.errno or 0, e.errno))
-        else:
-            return uring.UringBackend(image, ring, name=name)
-    return BlockBackend(image, threads=threads, name=name)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.bootorder import BootEntry, pci_path
 from hvf.errors import DeviceError, GuestMemoryError
-from hvf.plugins.block.backend import new_backend
+from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
 from hvf.plugins.nvme import identify, state
 from hvf.plugins.nvme.admin import AdminCommands, AsyncEvents

@@ -25,7 +25,8 @@ from hvf.bootorder import BootEntry, parse_bootindex, pci_path
 from hvf.config import Config
 from hvf.dma import write_views
 from hvf.errors import ConfigError, DeviceError
-from hvf.plugins.block.backend import Status, new_backend
+from hvf.plugins.block.backend import Status
+from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image

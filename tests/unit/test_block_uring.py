@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from hvf.plugins.block import backend as backend_module
+from hvf.plugins.block import engine as engine_module
 from hvf.plugins.block import uring
-from hvf.plugins.block.backend import BlockBackend, Status, new_backend
+from hvf.plugins.block.backend import BlockBackend, Status
+from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.image import open_image
 from hvf.plugins.block.options import ImageOptions
 from hvf.plugins.block.uring import Ring, UringBackend
@@ -215,9 +216,9 @@ def test_the_engine_is_chosen_by_the_environment(tmp_path: Path,
     path = tmp_path / "d.img"
     path.write_bytes(bytes(MiB))
     for value, expected in [("threads", BlockBackend), ("io_uring", UringBackend),
-                            ("", UringBackend if backend_module.DEFAULT_ENGINE == "io_uring"
+                            ("", UringBackend if engine_module.DEFAULT_ENGINE == "io_uring"
                              else BlockBackend)]:
-        monkeypatch.setenv(backend_module.ENGINE_ENV, value)
+        monkeypatch.setenv(engine_module.ENGINE_ENV, value)
         backend = new_backend(open_image(path), threads=3, name="d")
         try:
             assert type(backend) is expected
@@ -233,8 +234,8 @@ def test_without_io_uring_the_back_end_uses_threads(tmp_path: Path,
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(uring, "Ring", refused)
-    monkeypatch.setattr(backend_module, "_refused", set())
-    monkeypatch.setenv(backend_module.ENGINE_ENV, "io_uring")
+    monkeypatch.setattr(engine_module, "_refused", set())
+    monkeypatch.setenv(engine_module.ENGINE_ENV, "io_uring")
     path = tmp_path / "d.img"
     path.write_bytes(bytes(MiB))
     with caplog.at_level(logging.WARNING, logger="hvf.block"):
