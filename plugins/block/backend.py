@@ -51,14 +51,14 @@ CPUs more help O_DIRECT (a device with queue depth), fewer help cached reads.
 The io_uring engine (``HVF_BLOCK_ENGINE=io_uring``) is not the default: it is not faster
 where it was meant to be. ``bench/disk`` (O_DIRECT, hvf/QEMU by the guest's clock, runs
 of 3-5 rounds in one hour, the host shared with other work): virtio-blk 4 KiB random
-reads at depth 16 ran 0.74-0.83 on the ring (six runs), 0.78-1.03 on threads (five),
-though the ring took less CPU (83-92 against 84-117 µs per request, the device side
-32-49 against 38-57): the guest waits on latency, not on hvf's CPU, and each ring
+reads at depth 16 ran 0.67-0.83 on the ring (seven runs), 0.78-1.03 on threads (six),
+though the ring took less CPU (73-94 against 84-117 µs per request, the device side
+32-55 against 38-57): the guest waits on latency, not on hvf's CPU, and each ring
 completion likely costs a hop (the kernel completes it in the submitting thread, which
 wakes the reaper). ``IOSQE_ASYNC`` (io-wq) ran 0.75-0.77. NVMe random reads (a polled
-guest) gained, 1.29-1.40 against 0.95-1.35. A back end alone (one thread keeping 16
-O_DIRECT 4 KiB reads in flight) did 26-30k requests/s on the ring (40k with
-``IOSQE_ASYNC``) against 18-22k on threads.
+guest) gained, 1.29-1.40 against 0.95-1.35; sequential rows alike. A back end alone
+(one thread keeping 16 O_DIRECT 4 KiB reads in flight) did 26-30k requests/s on the
+ring (40k with ``IOSQE_ASYNC``) against 18-22k on threads.
 
 ``drain`` waits for every submitted request (pause, snapshot; the front end has
 stopped submitting); ``close`` drains, stops the workers and closes the image.
