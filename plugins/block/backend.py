@@ -48,7 +48,7 @@ the interpreter: 8-22 µs of CPU per request here (submit, hand-off to a worker 
 GIL, completion) against 2 µs for a synchronous loop. Four workers by default: on 2
 CPUs more help O_DIRECT (a device with queue depth), fewer help cached reads.
 
-The io_uring engine (``HVF_BLOCK_ENGINE=io_uring``) is not the default: it is not faster
+The io_uring engine (a disk's ``aio=io_uring``) is not the default: it is not faster
 where it was meant to be. ``bench/disk`` (O_DIRECT, hvf/QEMU by the guest's clock, runs
 of 3-5 rounds in one hour, the host shared with other work): virtio-blk 4 KiB random
 reads at depth 16 ran 0.67-0.83 on the ring (seven runs), 0.78-1.03 on threads (six),

@@ -135,6 +135,8 @@ class Image:
         self.direct = options.direct
         #: Whether discard requests are honoured (bhyve's ``nodelete`` turns them off).
         self.discard = not options.nodelete
+        #: The engine its back end asks for (``aio=``): ``threads`` or ``io_uring``.
+        self.aio = options.aio
         self.block_device = stat.S_ISBLK(st.st_mode)
         if self.block_device:
             self.size = _ioctl_int(fd, BLKGETSIZE64, "Q")

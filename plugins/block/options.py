@@ -20,6 +20,9 @@ values every disk front end shares:
     the logical and physical sector size the guest sees, powers of two with
     512 <= L <= P <= 64 KiB (default: the device's, or 512 and the file system's block
     size for a file)
+``aio=threads|io_uring``
+    the engine that moves the data, as QEMU's option: worker threads (the default) or
+    an io_uring (:mod:`hvf.plugins.block.engine`)
 
 Front-end options (a serial number, say) pass through :func:`legacy_config` untouched;
 :func:`default_serial` is the serial a front end reports when none is given.
@@ -36,6 +39,8 @@ from hvf.errors import ConfigError
 
 MIN_SECTOR = 512
 MAX_SECTOR = 64 * 1024
+#: The block engines ``aio=`` names.
+ENGINES = ("threads", "io_uring")
 
 
 class BoolConfig(Protocol):
@@ -90,18 +95,23 @@ class ImageOptions:
     direct: bool = False
     nodelete: bool = False
     sectorsize: SectorSize | None = None
+    aio: str = "threads"
 
     @classmethod
     def from_config(cls, config: BoolConfig) -> ImageOptions:
         """The options in a disk's configuration node (``ro``, ``nocache``, ``direct`` or
-        ``sync``, ``nodelete``, ``sectorsize``)."""
+        ``sync``, ``nodelete``, ``sectorsize``, ``aio``)."""
         spec = config.get("sectorsize")
+        aio = config.get("aio") or "threads"
+        if aio not in ENGINES:
+            raise ConfigError(f"invalid aio '{aio}': {' or '.join(ENGINES)}")
         return cls(
             readonly=config.get_bool("ro"),
             nocache=config.get_bool("nocache"),
             direct=config.get_bool("direct") or config.get_bool("sync"),
             nodelete=config.get_bool("nodelete"),
             sectorsize=parse_sectorsize(spec) if spec is not None else None,
+            aio=aio,
         )
 
 

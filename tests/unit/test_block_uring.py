@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from hvf.config import Config
+from hvf.errors import ConfigError
 from hvf.plugins.block import engine as engine_module
 from hvf.plugins.block import uring
 from hvf.plugins.block.backend import BlockBackend, Status
@@ -211,20 +213,23 @@ def test_a_completion_may_submit_and_a_failing_one_is_survived(
 # ---- the engine choice ----
 
 
-def test_the_engine_is_chosen_by_the_environment(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_engine_is_the_disks_aio_option(tmp_path: Path) -> None:
     path = tmp_path / "d.img"
     path.write_bytes(bytes(MiB))
-    for value, expected in [("threads", BlockBackend), ("io_uring", UringBackend),
-                            ("", UringBackend if engine_module.DEFAULT_ENGINE == "io_uring"
-                             else BlockBackend)]:
-        monkeypatch.setenv(engine_module.ENGINE_ENV, value)
-        backend = new_backend(open_image(path), threads=3, name="d")
+    for values, expected in [({"aio": "threads"}, BlockBackend),
+                             ({"aio": "io_uring"}, UringBackend), ({}, BlockBackend)]:
+        options = ImageOptions.from_config(Config(values))
+        backend = new_backend(open_image(path, options), threads=3, name="d")
         try:
             assert type(backend) is expected
             assert one(backend, backend.read, 0, [bytearray(512)]) == (OK, 512)
         finally:
             backend.close()
+
+
+def test_an_unknown_aio_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="invalid aio 'native': threads or io_uring"):
+        ImageOptions.from_config(Config({"aio": "native"}))
 
 
 def test_without_io_uring_the_back_end_uses_threads(tmp_path: Path,
@@ -235,12 +240,12 @@ def test_without_io_uring_the_back_end_uses_threads(tmp_path: Path,
 
     monkeypatch.setattr(uring, "Ring", refused)
     monkeypatch.setattr(engine_module, "_refused", set())
-    monkeypatch.setenv(engine_module.ENGINE_ENV, "io_uring")
     path = tmp_path / "d.img"
     path.write_bytes(bytes(MiB))
+    options = ImageOptions(aio="io_uring")
     with caplog.at_level(logging.WARNING, logger="hvf.block"):
         for _ in range(2):
-            backend = new_backend(open_image(path), threads=3, name="d")
+            backend = new_backend(open_image(path, options), threads=3, name="d")
             assert type(backend) is BlockBackend and len(backend._workers) == 3
             assert one(backend, backend.read, 0, [bytearray(512)]) == (OK, 512)
             backend.close()
