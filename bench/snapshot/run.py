@@ -5,10 +5,10 @@ For each guest size (default 256 MiB, 1 GiB and 4 GiB) a ``counter`` guest
 (tests/guests, ``every=1``: a COM1 line every PIT tick) runs, in two states of its RAM:
 
 - ``clean``: as the guest left it (a few hundred KiB of data; the rest was never
-  touched, so the memfd has holes there);
+  touched, so guest RAM holds no pages there);
 - ``dirty``: the benchmark also fills ``--dirty`` of guest RAM (default a quarter),
   above 64 MiB where the guest never looks, with random bytes in randomly placed
-  2 MiB clusters. It writes them through ``/proc/PID/fd/N``, hvf's guest-RAM memfd
+  2 MiB clusters. It writes them through ``/proc/PID/mem`` at hvf's guest-RAM mapping
   (same uid), because the test guest cannot dirty gigabytes itself on this host.
 
 **Save.** ``checkpoint`` to a new snapshot directory (the VM keeps running), sent on
@@ -194,14 +194,14 @@ class Vm:
             self.proc.wait(10)
 
 
-def memfd_of(pid: int) -> Path:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:hvf-guest-ram"):
-                return Path(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-    raise BenchError(f"no guest-RAM memfd in process {pid}")
+def guest_ram_of(pid: int, size: int) -> int:
+    """The address of process ``pid``'s guest-RAM mapping: the one ``size`` bytes long
+    (guest RAM is one mapping laid out as its RAM file, see hvf.memory)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if end - start == size:
+            return start
+    raise BenchError(f"no {size}-byte guest-RAM mapping in process {pid}")
 
 
 def dirty(pid: int, size: int, fraction: float, seed: int) -> int:
@@ -210,11 +210,12 @@ def dirty(pid: int, size: int, fraction: float, seed: int) -> int:
     clusters = list(range(DIRTY_FLOOR // CLUSTER, size // CLUSTER))
     chosen = sorted(rng.sample(clusters, min(len(clusters), int(size * fraction) // CLUSTER)))
     pool = os.urandom(64 * MiB)
-    fd = os.open(memfd_of(pid), os.O_RDWR)
+    base = guest_ram_of(pid, size)
+    fd = os.open(f"/proc/{pid}/mem", os.O_RDWR)
     try:
         for i, c in enumerate(chosen):
             off = (i * CLUSTER * 7 + rng.randrange(0, 1024) * 4096) % (len(pool) - CLUSTER)
-            os.pwrite(fd, pool[off:off + CLUSTER], c * CLUSTER)
+            os.pwrite(fd, pool[off:off + CLUSTER], base + c * CLUSTER)
     finally:
         os.close(fd)
     return len(chosen) * CLUSTER
