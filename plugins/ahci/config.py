@@ -6,7 +6,7 @@ Command line: ``-s S,ahci,hd:PATH[,OPTION...],cd:PATH[,OPTION...]...`` makes por
 ``-s S,ahci-hd,PATH[,OPTION...]`` and ``-s S,ahci-cd,PATH[,OPTION...]`` make port 0.
 The configuration tree holds each port under ``pci.B.S.F.port.N``: ``type`` (``hd`` or
 ``cd``), ``path``, the block options (``ro``, ``nocache``, ``direct``/``sync``,
-``nodelete``, ``sectorsize``; a CD is always read-only), and ``ser`` (at most 20
+``nodelete``, ``sectorsize``, ``aio``; a CD is always read-only), and ``ser`` (at most 20
 characters), ``model`` (40), ``rev`` (8), ``nmrr`` (the nominal media rotation rate: 1
 for a solid-state disk) and ``bootindex``. An ``ahci-hd``/``ahci-cd`` node may also
 hold port 0's settings directly (``pci.B.S.F.path``). Unknown or malformed settings
@@ -23,10 +23,10 @@ from hvf.bootorder import parse_bootindex
 from hvf.config import Config
 from hvf.errors import ConfigError
 from hvf.plugins.ahci.spec import MAX_PORTS
-from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
+from hvf.plugins.block.options import IMAGE_KEYS, ImageOptions, default_serial, legacy_config
 
 HD, CD = "hd", "cd"
-BLOCK_KEYS = frozenset({"path", "ro", "nocache", "direct", "sync", "nodelete", "sectorsize"})
+BLOCK_KEYS = IMAGE_KEYS | {"path"}
 PORT_KEYS = BLOCK_KEYS | {"type", "ser", "model", "rev", "nmrr", "bootindex"}
 DEFAULT_MODEL = {HD: "HVF SATA DISK", CD: "HVF SATA DVD ROM"}
 DEFAULT_REVISION = "001"

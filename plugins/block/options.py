@@ -41,6 +41,9 @@ MIN_SECTOR = 512
 MAX_SECTOR = 64 * 1024
 #: The block engines ``aio=`` names.
 ENGINES = ("threads", "io_uring")
+#: The configuration keys :meth:`ImageOptions.from_config` reads, which every disk
+#: front end accepts.
+IMAGE_KEYS = frozenset({"ro", "nocache", "direct", "sync", "nodelete", "sectorsize", "aio"})
 
 
 class BoolConfig(Protocol):

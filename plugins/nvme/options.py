@@ -3,7 +3,7 @@
 
 ``-s S,nvme,PATH[,maxq=N][,qsz=N][,ioslots=N][,sectsz=N][,ser=ID][,eui64=N]
 [,dsm=auto|enable|disable]`` plus the block options every disk takes (``ro``,
-``nocache``, ``direct``/``sync``, ``nodelete``, ``sectorsize``) and ``bootindex``;
+``nocache``, ``direct``/``sync``, ``nodelete``, ``sectorsize``, ``aio``) and ``bootindex``;
 configuration ``pci.B.S.F.path``, ``.maxq``, ... (bhyve_config(5)):
 
 ``maxq``
@@ -42,7 +42,7 @@ import attrs
 from hvf.bootorder import parse_bootindex
 from hvf.config import Config
 from hvf.errors import ConfigError
-from hvf.plugins.block.options import ImageOptions, SectorSize, legacy_config
+from hvf.plugins.block.options import IMAGE_KEYS, ImageOptions, SectorSize, legacy_config
 
 MAX_QUEUES = 16
 MAX_QUEUE_ENTRIES = 4096
@@ -53,9 +53,8 @@ SERIAL_BYTES = 20
 OUI_FREEBSD_NVME = 0x589CFC
 DSM_MODES = ("auto", "enable", "disable")
 
-_IMAGE_KEYS = ("ro", "nocache", "direct", "sync", "nodelete", "sectorsize")
 _KEYS = frozenset(("device", "path", "maxq", "qsz", "ioslots", "sectsz", "ser", "eui64",
-                   "dsm", "bootindex", *_IMAGE_KEYS))
+                   "dsm", "bootindex", *IMAGE_KEYS))
 
 
 @attrs.frozen

@@ -178,3 +178,22 @@ def test_two_read_only_users_run(guests: dict[str, Path], image: Path,
             assert third.stdout.startswith("hello\n")
         assert first.poll() is None
     assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("disk", DISKS)
+def test_an_unknown_engine_is_refused(disk: str, image: Path) -> None:
+    refused(hvf(disk, image, "aio=native"), "invalid aio 'native'", "threads or io_uring")
+
+
+def test_every_disk_takes_aio_io_uring(guests: dict[str, Path], image: Path) -> None:
+    """``aio=io_uring`` (QEMU's option) on each front end; the virtio-blk test guest
+    reads, writes, flushes and discards through the ring."""
+    run = run_hvf([*BASE_ARGS, "-s", f"3,virtio-blk,{image},aio=io_uring", "--kernel",
+                   guests["virtio_blk"], "uring"], timeout=120)
+    assert run.returncode == 1, (run.stdout, run.stderr)  # guest exit 0
+    assert run.stdout.splitlines()[-1] == "blk done", run.stdout
+    for disk in DISKS[1:]:
+        run = run_hvf([*BASE_ARGS, "-s", f"3,{disk},{image},aio=io_uring", "--kernel",
+                       guests["hello"], "uring"], timeout=120)
+        assert run.returncode == 1, (disk, run.stdout, run.stderr)
+        assert run.stdout.startswith("hello\n")
