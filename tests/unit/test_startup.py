@@ -66,6 +66,7 @@ def test_lazy_imports_on_the_first_call() -> None:
 NOT_NEEDED = (
     "importlib.metadata", "email", "zipfile", "csv", "pycparser", "cffi.cparser", "tomllib",
     "difflib", "pytest", "_pytest", "hypothesis", "hvf.gdbstub",
+    "datetime", "uuid", "hvf.plugins.block.uring",  # the RTC set, a UUID, aio=io_uring
     "hvf.plugins.ahci.factory", "hvf.plugins.ahci.config", "hvf.plugins.nvme.controller",
     "hvf.plugins.nvme.options", "hvf.plugins.virtio.blk", "hvf.plugins.virtio.vhost_user_blk",
     "hvf.plugins.snapshot.store", "hvf.plugins.snapshot.statefile",
