@@ -26,6 +26,8 @@ from hvf.plugins.block.image import open_image
 from hvf.plugins.block.options import ImageOptions
 from hvf.plugins.block.uring import Ring, UringBackend
 
+from test_block_backend import Completions, one
+
 MiB = 1 << 20
 OK = Status.OK
 
@@ -43,24 +45,6 @@ pytestmark = pytest.mark.skipif(not _ring_works(), reason="no io_uring here")
 Make = Callable[..., tuple[UringBackend, Path, bytes]]
 
 
-class Completions:
-    def __init__(self) -> None:
-        self.results: list[tuple[Status, int]] = []
-        self.threads: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, status: Status, nbytes: int) -> None:
-        with self._lock:
-            self.results.append((status, nbytes))
-            self.threads.add(threading.current_thread().name)
-
-
-def one(backend: BlockBackend, submit: Callable[..., None], *args: object) -> tuple[Status, int]:
-    done = Completions()
-    submit(*args, done)
-    assert backend.drain(timeout=30)
-    assert len(done.results) == 1
-    return done.results[0]
 
 
 @pytest.fixture
