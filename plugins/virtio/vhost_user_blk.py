@@ -26,12 +26,15 @@ hvf refuse both rather than miss its writes.
 When the back end hangs up, hvf reconnects (each second) and starts the queues again
 from the positions the guest's used rings show: requests the back end had not taken
 are served by the new one, and the guest sees a delay, not an error. That is exact for
-a back end that finishes what it took before it goes (qemu-storage-daemon on SIGTERM).
-A back end that dies with requests taken and unfinished, and that does not offer
-vhost-user's in-flight tracking (``INFLIGHT_SHMFD``; qemu-storage-daemon 7.2 does not),
-leaves no record of which of them it completed: resuming from the used index may then
-run some of them again or complete one twice, and hvf cannot tell. hvf does not yet
-use in-flight tracking with back ends that offer it.
+a back end that returns everything it took before it goes, and for requests that
+complete in order (one in flight). A back end that goes with requests taken and not
+returned, and that does not offer vhost-user's in-flight tracking (``INFLIGHT_SHMFD``;
+qemu-storage-daemon 7.2 does not), leaves no record of which of them it completed:
+resuming from the used index may then run some of them again or complete one twice
+(seen once in CI: qemu-storage-daemon 7.2 on SIGTERM with eight requests in flight
+returned a later one and not an earlier one, the later ran again, and the guest read
+the stale status of the slot it had reused), and hvf cannot tell. hvf does not yet use
+in-flight tracking with back ends that offer it.
 """
 
 from __future__ import annotations
