@@ -13,7 +13,7 @@ queue pair, polled, doorbell buffers where offered) with a bench ``main``. Same 
 file, opened with ``O_DIRECT`` by both::
 
     hvf:  python -m hvf -m 256M -c 1 -s 0,hostbridge -s 31,lpc -l pc-testdev
-            -l debugcon,stdio -s 3,virtio-blk,IMG,nocache --kernel virtio_blk.elf
+            -l debugcon,stdio -s 3,virtio-blk,IMG,nocache,aio=threads --kernel virtio_blk.elf
             --append "bench=OP buf=B depth=D n=N" bench
     QEMU: qemu-system-x86_64 -accel kvm -m 256 -smp 1 -nodefaults ...
             -drive file=IMG,if=none,id=d0,format=raw,cache=none,aio=threads
@@ -21,7 +21,7 @@ file, opened with ``O_DIRECT`` by both::
             -append "..."
     host: fio --direct=1 --ioengine=libaio --iodepth=D --rw=... --bs=B on IMG
 
-(NVMe: ``-s 3,nvme,IMG,nocache`` and ``-device nvme,drive=d0,serial=hvfbench,mdts=9``:
+(NVMe: ``-s 3,nvme,IMG,nocache,aio=threads`` and ``-device nvme,drive=d0,serial=hvfbench,mdts=9``:
 requests of up to 2 MiB on both, QEMU's default being 512 KiB.)
 Throughput is bytes / the guest's own elapsed time (TSC cycles / the host's TSC rate,
 which tsc_hz.c measures: KVM guests read the host's TSC). Also reported: the host's
@@ -160,10 +160,12 @@ def report(summary: dict[str, Any], config: dict[str, Any], host: dict[str, Any]
         f"  image:   {config['image_mib']} MiB of data on {config['fs']} ({config['dir']}); "
         "O_DIRECT on all three: hvf `nocache`, QEMU `cache=none,aio=threads`, fio "
         "`--direct=1 --ioengine=libaio --iodepth=D`",
-        "  RAM:     hvf: a memfd (4 KiB pages unless the host's shmem THP allows more); "
-        + ("QEMU: a memfd too (`-object memory-backend-memfd`)" if config["qemu_ram"] == "memfd"
-           else "QEMU: its default, anonymous memory with transparent huge pages where the "
-           "host gives them (`--qemu-ram memfd` for a memfd)"),
+        "  RAM:     " + ("both a memfd (hvf `memory.shared=true`, QEMU "
+                         "`-object memory-backend-memfd`; 4 KiB pages unless the host's "
+                         "shmem THP allows more)" if config["ram"] == "memfd"
+                         else "both their default, anonymous memory with transparent huge "
+                         "pages where the host gives them (`--ram memfd` for a memfd)"),
+        f"  engine:  hvf `aio={config['aio']}`",
         f"  timed:   the guest's TSC from first submission to last completion / "
         f"{config['tsc_hz'] / 1e6:.1f} MHz (host TSC); wall = host time between the guest's "
         "go and end lines; cpu = the VMM's CPU time (all threads) over that span",
@@ -229,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=pathlib.Path, default=None,
                         help="where the image goes; not a tmpfs (no O_DIRECT there) "
                         "(default: the temporary folder)")
-    parser.add_argument("--qemu-ram", choices=("anon", "memfd"), default="anon",
-                        help="QEMU's guest RAM: its default, anonymous memory that it backs "
-                        "with transparent huge pages where it can, or a memfd as hvf's "
-                        "(default anon)")
+    parser.add_argument("--ram", choices=("anon", "memfd"), default="anon",
+                        help="both VMMs' guest RAM: their default, anonymous memory they back "
+                        "with transparent huge pages where they can, or a memfd (default "
+                        "anon)")
+    parser.add_argument("--aio", choices=("threads", "io_uring"), default="threads",
+                        help="hvf's block engine, its disks' aio= (default threads)")
     parser.add_argument("--fio", default="fio", help="the fio binary (default fio)")
     parser.add_argument("--cc", default=os.environ.get("CC", "gcc"),
                         help="C compiler for tsc_hz.c (default $CC or gcc)")
@@ -286,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 device = devices[0]
                 try:
                     run(qemu_cmd(qemu, accel, device, elves[device.name], image,
-                                 WARMUP, args.qemu_ram), device, WARMUP,
+                                 WARMUP, args.ram), device, WARMUP,
                         f"QEMU -accel {accel} probe")
                 except BenchError as e:
                     return str(e).splitlines()[0]
@@ -294,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
             accel, kvm_failure = choose_qemu_accel(args.qemu_accel, probe)
             runners = {
-                "hvf": lambda d, r, w: run(hvf_cmd(d, elves[d.name], image, r), d, r, w),
+                "hvf": lambda d, r, w: run(hvf_cmd(d, elves[d.name], image, r, args.ram,
+                                                   args.aio), d, r, w),
                 "qemu": lambda d, r, w: run(qemu_cmd(qemu, accel, d, elves[d.name],
-                                                     image, r, args.qemu_ram), d, r, w),
+                                                     image, r, args.ram), d, r, w),
             }
             image_size = args.image_mib << 20
             host = qemu_host_info(qemu)
@@ -306,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             records = bench(runners, lambda r: ceiling(fio_cmd(fio, image, image_size, r), r),
                             devices, rows, args.rounds, args.warmup, log)
             commands = {d.name: {"hvf": hvf_cmd(d, pathlib.Path(f"{d.guest}.elf"),
-                                                pathlib.Path("IMG"), rows[0]),
+                                                pathlib.Path("IMG"), rows[0], args.ram,
+                                                args.aio),
                                  "qemu": qemu_cmd(qemu, accel, d, pathlib.Path(f"{d.guest}.elf"),
-                                                  pathlib.Path("IMG"), rows[0], args.qemu_ram)}
+                                                  pathlib.Path("IMG"), rows[0], args.ram)}
                         for d in devices}
             commands["fio"] = fio_cmd(fio, pathlib.Path("IMG"), image_size, rows[0])
     except (BenchError, subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = {"rows": [r.name for r in rows], "rounds": args.rounds, "warmup": args.warmup,
               "image_mib": args.image_mib, "dir": str(args.dir or tempfile.gettempdir()),
-              "fs": fs, "tsc_hz": hz, "qemu_accel": accel, "qemu_ram": args.qemu_ram,
+              "fs": fs, "tsc_hz": hz, "qemu_accel": accel, "ram": args.ram, "aio": args.aio,
               "qemu_label": f"QEMU ({accel.upper()})", "missing": missing,
               "qemu_kvm_failure": kvm_failure if args.qemu_accel == "auto" else None}
     summary = summarize(records, devices, rows, args.target, args.metric)

@@ -97,8 +97,8 @@ class Device:
             return f"{self.source().relative_to(REPO)} has no bench= mode"
         return None
 
-    def hvf_args(self, image: pathlib.Path) -> list[str]:
-        return ["-s", f"{SLOT},{self.name},{image},nocache"]
+    def hvf_args(self, image: pathlib.Path, aio: str = "threads") -> list[str]:
+        return ["-s", f"{SLOT},{self.name},{image},nocache,aio={aio}"]
 
     def qemu_args(self, image: pathlib.Path) -> list[str]:
         drive = f"file={image},if=none,id=d0,format=raw,cache=none,aio=threads"
@@ -291,13 +291,16 @@ def measure(run: GuestRun, row: Row, device: Device, hz: float, what: str) -> di
     }
 
 
-def hvf_cmd(device: Device, elf: pathlib.Path, image: pathlib.Path, row: Row) -> list[str]:
-    cmd = hvf_command(MEMORY_MIB, elf, row.append(), device.hvf_args(image))
+def hvf_cmd(device: Device, elf: pathlib.Path, image: pathlib.Path, row: Row,
+            ram: str = "anon", aio: str = "threads") -> list[str]:
+    cmd = hvf_command(MEMORY_MIB, elf, row.append(),
+                      [*HVF_RAM[ram], *device.hvf_args(image, aio)])
     return [*cmd[:-1], f"bench-disk-{os.getpid()}"]  # a VM name no other benchmark uses
 
 
-#: QEMU's guest RAM: its default (anonymous memory, which it asks to back with
-#: transparent huge pages) or a memfd, as hvf's.
+#: Guest RAM: each VMM's default (anonymous memory, which both ask to back with
+#: transparent huge pages) or a memfd (hvf's for ``migrate --local`` and vhost-user).
+HVF_RAM = {"anon": [], "memfd": ["-o", "memory.shared=true"]}
 QEMU_RAM = {
     "anon": [],
     "memfd": ["-object", f"memory-backend-memfd,id=ram0,size={MEMORY_MIB}M",
