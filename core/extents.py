@@ -4,11 +4,12 @@ outside of which every byte is known to be zero.
 
 A fresh guest's anonymous RAM holds pages only where something wrote, which
 ``/proc/self/pagemap`` shows (in 2 MiB steps where they are huge pages); a memfd
-answers ``SEEK_DATA``/``SEEK_HOLE``: pages the guest never touched are holes. A restored guest runs on its snapshot's RAM file mapped
-``MAP_PRIVATE``: a page holds either the file's bytes or, once written, a private copy,
-and ``/proc/self/pagemap`` says which. So its data lies in the file's data extents plus
-its private pages, and a save need not read the rest (reading it would fault in every
-page of the file's holes).
+answers ``SEEK_DATA``/``SEEK_HOLE``: pages the guest never touched are holes. A
+restored guest runs on its snapshot's RAM file mapped ``MAP_PRIVATE``: a page holds
+either the file's bytes or, once written, a private copy, and ``/proc/self/pagemap``
+says which. So its data lies in the file's data extents plus its private pages, and a
+save need not read the rest (reading it would fault in every page of the file's
+holes).
 
 Extents are page-aligned ``(start, end)`` offsets, sorted and disjoint.
 """

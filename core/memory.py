@@ -41,7 +41,7 @@ E820_RESERVED = 2
 
 #: <sys/mman.h> (Linux), which Python 3.11's mmap lacks: no commit charge for the whole
 #: size up front, as for a memfd's pages (guest RAM is sparse; it may exceed host RAM).
-_MAP_NORESERVE = 0x4000
+MAP_NORESERVE = 0x4000
 
 
 def _mlock(addr: int, length: int) -> None:
@@ -157,7 +157,7 @@ class GuestMemory:
         try:
             if self.anonymous:
                 self.map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                     | _MAP_NORESERVE)
+                                     | MAP_NORESERVE)
                 self.map.madvise(mmap.MADV_HUGEPAGE)
             else:
                 self.fd = (os.memfd_create("hvf-guest-ram", os.MFD_CLOEXEC) if new_file

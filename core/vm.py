@@ -50,7 +50,6 @@ TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 
 
-
 def _ram_shared(config: Config, plugins: Plugins) -> bool:
     """Whether guest RAM must be a memfd other processes can map: ``memory.shared``,
     or a PCI device whose back end maps it (registered with ``shares_ram``)."""
@@ -63,6 +62,7 @@ def _ram_shared(config: Config, plugins: Plugins) -> bool:
     registry = plugins.pci_devices
     return any((entry := registry.get(name)) is not None and entry.shares_ram
                for name in devices)
+
 
 class Machine:
     """One virtual machine, built from a configuration tree by the plugins; with

@@ -34,6 +34,7 @@ from cffi import FFI
 from hvf import exitcodes
 from hvf.errors import HvfError, MigrationError
 from hvf.extents import PAGE, private_extents
+from hvf.memory import MAP_NORESERVE
 from hvf.migration import handshake
 from hvf.migration.chunks import encode_state
 from hvf.migration.dirty import DirtyLog, unseen_writers
@@ -68,7 +69,7 @@ PROGRESS_INTERVAL = 0.25
 _libc_ffi = FFI()
 _libc_ffi.cdef("void *mmap(void *addr, size_t length, int prot, int flags, int fd, long off);")
 _libc: Any = _libc_ffi.dlopen(None)
-_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # <sys/mman.h> on Linux
+_MAP_FIXED = 0x10  # <sys/mman.h> on Linux
 Progress = Callable[[int, int], None]
 
 
@@ -351,7 +352,7 @@ class Migration:
         memory = self.vm.memory
         got = _libc.mmap(_libc_ffi.cast("void *", memory.host_addr), memory.size,
                          mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE | _MAP_FIXED,
                          -1, 0)
         if int(_libc_ffi.cast("uintptr_t", got)) != memory.host_addr:
             raise MigrationError("cannot detach guest RAM from the shared memfd")

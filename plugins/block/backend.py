@@ -238,11 +238,15 @@ class BlockBackend:
             run, args = _out_of_range, ()
         elif modifies and self.image.readonly:
             run, args = _read_only, ()
+        self._admit()
+        self._jobs.put((kind, run, args, done))
+
+    def _admit(self) -> None:
+        """Count a request in flight (until :meth:`_finished`); none once closed."""
         with self._idle:
             if self._closed:
                 raise RuntimeError(f"{self.name}: the block back end is closed")
             self._in_flight += 1
-        self._jobs.put((kind, run, args, done))
 
     # ---- the workers ----
 
@@ -250,20 +254,28 @@ class BlockBackend:
         while (job := self._jobs.get()) is not None:
             kind, run, args, done = job
             del job
-            try:
-                status, nbytes = run(*args)
-            except OSError as e:
-                status, nbytes = Status.IO_ERROR, -(e.errno or errno.EIO)
-            except Exception:
-                log.exception("%s: a %s request failed", self.name, kind)
-                status, nbytes = Status.IO_ERROR, -errno.EIO
-            try:
-                done(status, nbytes)
-            except Exception:
-                log.exception("%s: the completion of a %s request failed", self.name, kind)
+            status, nbytes = self._attempt(kind, run, *args)
+            self._complete(kind, done, status, nbytes)
             # Let go of the guest's buffers before waiting for the next request.
             del args, done
             self._finished(kind, status, nbytes)
+
+    def _attempt(self, kind: str, run: Callable[..., _Result], *args: Any) -> _Result:
+        """``run(*args)``; what it raises ends the request as ``IO_ERROR``."""
+        try:
+            return run(*args)
+        except OSError as e:
+            return Status.IO_ERROR, -(e.errno or errno.EIO)
+        except Exception:
+            log.exception("%s: a %s request failed", self.name, kind)
+            return Status.IO_ERROR, -errno.EIO
+
+    def _complete(self, kind: str, done: Done, status: Status, nbytes: int) -> None:
+        """Tell the front end; a completion that raises is logged, not fatal."""
+        try:
+            done(status, nbytes)
+        except Exception:
+            log.exception("%s: the completion of a %s request failed", self.name, kind)
 
     def _finished(self, kind: str, status: Status, nbytes: int) -> None:
         with self._idle:
@@ -384,4 +396,3 @@ class BlockBackend:
         for worker in self._workers:
             worker.join()
         self.image.close()
-

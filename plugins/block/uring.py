@@ -38,7 +38,6 @@ from hvf.plugins.block.backend import (
     _advance,
     _Result,
     _transfer,
-    log,
 )
 from hvf.plugins.block.image import Image
 
@@ -124,10 +123,7 @@ class UringBackend(BlockBackend):
             super()._submit(kind, run, args, done, offset=offset, length=length,
                             modifies=modifies)
             return
-        with self._idle:
-            if self._closed:
-                raise RuntimeError(f"{self.name}: the block back end is closed")
-            self._in_flight += 1
+        self._admit()
         tag = next(self._next_tag)
         if kind == "flush":
             self._requests[tag] = (kind, done, views, None, offset, length)
@@ -165,10 +161,7 @@ class UringBackend(BlockBackend):
                     return
                 kind, done, views, _, offset, length = self._requests.pop(tag)
                 status, nbytes = self._result(kind, views, offset, length, result)
-                try:
-                    done(status, nbytes)
-                except Exception:
-                    log.exception("%s: the completion of a %s request failed", self.name, kind)
+                self._complete(kind, done, status, nbytes)
                 # Let go of the guest's buffers before counting it done (drain returns).
                 del done, views
                 self._finished(kind, status, nbytes)
@@ -180,15 +173,9 @@ class UringBackend(BlockBackend):
         if result == length:
             return Status.OK, result
         call = os.pwritev if kind == "write" else os.preadv
-        try:
-            rest = _transfer(call, self._fd, _advance(views, result), offset + result,
-                             length - result)
-        except OSError as e:
-            return Status.IO_ERROR, -(e.errno or errno.EIO)
-        except Exception:
-            log.exception("%s: a %s request failed", self.name, kind)
-            return Status.IO_ERROR, -errno.EIO
-        return Status.OK, result + rest
+        status, rest = self._attempt(kind, lambda: (Status.OK, _transfer(
+            call, self._fd, _advance(views, result), offset + result, length - result)))
+        return (status, result + rest) if status is Status.OK else (status, rest)
 
     # ---- the front end's controls ----
 

@@ -11,10 +11,10 @@ throttling and the rest are the back end's.
 The back end must see guest RAM, so guest RAM must be a shared mapping of a file it can
 map. hvf's RAM is otherwise anonymous memory, and a VM restored from a snapshot runs on
 a private copy-on-write mapping of the snapshot's RAM file, neither of which another
-process sees. This device is therefore registered with ``shares_ram``, so a machine
-with one gets its RAM as a shared memfd, and it sets ``memory.shared=true``, which the
-snapshot's configuration carries: a restore of such a VM loads the RAM file into a new
-shared memfd instead (see :class:`hvf.memory.GuestMemory`). At pause the back end stops its queues
+process sees. This device is therefore registered with ``shares_ram``: a machine with
+one gets its RAM as a shared memfd, and so does its restore, whose configuration names
+the device (the RAM file is loaded into a new memfd, see
+:class:`hvf.memory.GuestMemory`). At pause the back end stops its queues
 (``GET_VRING_BASE``) and finishes what it had taken, so a snapshot's RAM and queue
 positions agree; at resume, or after a restore, the queues start again from there.
 
@@ -464,5 +464,4 @@ def create(*, vm: Machine, slot: tuple[int, int, int], config: dict[str, Any]) -
     except (OSError, DeviceError) as e:
         client.close()
         raise ConfigError(f"{where}: {e}") from None
-    vm.config.set("memory.shared", "true")  # a restore of this VM must share RAM too
     return device

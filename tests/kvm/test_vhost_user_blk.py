@@ -185,9 +185,9 @@ def test_daemon_restarted_mid_run_the_guest_carries_on(
 
 def test_suspend_mid_write_and_restore_into_shared_memory(
         guests: dict[str, Path], daemon: StorageDaemon, tmp_path: Path) -> None:
-    """A restore normally maps the RAM file copy-on-write; with a vhost-user disk the
-    snapshot's configuration carries memory.shared=true, RAM is loaded into a memfd the
-    daemon maps, and the guest's read-back after the restore checks every sector."""
+    """A restore normally maps the RAM file copy-on-write; with a vhost-user disk in the
+    snapshot's configuration RAM is loaded into a memfd the daemon maps, and the guest's
+    read-back after the restore checks every sector."""
     sectors, name, snap = 16384, "vu-suspend", tmp_path / "snap"
     args = [*MACHINE, "-s", f"3,vhost-user-blk,socket={daemon.socket}",
             "--kernel", guests["virtio_blk"], "--append", f"n={sectors}", name]
