@@ -9,9 +9,12 @@ state go, and once the destination has loaded them the source tells it to run an
 exits with status 0 (bhyve's status for a VM stopped cleanly, as ``suspend --exit``).
 
 Auto-converge: when in two rounds the guest dirtied more than half of what was sent
-meanwhile, the vCPUs are throttled (held outside KVM_RUN for a share of every
-:data:`THROTTLE_PERIOD`): 20 %, then 10 % more each time, up to 99 % (not while a
-debugger is attached: ``-G`` holds vCPUs the same way).
+meanwhile, the vCPUs are throttled: 20 %, then 10 % more each time, up to 99 % (not
+while a debugger is attached: ``-G`` holds vCPUs the same way). As QEMU's auto-converge
+does, they run a :data:`THROTTLE_SLICE` at a time and are then held outside KVM_RUN for
+p/(100 - p) times as long as they ran, so that at 99 % they run 1 % of the time however
+late the host wakes the throttle (a wait of a fraction of a millisecond can take
+several).
 
 Whatever fails before the destination is told to run (the connection, a refusal, the
 timeout, a cancel) leaves the VM running here as before; the destination is told why
@@ -60,7 +63,7 @@ DEFAULT_DOWNTIME_MS = 300
 CONNECT_TIMEOUT = 10.0
 #: Longest wait for the destination (a READY comes once it has built the machine).
 IO_TIMEOUT = 60.0
-THROTTLE_PERIOD = 0.02
+THROTTLE_SLICE = 0.01
 THROTTLE_FIRST, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
 #: A paced round sends messages of about this many seconds' worth of the bandwidth.
 PACING_SLICE = 0.05
@@ -74,7 +77,7 @@ Progress = Callable[[int, int], None]
 
 
 class Throttle:
-    """Holds the vCPUs outside KVM_RUN for ``percent`` % of every period."""
+    """Holds the vCPUs outside KVM_RUN for ``percent`` % of the time."""
 
     def __init__(self, vm: Machine) -> None:
         self.vm = vm
@@ -93,11 +96,12 @@ class Throttle:
     def _run(self) -> None:
         vcpus = self.vm.vcpus
         while not self._stop.is_set():
-            held = THROTTLE_PERIOD * self.percent / 100
+            released = time.monotonic()
+            self._stop.wait(THROTTLE_SLICE)
             self.vm.hold(vcpus)
-            self._stop.wait(held)
+            ran = time.monotonic() - released
+            self._stop.wait(ran * self.percent / (100 - self.percent))
             self.vm.release(vcpus)
-            self._stop.wait(THROTTLE_PERIOD - held)
 
     def stop(self) -> None:
         self._stop.set()
