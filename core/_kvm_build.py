@@ -354,12 +354,14 @@ static int hvf_run(int fd)
 
 /*
  * KVM_RUN for the vCPU loop's hot path. Returns -errno on failure. A single-element
- * port I/O exit comes back packed, so that Python reads no struct field for it:
- * HVF_FAST_IO | size << 48 | port << 32 [| HVF_FAST_IO_OUT | value]. Any other exit
- * returns its exit_reason.
+ * port I/O exit comes back packed in a small integer (one digit of a Python int, so
+ * that decoding it allocates nothing): HVF_FAST_IO | size << 16 | port
+ * [| HVF_FAST_IO_OUT]. An OUT's value is left zero-extended as a 32-bit word at
+ * HVF_PIO_DATA_OFFSET (KVM's data, which KVM reads no more once it has exited). Any
+ * other exit returns its exit_reason (all below HVF_FAST_IO).
  */
-#define HVF_FAST_IO (1LL << 56)
-#define HVF_FAST_IO_OUT (1LL << 52)
+#define HVF_FAST_IO (1LL << 21)
+#define HVF_FAST_IO_OUT (1LL << 20)
 #define HVF_PIO_DATA_OFFSET (KVM_PIO_PAGE_OFFSET * 4096)
 
 static long long hvf_run_fast(int fd, struct kvm_run *run)
@@ -368,15 +370,16 @@ static long long hvf_run_fast(int fd, struct kvm_run *run)
         return -errno;
     if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1 &&
         run->io.data_offset == HVF_PIO_DATA_OFFSET) {
-        long long r = HVF_FAST_IO | (long long)run->io.size << 48 | (long long)run->io.port << 32;
+        long long r = HVF_FAST_IO | (long long)run->io.size << 16 | run->io.port;
         if (run->io.direction == KVM_EXIT_IO_OUT) {
-            const unsigned char *d = (const unsigned char *)run + HVF_PIO_DATA_OFFSET;
+            unsigned char *d = (unsigned char *)run + HVF_PIO_DATA_OFFSET;
             unsigned int v = d[0];
             if (run->io.size >= 2)
                 v |= (unsigned int)d[1] << 8;
             if (run->io.size == 4)
                 v |= (unsigned int)d[2] << 16 | (unsigned int)d[3] << 24;
-            r |= HVF_FAST_IO_OUT | v;
+            *(unsigned int *)d = v;
+            r |= HVF_FAST_IO_OUT;
         }
         return r;
     }

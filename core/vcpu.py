@@ -126,20 +126,21 @@ class Vcpu:
         fast_io = lib.HVF_FAST_IO
         fast_out = lib.HVF_FAST_IO_OUT
         data = lib.HVF_PIO_DATA_OFFSET
+        word = data >> 2  # where C leaves an OUT's value, zero-extended
         m8, m16, m32 = self._m8, self._m16, self._m32
         exit_io = lib.KVM_EXIT_IO
         exit_mmio = lib.KVM_EXIT_MMIO
         while True:
             r = run_fast(fd, run)
             if r >= fast_io:  # one port access, decoded in C
-                port = (r >> 32) & 0xFFFF
+                port = r & 0xFFFF
                 rng = port_range(port)
                 if rng is None:
                     self._unhandled_single(r, port)
                 elif r & fast_out:
-                    rng.write(port - rng.base, (r >> 48) & 0xF, r & 0xFFFFFFFF)
+                    rng.write(port - rng.base, (r >> 16) & 7, m32[word])
                 else:
-                    size = (r >> 48) & 0xF
+                    size = (r >> 16) & 7
                     value = rng.read(port - rng.base, size)
                     if size == 1:
                         m8[data] = value & 0xFF
@@ -175,7 +176,7 @@ class Vcpu:
     # ---- rare paths ----
 
     def _unhandled_single(self, packed: int, port: int) -> None:
-        size = (packed >> 48) & 0xF
+        size = (packed >> 16) & 7
         if packed & lib.HVF_FAST_IO_OUT:
             self._unhandled_port("out", port, size)
         else:
