@@ -95,13 +95,13 @@ class Throttle:
 
     def _run(self) -> None:
         vcpus = self.vm.vcpus
-        while not self._stop.is_set():
-            released = time.monotonic()
-            self._stop.wait(THROTTLE_SLICE)
+        released = time.monotonic()
+        while not self._stop.wait(THROTTLE_SLICE):
             self.vm.hold(vcpus)
             ran = time.monotonic() - released
             self._stop.wait(ran * self.percent / (100 - self.percent))
             self.vm.release(vcpus)
+            released = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
