@@ -6,4 +6,5 @@ from setuptools import setup
 setup(cffi_modules=["core/_kvm_build.py:ffibuilder", "core/_pages_build.py:ffibuilder",
                     "plugins/net/_slirp_build.py:ffibuilder",
                     "plugins/net/_netpath_build.py:ffibuilder",
+                    "plugins/virtio/_vring_build.py:ffibuilder",
                     "plugins/block/_uring_build.py:ffibuilder"])

@@ -195,6 +195,22 @@ class ConsoleBackend:
         if queue and self.loop is not None:
             self.loop.call_soon(self._flush)
 
+    def write_direct(self, writer: Callable[[int], tuple[int, bytes]]) -> bool:
+        """Let ``writer`` write guest output straight to the host descriptor (a device's
+        C path), under the lock and only while nothing is queued: ``writer(fd)`` writes
+        without blocking and returns how many bytes the host took and the bytes to
+        queue after them (what a short write left of a guest buffer). False, without
+        calling it, when output is queued or no descriptor is connected."""
+        with self._lock:
+            if self.wfd is None or self._out:
+                return False
+            taken, rest = writer(self.wfd)
+            self.written += taken
+            queue = self._enqueue(rest) if rest else False
+        if queue and self.loop is not None:
+            self.loop.call_soon(self._flush)
+        return True
+
     def _send(self, call: Callable[[int, Any], int], what: Any, size: int) -> int | None:
         """One non-blocking write of ``size`` bytes (lock held): how many the host took,
         or None when the write failed (the bytes are counted as dropped)."""

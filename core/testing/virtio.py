@@ -155,6 +155,42 @@ class VirtqDriver:
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return found
 
+    def add_raw(self, descriptors: Sequence[tuple[int, int, int, int]],
+                data: bytes = b"") -> int | None:
+        """Make a chain written by hand available, as a hostile driver may: each
+        (address, length, flags, next) from a free descriptor on, the first pointing at
+        ``data`` (in the first buffer slot) when given and its address lies in RAM.
+        Its descriptors stay taken. Returns its head, or None when none is free."""
+        if not self._free_descriptors:
+            return None
+        head = self._free_descriptors.pop()
+        self.memory.write(self.slot_base, data)
+        for i, (addr, length, flags, next_index) in enumerate(descriptors):
+            if i == 0 and addr < self.memory.size and data:
+                addr, length = self.slot_base, len(data)
+            self.write_descriptor(self.desc_gpa((head + i) % self.size), addr, length, flags,
+                                  next_index)
+        self.publish(head)
+        return head
+
+    def used_elements(self) -> list[tuple[int, int, bytes | None]]:
+        """As :meth:`used`, chains written by hand included: (head, length, and the
+        data of a chain :meth:`add` made, else None)."""
+        found: list[tuple[int, int, bytes | None]] = []
+        used_idx = self._read16(self.used_addr + 2)
+        while self.used_seen != used_idx:
+            slot = self.used_seen % self.size
+            head, length = _USED_ELEM.unpack(self.memory.read(self.used_addr + 4 + 8 * slot, 8))
+            posted = self._posted.pop(head, None)
+            data = None
+            if posted is not None:
+                data = b"".join(self.memory.read(g, n) for g, n in posted.writable)[:length]
+                self._free_descriptors.extend(posted.descriptors)
+                self._free_slots.extend(posted.slots)
+            found.append((head, length, data))
+            self.used_seen = (self.used_seen + 1) & 0xFFFF
+        return found
+
     def set_used_event(self, value: int) -> None:
         """EVENT_IDX: ask for an interrupt once the used index passes ``value``."""
         self._write16(self.avail_addr + 4 + 2 * self.size, value)

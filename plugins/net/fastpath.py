@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from hvf.plugins.net._netpath import ffi, lib
 from hvf.plugins.net.spec import F_GUEST_CSUM
-from hvf.plugins.virtio.queue import avail_ring_bytes, desc_table_bytes, used_ring_bytes
+from hvf.plugins.virtio.cring import RingRecords
 from hvf.plugins.virtio.spec import F_RING_INDIRECT_DESC
 
 if TYPE_CHECKING:
@@ -43,23 +43,7 @@ class NetPath:
     """The C data path over one guest's RAM, for the queues of one device."""
 
     def __init__(self, memory: GuestMemory) -> None:
-        self._memory = memory
-        self._ram = ram = ffi.new("struct hvf_net_ram *")
-        #: The region buffers C points into (they keep guest RAM mapped).
-        self._windows: list[Any] = []
-        for i, region in enumerate(memory.regions):
-            window = ffi.from_buffer(
-                memory.view[region.file_offset : region.file_offset + region.size])
-            self._windows.append(window)
-            ram.base[i] = region.guest_base
-            ram.size[i] = region.size
-            ram.host[i] = ffi.cast("uint8_t *", window)
-            ram.file_offset[i] = region.file_offset
-        ram.nregions = len(memory.regions)
-        self._written: bytearray | None = None
-        self._written_buffer: Any = None
-        #: Per queue index: the SplitQueue its ring record was made for, and the record.
-        self._rings: dict[int, tuple[SplitQueue, Any]] = {}
+        self._records = RingRecords(ffi, memory)
         self._tx = ffi.new("struct hvf_net_tx_args *")
         self._rx = ffi.new("struct hvf_net_rx_args *")
         #: The receive filter and address last given to C, as copies.
@@ -68,13 +52,13 @@ class NetPath:
     def transmit(self, index: int, queue: SplitQueue, negotiated: int, fd: int,
                  mtu_frame: int, limit: int) -> tuple[int, int, int]:
         """Send up to ``limit`` frames from ``queue``: (status, frames, bytes)."""
-        ring = self._ring(index, queue, negotiated)
+        ring = self._records.ring(index, queue, bool(negotiated & F_RING_INDIRECT_DESC))
         args = self._tx
         args.negotiated = negotiated
         args.mtu_frame = mtu_frame
         state = queue.state
         ring.next_avail, ring.next_used = state.next_avail, state.next_used
-        status = lib.hvf_net_tx(self._ram, ring, fd, args, limit)
+        status = lib.hvf_net_tx(self._records.ram, ring, fd, args, limit)
         state.next_avail, state.next_used = ring.next_avail, ring.next_used
         return status, args.frames, args.bytes
 
@@ -83,61 +67,23 @@ class NetPath:
         """Take up to ``limit`` frames from ``fd`` into ``queue``'s chains for ``device``:
         the status and the counts (``frames``, ``bytes``, ``oversize``, ``filtered``)."""
         args = self._rx
-        known = self._rings.get(index)
-        if known is not None and known[0] is queue:
-            ring = known[1]
-        else:  # a new queue: the driver's features are settled for its life
+        records = self._records
+        ring = records.known_ring(index, queue)
+        if ring is None:  # a new queue: the driver's features are settled for its life
             negotiated = device.negotiated
-            ring = self._ring(index, queue, negotiated)
+            ring = records.ring(index, queue, bool(negotiated & F_RING_INDIRECT_DESC))
             args.merge = device.merge
             args.guest_csum = bool(negotiated & F_GUEST_CSUM)
             args.limit = device.rx_limit
             args.is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
         net = device.net
         self._set_filter(args, net.mac, net.rx_filter)
-        if self._memory.written is not self._written:
-            self._sync_written()
+        records.sync_written()
         state = queue.state
         ring.next_avail, ring.next_used = state.next_avail, state.next_used
-        status = lib.hvf_net_rx(self._ram, ring, fd, args, limit)
+        status = lib.hvf_net_rx(records.ram, ring, fd, args, limit)
         state.next_avail, state.next_used = ring.next_avail, ring.next_used
         return status, args
-
-    def _ring(self, index: int, queue: SplitQueue, negotiated: int) -> Any:
-        known = self._rings.get(index)
-        if known is not None and known[0] is queue:
-            return known[1]
-        state = queue.state
-        size = state.size
-        ring = ffi.new("struct hvf_net_ring *")
-        # The queue checked these lie inside guest RAM when it was made.
-        ring.desc = self._host(state.desc_addr, desc_table_bytes(size))
-        ring.avail = self._host(state.avail_addr, avail_ring_bytes(size))
-        ring.used = self._host(state.used_addr, used_ring_bytes(size))
-        ring.size = size
-        ring.indirect = bool(negotiated & F_RING_INDIRECT_DESC)
-        self._rings[index] = (queue, ring)
-        return ring
-
-    def _host(self, gpa: int, length: int) -> Any:
-        ram = self._ram
-        for i in range(ram.nregions):
-            base, size = ram.base[i], ram.size[i]
-            if base <= gpa and gpa + length <= base + size:
-                return ram.host[i] + (gpa - base)
-        raise ValueError(f"ring at {gpa:#x} length {length:#x} is not inside guest RAM")
-
-    def _sync_written(self) -> None:
-        written = self._written = self._memory.written
-        ram = self._ram
-        if written is None:
-            self._written_buffer = None
-            ram.written = ffi.NULL
-            ram.written_pages = 0
-        else:
-            self._written_buffer = ffi.from_buffer(written)
-            ram.written = ffi.cast("uint8_t *", self._written_buffer)
-            ram.written_pages = len(written)
 
     def _set_filter(self, args: Any, mac: bytes, f: RxFilter) -> None:
         last = self._filter

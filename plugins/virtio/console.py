@@ -25,9 +25,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from hvf.dma import write_views
-from hvf.errors import ConfigError, DeviceError
+from hvf.errors import ConfigError, DeviceError, VirtqueueError
+from hvf.plugins.virtio.cring import BLOCKED, EMPTY, ERROR, SLOW, TxPath
 from hvf.plugins.virtio.pci import VirtioPciDevice
-from hvf.plugins.virtio.spec import DEVICE_NEEDS_RESET, DRIVER_OK, TYPE_CONSOLE
+from hvf.plugins.virtio.spec import (
+    DEVICE_NEEDS_RESET,
+    DRIVER_OK,
+    F_RING_INDIRECT_DESC,
+    TYPE_CONSOLE,
+)
 from hvf.snapshot_api import Fields, check_fields
 
 if TYPE_CHECKING:
@@ -39,7 +45,8 @@ if TYPE_CHECKING:
 F_MULTIPORT = 1 << 1
 MAX_PORTS = 16
 QUEUE_SIZE = 256
-#: Guest output queued for a slow host before transmit buffers are held back.
+#: Guest output queued for a slow host before transmit buffers are held back; also the
+#: bytes one ``writev`` of the C path takes (one chain at least).
 TX_BACKLOG = 64 * 1024
 #: Transmit chains written with one ``writev`` at most (below the kernel's IOV_MAX).
 TX_BATCH = 256
@@ -143,33 +150,72 @@ class ConsolePort:
     # ---- guest output (I/O thread, lock held) ----
 
     def transmit(self, queue: SplitQueue) -> None:
-        """Write the guest's transmit buffers to the backend, a batch per ``writev``;
-        while the host lags by TX_BACKLOG, stop (``_drained`` resumes)."""
+        """Write the guest's transmit buffers to the backend: in C (:class:`TxPath`)
+        while nothing is queued for the host, else a batch per ``writev``; while the
+        host lags by TX_BACKLOG, stop (``_drained`` resumes)."""
         backend = self.backend
+        path = self.device.tx_path
         while True:
             queue.disable_notifications()
             while backend is None or backend.backlog < TX_BACKLOG:
+                if path is not None and backend is not None:
+                    moved = self._transmit_direct(path, queue, backend)
+                    if moved is not None:
+                        if moved:
+                            continue
+                        break
                 chains, pieces, size = [], [], 0
+                broken = None  # a chain that breaks the rules ends the batch
                 while len(chains) < TX_BATCH and size < TX_BACKLOG:
-                    chain = queue.pop()
+                    try:
+                        chain = queue.pop()
+                    except VirtqueueError as e:
+                        broken = e
+                        break
                     if chain is None:
                         break
                     chains.append(chain)
                     pieces += chain.readable
                     size += chain.readable_length
-                if not chains:
-                    break
                 if backend is not None and size:
                     backend.write_many([p for p in pieces if len(p)])
                 for chain in chains:
                     queue.push(chain, 0)
                 self.transmitted += size
+                if broken is not None:
+                    raise broken  # after the chains before it, as the C path sends them
+                if not chains:
+                    break
             else:
                 self.device.interrupt_queue(self.tx)
                 return
             self.device.interrupt_queue(self.tx)
             if not queue.enable_notifications():
                 return
+
+    def _transmit_direct(self, path: TxPath, queue: SplitQueue,
+                         backend: ConsoleBackend) -> bool | None:
+        """One batch of the C path: True when it returned chains, False when the ring
+        is empty, None when the Python path must take the next chain (one C refuses,
+        output queued for the host, or a failed write, which that path reports)."""
+        status = SLOW
+
+        def write(fd: int) -> tuple[int, bytes]:
+            nonlocal status
+            status, _, took, detail = path.transmit(
+                self.tx, queue, self.device.indirect, fd, TX_BACKLOG, TX_BATCH)
+            rest = b""
+            if status == BLOCKED:  # the host took `detail` bytes of the next chain
+                chain = queue.pop()
+                if chain is not None:
+                    rest = b"".join(chain.readable)[detail:]
+                    queue.push(chain, 0)
+            self.transmitted += took + len(rest)
+            return took, rest
+
+        if not backend.write_direct(write) or status in (SLOW, ERROR):
+            return None
+        return status != EMPTY
 
     def _drained(self) -> None:
         with self.device.lock:
@@ -188,11 +234,18 @@ class VirtioConsole(VirtioPciDevice):
         super().__init__(name)
         self.ports = [ConsolePort(self, i, n, spec) for i, (n, spec) in enumerate(ports)]
         self.control_out: deque[bytes] = deque()
+        #: The ports' C transmit path (None: the Python path alone).
+        self.tx_path: TxPath | None = None
 
     def attach(self, ctx: DeviceContext) -> None:
         super().attach(ctx)
+        self.tx_path = TxPath(ctx.memory)
         for port in self.ports:
             port.open_backend(ctx)
+
+    @property
+    def indirect(self) -> bool:
+        return bool(self.negotiated & F_RING_INDIRECT_DESC)
 
     @property
     def multiport(self) -> bool:

@@ -264,16 +264,8 @@ def _apply(m: Machine, action: tuple[Any, ...]) -> None:
                 indirect = indirect and indirect_ok
                 if queue.can_add(len(parts), indirect=indirect):
                     queue.add(parts, [], indirect=indirect)
-            elif queue._free_descriptors:
-                _, descriptors, data = chain
-                head = queue._free_descriptors.pop()
-                m.memory.write(queue.slot_base, data)
-                for i, (addr, length, flags, nxt) in enumerate(descriptors):
-                    if i == 0 and addr < RAM and data:
-                        addr, length = queue.slot_base, len(data)
-                    queue.write_descriptor(queue.desc_gpa((head + i) % queue.size), addr, length,
-                                           flags, nxt)
-                queue.publish(head)
+            else:
+                queue.add_raw(chain[1], chain[2])
         m.kick(1)
     elif kind == "post":
         queue = m.queues[0]
@@ -302,30 +294,10 @@ def _apply(m: Machine, action: tuple[Any, ...]) -> None:
         m.kick(2)
 
 
-def _used(queue: VirtqDriver) -> list[tuple[int, int, bytes | None]]:
-    """The used elements since the last call: head, length, and the data of a chain
-    the driver posted (a chain written by hand has none)."""
-    found = []
-    used_idx = int.from_bytes(queue.memory.read(queue.used_addr + 2, 2), "little")
-    while queue.used_seen != used_idx:
-        element = queue.used_addr + 4 + 8 * (queue.used_seen % queue.size)
-        head = int.from_bytes(queue.memory.read(element, 4), "little")
-        length = int.from_bytes(queue.memory.read(element + 4, 4), "little")
-        posted = queue._posted.pop(head, None)
-        data = None
-        if posted is not None:
-            data = b"".join(queue.memory.read(g, n) for g, n in posted.writable)[:length]
-            queue._free_descriptors.extend(posted.descriptors)
-            queue._free_slots.extend(posted.slots)
-        found.append((head, length, data))
-        queue.used_seen = (queue.used_seen + 1) & 0xFFFF
-    return found
-
-
 def _outcome(m: Machine) -> dict[str, Any]:
     rx_slots = (m.queues[0].slot_base, QUEUE_BASE + QUEUE_SPACING)
     ram = bytes(m.memory.view[: rx_slots[0]]) + bytes(m.memory.view[rx_slots[1] :])
-    return {"sent": m.backend.sent(), "used": {i: _used(q) for i, q in m.queues.items()},
+    return {"sent": m.backend.sent(), "used": {i: q.used_elements() for i, q in m.queues.items()},
             "counters": m.device.counters, "status": m.driver.read(STATUS, 1),
             "log": list(m.vm.logged), "ipv4": m.device.net.guest_ipv4, "ram": ram}
 
