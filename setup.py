@@ -7,4 +7,5 @@ setup(cffi_modules=["core/_kvm_build.py:ffibuilder", "core/_pages_build.py:ffibu
                     "plugins/net/_slirp_build.py:ffibuilder",
                     "plugins/net/_netpath_build.py:ffibuilder",
                     "plugins/virtio/_vring_build.py:ffibuilder",
+                    "plugins/virtio/_blkpath_build.py:ffibuilder",
                     "plugins/block/_uring_build.py:ffibuilder"])

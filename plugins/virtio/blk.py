@@ -5,7 +5,10 @@
 ``[,bootindex=N]`` as in bhyve (configuration ``pci.B.S.F.path``, ``.ro``, ``.ser``,
 ``.bootindex``, ...); ``bootindex`` puts the disk in the firmware's boot order as
 ``/pci@i0cf8/scsi@S/disk@0,0`` (:mod:`hvf.bootorder`). One request
-queue, or ``num_queues=N`` of them (``VIRTIO_BLK_F_MQ``). The I/O thread takes each chain, checks it and hands it to the
+queue, or ``num_queues=N`` of them (``VIRTIO_BLK_F_MQ``). Plain reads and writes
+go through the C path (:mod:`hvf.plugins.virtio.blkpath`: taken on the I/O thread,
+served, returned and signalled by POSIX threads, no GIL) unless the disk has
+``aio=io_uring``. Every other chain the I/O thread takes, checks and hands to the
 :class:`~hvf.plugins.block.backend.BlockBackend` with the guest's buffers as views (no
 copy); the completion, on a worker thread, writes the status byte, returns the chain
 and interrupts, under the device lock. A request that breaks the rules (no status
@@ -16,6 +19,7 @@ the back end first, so nothing is in flight in a saved state.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +34,13 @@ from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
-from hvf.plugins.virtio.pci import VirtioPciDevice
+from hvf.plugins.virtio.blkpath import BlkPath
+from hvf.plugins.virtio.pci import ISR_QUEUE, VirtioPciDevice
+from hvf.plugins.virtio.spec import F_RING_INDIRECT_DESC, NO_VECTOR
 from hvf.snapshot_api import Fields, check_fields
 
 if TYPE_CHECKING:
+    from hvf.context import DeviceContext
     from hvf.plugins.virtio.queue import Chain, SplitQueue
     from hvf.vm import Machine
 
@@ -150,6 +157,27 @@ class VirtioBlk(VirtioPciDevice):
         self.in_flight = 0
         #: Requests refused before reaching the back end (IOERR or UNSUPP).
         self.refused = 0
+        #: The C path (attach makes it), and the eventfd its threads signal for INTx.
+        self.path: BlkPath | None = None
+        self._intx_event = -1
+
+    def attach(self, ctx: DeviceContext) -> None:
+        super().attach(ctx)
+        if self.image.aio == "io_uring":
+            return
+        self.path = BlkPath(ctx.memory, self.image)
+        self._intx_event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ctx.loop.add_reader(self._intx_event, self._intx_signalled)
+
+    def _intx_signalled(self) -> None:
+        """The C path returned chains while the driver uses INTx (I/O thread)."""
+        try:
+            os.eventfd_read(self._intx_event)
+        except BlockingIOError:
+            return
+        with self.lock:
+            if self.queue_irqfd(0) is None:
+                self._interrupt(NO_VECTOR, ISR_QUEUE)
 
     # ---- configuration ----
 
@@ -170,21 +198,40 @@ class VirtioBlk(VirtioPciDevice):
     # ---- requests (I/O thread, lock held) ----
 
     def queue_notified(self, index: int, queue: SplitQueue) -> None:
+        path = self.path
+        irqfd = self.queue_irqfd(index)
+        if irqfd is None:
+            irqfd = self._intx_event
+        indirect = bool(self.negotiated & F_RING_INDIRECT_DESC)
         while True:
             queue.disable_notifications()
             refused = False
-            while (chain := queue.pop()) is not None:
+            while path is None or path.serve(index, queue, indirect, irqfd):
+                if (chain := queue.pop()) is None:
+                    break
                 refused |= self._start(queue, chain)
-            if refused:
+            if refused and path is None:
                 self.interrupt_queue(index)
             if not queue.enable_notifications():
                 return
+
+    def _return(self, queue: SplitQueue, chain: Chain, written: int) -> bool:
+        """Hand a served chain back (lock held); False if its queue is gone (a reset)."""
+        index = next((i for i, q in enumerate(self.queues) if q is queue), None)
+        if index is None:
+            return False
+        if self.path is not None:
+            self.path.push(index, queue, chain.head, written)
+        else:
+            queue.push(chain, written)
+            self.interrupt_queue(index)
+        return True
 
     def _start(self, queue: SplitQueue, chain: Chain) -> bool:
         """Serve ``chain``; True if it was completed at once (refused)."""
         if not chain.writable_length:
             self.refused += 1
-            queue.push(chain, 0)  # nowhere to put a status
+            self._return_refused(queue, chain, 0)  # nowhere to put a status
             return True
         writable = [view for view in chain.writable if len(view)]
         data_in, status_part = _split(writable, chain.writable_length - 1)
@@ -194,8 +241,16 @@ class VirtioBlk(VirtioPciDevice):
             return False
         self.refused += 1
         request.status_byte[0] = status
-        queue.push(chain, request.written)
+        self._return_refused(queue, chain, request.written)
         return True
+
+    def _return_refused(self, queue: SplitQueue, chain: Chain, written: int) -> None:
+        """Return a chain completed at once; without the C path the caller interrupts
+        once for its batch."""
+        if self.path is None:
+            queue.push(chain, written)
+        else:
+            self._return(queue, chain, written)
 
     def _submit(self, request: _Request, chain: Chain, data_in: list[memoryview]) -> int | None:
         """Hand the request to the back end (None), or the status refusing it."""
@@ -275,14 +330,10 @@ class VirtioBlk(VirtioPciDevice):
                 return
             self.in_flight -= 1
             request.status_byte[0] = request.status
-            queue = request.queue
-            index = next((i for i, q in enumerate(self.queues) if q is queue), None)
-            if index is None:
-                return  # reset since: the chain belongs to a driver that is gone
             if request.status != S_OK:
                 request.written = 1
-            queue.push(request.chain, request.written)
-            self.interrupt_queue(index)
+            # after a reset the chain belongs to a driver that is gone: not returned
+            self._return(request.queue, request.chain, request.written)
 
     # ---- the rest ----
 
@@ -293,11 +344,35 @@ class VirtioBlk(VirtioPciDevice):
                           self.name)]
 
     def stats(self) -> dict[str, int]:
+        block = self.backend.stats()
+        fast = self.path.stats() if self.path is not None else {}
+        for key in ("reads", "writes", "bytes_read", "bytes_written", "io_errors",
+                    "in_flight"):
+            block[key] += fast.get(key, 0)
         return {**super().stats(), "in_flight": self.in_flight, "refused": self.refused,
-                **{f"block_{k}": v for k, v in self.backend.stats().items()}}
+                "c_path_interrupts": fast.get("interrupts", 0),
+                **{f"block_{k}": v for k, v in block.items()}}
+
+    def device_reset(self) -> None:
+        if self.path is not None:
+            self.path.forget_queues()
+
+    def needs_reset(self, why: str) -> None:
+        if self.path is not None:  # no completion touches the queues from now on
+            self.path.forget_queues()
+        super().needs_reset(why)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every request taken has completed (not with the lock held:
+        completions take it); False if the Python path's ``timeout`` passed first."""
+        if self.path is not None:
+            self.path.drain()
+        return self.backend.drain(timeout)
 
     def save_state(self) -> dict[str, Any]:
-        self.backend.drain()  # outside the lock: completions take it
+        self.drain()
+        if self.path is not None:
+            self.path.sync_used()
         return super().save_state()
 
     def save_device(self) -> Fields:
@@ -314,6 +389,11 @@ class VirtioBlk(VirtioPciDevice):
                              "pci.{}.{}.{}.path".format(*self.address))
 
     def close(self) -> None:
+        if self.path is not None:
+            self.ctx.loop.remove_reader(self._intx_event)
+            self.path.close()
+            os.close(self._intx_event)
+            self.path = None
         super().close()
         self.backend.close()
 

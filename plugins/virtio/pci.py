@@ -229,6 +229,17 @@ class VirtioPciDevice(PciDevice):
         if queue is not None and queue.needs_interrupt():
             self._interrupt(self.state.queues_msix[index], ISR_QUEUE)
 
+    def queue_irqfd(self, index: int) -> int | None:
+        """The eventfd whose write raises queue ``index``'s MSI-X vector (a back-end
+        thread may signal it directly), -1 when the queue has no vector, None without
+        MSI-X (INTx: :meth:`interrupt_queue` on the I/O thread)."""
+        if not self.msix.enabled:
+            return None
+        vector = self.state.queues_msix[index]
+        if vector == NO_VECTOR or vector >= self.msix.count:
+            return -1
+        return self.msix.vectors[vector].fd
+
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         if self.msix.enabled:
             if vector != NO_VECTOR and vector < self.msix.count:

@@ -232,6 +232,11 @@ class SplitQueue:
     def size(self) -> int:
         return self._size
 
+    @property
+    def event_idx(self) -> bool:
+        """Whether VIRTIO_F_EVENT_IDX was negotiated."""
+        return self._event_idx
+
     def pop(self) -> Chain | None:
         """The next available chain, or None when the driver has made none available.
 

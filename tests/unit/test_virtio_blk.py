@@ -65,7 +65,7 @@ class Disk:
         """Kick, let the I/O thread run, wait for the back end: the used elements."""
         self.driver.kick(0)
         self.device._doorbell(0)
-        assert self.device.backend.drain(10)
+        assert self.device.drain(10)
         return self.queue.used()
 
     def request(self, kind: int, sector: int = 0, out: list[bytes] = (),  # type: ignore[assignment]

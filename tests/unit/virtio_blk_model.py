@@ -251,7 +251,7 @@ class Disk:
     def kick(self) -> None:
         self.driver.kick(0)
         self.device._doorbell(0)
-        assert self.device.backend.drain(10)
+        assert self.device.drain(10)
 
     def used(self) -> list[tuple[int, int]]:
         """Used elements since the last call."""
