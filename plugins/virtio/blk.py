@@ -33,11 +33,12 @@ from hvf.plugins.block.backend import Status
 from hvf.plugins.block.engine import new_backend
 from hvf.plugins.block.image import Image, open_image
 from hvf.plugins.block.options import ImageOptions, default_serial, legacy_config
-from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
+from hvf.plugins.block.record import check_restored_image, record_image
+from hvf.plugins.virtio.blk_state import BlkState, record_nothing
 from hvf.plugins.virtio.blkpath import BlkPath
 from hvf.plugins.virtio.pci import ISR_QUEUE, VirtioPciDevice
 from hvf.plugins.virtio.spec import F_RING_INDIRECT_DESC, NO_VECTOR
-from hvf.snapshot_api import Fields, check_fields
+from hvf.snapshot_api import Fields
 
 if TYPE_CHECKING:
     from hvf.context import DeviceContext
@@ -80,31 +81,6 @@ _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
 _BACKEND_STATUS = {Status.OK: S_OK, Status.UNSUPPORTED: S_UNSUPP}
 
 
-@attrs.define
-class BlkState:
-    """The device's own saved state beyond the transport's (requests are drained before
-    a save): the image as the snapshot saw it (None in snapshots of version 1)."""
-
-    image: ImageRecord | None = None
-
-    def to_fields(self) -> Fields:
-        return {"image": None if self.image is None else self.image.to_fields()}
-
-    @classmethod
-    def from_fields(cls, fields: Fields) -> BlkState:
-        """Rebuild; ``ValueError`` names a bad field."""
-        check_fields(fields, ("image",))
-        return cls(ImageRecord.from_fields(fields["image"]))
-
-
-def _record_nothing(fields: Fields) -> Fields:
-    """Version 1 → 2: version 1 recorded no image."""
-    device = fields.get("device")
-    if not isinstance(device, dict):
-        raise ValueError("saved field 'device' is not a mapping")
-    return {**fields, "device": {**device, "image": None}}
-
-
 def _split(views: list[memoryview], count: int) -> tuple[list[memoryview], list[memoryview]]:
     """The first ``count`` bytes of ``views`` and the rest, as views."""
     head: list[memoryview] = []
@@ -134,7 +110,7 @@ class _Request:
 class VirtioBlk(VirtioPciDevice):
     device_type = TYPE_BLOCK
     state_version = 2
-    state_upgrades = {1: _record_nothing}
+    state_upgrades = {1: record_nothing}
     class_code = 0x010000  # mass storage, SCSI (as other virtio-blk devices)
     queue_max_sizes = (QUEUE_SIZE,)
 

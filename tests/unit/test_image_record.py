@@ -9,7 +9,7 @@ import pytest
 from hvf.errors import ImageError
 from hvf.plugins.block.image import open_image
 from hvf.plugins.block.record import ImageRecord, check_restored_image, record_image
-from hvf.plugins.virtio.blk import _record_nothing
+from hvf.plugins.virtio.blk_state import record_nothing
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -54,9 +54,9 @@ def test_another_path_is_checked_for_size_only(tmp_path: Path) -> None:
 
 
 def test_version_1_virtio_blk_state_upgrades_to_no_record() -> None:
-    assert _record_nothing({"device": {}, "pci": {}})["device"] == {"image": None}
+    assert record_nothing({"device": {}, "pci": {}})["device"] == {"image": None}
     with pytest.raises(ValueError, match="'device'"):
-        _record_nothing({"pci": {}})
+        record_nothing({"pci": {}})
 
 
 @given(st.dictionaries(st.sampled_from(["path", "device", "inode", "rdev", "size",
