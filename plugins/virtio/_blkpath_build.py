@@ -61,6 +61,7 @@ SOURCE = r"""
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #include "vring.h"
 
@@ -74,6 +75,7 @@ SOURCE = r"""
 #define S_OK 0
 #define S_IOERR 1
 #define AVAIL_F_NO_INTERRUPT 1
+#define DEFER_NS 200000      /* the longest a returned chain waits for its interrupt */
 
 struct hvf_blk_stats {
     uint64_t reads, writes, bytes_read, bytes_written, io_errors;
@@ -90,6 +92,7 @@ struct queue {
     unsigned generation;
     unsigned in_flight;      /* requests of this generation C took and has not returned */
     unsigned unsignalled;    /* chains returned since the last interrupt */
+    uint64_t deadline;       /* while unsignalled: when the timer signals (ns) */
 };
 
 struct job {
@@ -105,7 +108,7 @@ struct job {
 
 struct hvf_blk {
     pthread_mutex_t lock;
-    pthread_cond_t work, idle;
+    pthread_cond_t work, idle, timer;
     const struct hvf_vq_ram *ram;
     uint8_t *written;                 /* the RAM file's written-page marks, or NULL */
     size_t written_pages;
@@ -117,9 +120,13 @@ struct hvf_blk {
     int stop;
     unsigned nthreads;
     pthread_t *threads;
+    pthread_t timer_thread;
+    int timer_started;
     struct hvf_blk_stats stats;
     struct iovec scratch[32768];      /* serve()'s chain, one at a time (the I/O thread) */
 };
+
+void hvf_blk_free(struct hvf_blk *blk);
 
 static void mark_written(struct hvf_blk *blk, const uint8_t *p, size_t len)
 {
@@ -135,21 +142,24 @@ static int need_event(uint16_t event, uint16_t new, uint16_t old)
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
-/*
- * Return a chain (lock held); the irqfd to signal, or -1. With `batch`, the interrupt
- * waits while more of the queue's requests are in flight than came back unsignalled
- * (as QEMU's completion batching does): a driver that reaps every used chain per
- * interrupt then takes one per half of its queue depth rather than one per chain;
- * the last request in flight always signals, so nothing waits for a request that
- * is not there.
- */
-static int complete(struct hvf_blk *blk, struct queue *q, uint16_t head, uint32_t written,
-                    int batch)
+static void signal_fd(int fd)
 {
-    push(&q->ring, head, written);
-    q->unsignalled++;
-    if (batch && q->unsignalled < q->in_flight)
-        return -1;
+    uint64_t one = 1;
+    if (fd >= 0)
+        (void)!write(fd, &one, sizeof one);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* The interrupt for what the queue returned since the last one (lock held): the irqfd
+   to signal, or -1 where the driver suppressed it or the queue has none. */
+static int notify(struct hvf_blk *blk, struct queue *q)
+{
     q->unsignalled = 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* our used index before the driver's field */
     uint16_t new = q->ring.next_used, old = q->signalled;
@@ -165,11 +175,59 @@ static int complete(struct hvf_blk *blk, struct queue *q, uint16_t head, uint32_
     return q->irqfd;
 }
 
-static void signal_fd(int fd)
+/*
+ * Return a chain (lock held); the irqfd to signal, or -1. With `batch` the interrupt
+ * waits while more of the queue's requests are in flight than came back unsignalled,
+ * and at most DEFER_NS (the timer thread then signals): a driver that reaps every used
+ * chain per interrupt takes one per half of its queue depth rather than one per chain.
+ * The last request in flight always signals at once.
+ */
+static int complete(struct hvf_blk *blk, struct queue *q, uint16_t head, uint32_t written,
+                    int batch)
 {
-    uint64_t one = 1;
-    if (fd >= 0)
-        (void)!write(fd, &one, sizeof one);
+    push(&q->ring, head, written);
+    if (batch && ++q->unsignalled < q->in_flight) {
+        if (q->unsignalled == 1) {
+            q->deadline = now_ns() + DEFER_NS;
+            pthread_cond_signal(&blk->timer);
+        }
+        return -1;
+    }
+    return notify(blk, q);
+}
+
+/* Signal the queues whose returned chains waited DEFER_NS. */
+static void *timer(void *arg)
+{
+    struct hvf_blk *blk = arg;
+    pthread_mutex_lock(&blk->lock);
+    while (!blk->stop) {
+        uint64_t next = 0, now = now_ns();
+        for (unsigned i = 0; i < HVF_BLK_MAX_QUEUES; i++) {
+            struct queue *q = &blk->queues[i];
+            if (!q->active || !q->unsignalled)
+                continue;
+            if (q->deadline <= now) {
+                int fd = notify(blk, q);
+                pthread_mutex_unlock(&blk->lock);
+                signal_fd(fd);
+                pthread_mutex_lock(&blk->lock);
+                now = now_ns();
+            } else if (!next || q->deadline < next) {
+                next = q->deadline;
+            }
+        }
+        if (blk->stop)
+            break;
+        if (!next) {
+            pthread_cond_wait(&blk->timer, &blk->lock);
+        } else {
+            struct timespec t = { .tv_sec = next / 1000000000u, .tv_nsec = next % 1000000000u };
+            pthread_cond_timedwait(&blk->timer, &blk->lock, &t);
+        }
+    }
+    pthread_mutex_unlock(&blk->lock);
+    return NULL;
 }
 
 static int transfer(struct hvf_blk *blk, struct job *job)
@@ -233,8 +291,8 @@ static void *worker(void *arg)
             blk->stats.reads++;
             blk->stats.bytes_read += job->length;
         }
+        mark_written(blk, job->status, 1);
         if (q->active && q->generation == job->generation) {
-            mark_written(blk, job->status, 1);
             q->in_flight--;
             fd = complete(blk, q, job->head,
                           error ? 1 : (uint32_t)(job->write ? 1 : job->length + 1), 1);
@@ -260,6 +318,11 @@ struct hvf_blk *hvf_blk_new(const struct hvf_vq_ram *ram, int fd, uint64_t secto
     pthread_mutex_init(&blk->lock, NULL);
     pthread_cond_init(&blk->work, NULL);
     pthread_cond_init(&blk->idle, NULL);
+    pthread_condattr_t clock;
+    pthread_condattr_init(&clock);
+    pthread_condattr_setclock(&clock, CLOCK_MONOTONIC);
+    pthread_cond_init(&blk->timer, &clock);
+    pthread_condattr_destroy(&clock);
     blk->ram = ram;
     blk->fd = fd;
     blk->sectors = sectors;
@@ -275,9 +338,10 @@ struct hvf_blk *hvf_blk_new(const struct hvf_vq_ram *ram, int fd, uint64_t secto
         if (pthread_create(&blk->threads[blk->nthreads], NULL, worker, blk))
             break;
     }
-    if (!blk->nthreads) {
-        free(blk->threads);
-        free(blk);
+    if (blk->nthreads)
+        blk->timer_started = !pthread_create(&blk->timer_thread, NULL, timer, blk);
+    if (!blk->timer_started) {
+        hvf_blk_free(blk);
         errno = EAGAIN;
         return NULL;
     }
@@ -298,9 +362,16 @@ void hvf_blk_free(struct hvf_blk *blk)
     pthread_mutex_lock(&blk->lock);
     blk->stop = 1;
     pthread_cond_broadcast(&blk->work);
+    pthread_cond_broadcast(&blk->timer);
     pthread_mutex_unlock(&blk->lock);
     for (unsigned i = 0; i < blk->nthreads; i++)
         pthread_join(blk->threads[i], NULL);
+    if (blk->timer_started)
+        pthread_join(blk->timer_thread, NULL);
+    pthread_cond_destroy(&blk->work);
+    pthread_cond_destroy(&blk->idle);
+    pthread_cond_destroy(&blk->timer);
+    pthread_mutex_destroy(&blk->lock);
     free(blk->threads);
     free(blk);
 }
@@ -421,6 +492,10 @@ int hvf_blk_serve(struct hvf_blk *blk, unsigned index, int irqfd, uint16_t *next
     struct chain c = { .iov = blk->scratch, .max_iov = ring.size };
     int status = HVF_BLK_EMPTY;
     for (;;) {
+        /* A driver has at most a queue's worth in flight; one that hands chains back
+           before their completion (hostile) waits here rather than growing our jobs. */
+        if (__atomic_load_n(&q->in_flight, __ATOMIC_RELAXED) >= ring.size)
+            break;
         int ahead = available(&ring);
         if (ahead <= 0) {
             status = ahead < 0 ? HVF_BLK_SLOW : HVF_BLK_EMPTY;

@@ -146,7 +146,8 @@ class VirtioBlk(VirtioPciDevice):
         ctx.loop.add_reader(self._intx_event, self._intx_signalled)
 
     def _intx_signalled(self) -> None:
-        """The C path returned chains while the driver uses INTx (I/O thread)."""
+        """The C path returned chains while the driver uses INTx (I/O thread; before
+        a save, so that the saved ISR holds what the guest has not been told)."""
         try:
             os.eventfd_read(self._intx_event)
         except BlockingIOError:
@@ -349,11 +350,13 @@ class VirtioBlk(VirtioPciDevice):
         self.drain()
         if self.path is not None:
             self.path.sync_used()
+            self._intx_signalled()
         return super().save_state()
 
     def save_device(self) -> Fields:
-        if self.in_flight:
-            raise DeviceError(f"{self.name}: {self.in_flight} requests still in flight")
+        in_flight = self.in_flight + (self.path.stats().get("in_flight", 0) if self.path else 0)
+        if in_flight:
+            raise DeviceError(f"{self.name}: {in_flight} requests still in flight")
         return BlkState(record_image(self.image)).to_fields()
 
     def restore_device(self, fields: Fields, version: int) -> None:
@@ -365,11 +368,13 @@ class VirtioBlk(VirtioPciDevice):
                              "pci.{}.{}.{}.path".format(*self.address))
 
     def close(self) -> None:
-        if self.path is not None:
+        self.backend.drain()  # its completions return chains through the C path
+        with self.lock:
+            path, self.path = self.path, None
+        if path is not None:
             self.ctx.loop.remove_reader(self._intx_event)
-            self.path.close()
+            path.close()
             os.close(self._intx_event)
-            self.path = None
         super().close()
         self.backend.close()
 

@@ -69,17 +69,23 @@ class BlkPath:
 
     def push(self, index: int, queue: SplitQueue, head: int, written: int) -> None:
         """Return a chain the Python path served (and interrupt as C does)."""
-        if self._queues.get(index) is queue:
+        if self._blk is not None and self._queues.get(index) is queue:
             lib.hvf_blk_push(self._blk, index, head, written)
 
     def forget_queues(self) -> None:
-        """A reset: completions of requests taken before it are dropped."""
+        """A reset, or a driver that broke the rules: completions of requests taken
+        before it are dropped, and each queue's state keeps the used position C had
+        reached (a snapshot of a device that needs a reset saves it)."""
+        if self._blk is None:
+            return
         lib.hvf_blk_clear_queues(self._blk)
+        self.sync_used()
         self._queues.clear()
 
     def drain(self) -> None:
         """Wait until every request C took has completed."""
-        lib.hvf_blk_drain(self._blk)
+        if self._blk is not None:
+            lib.hvf_blk_drain(self._blk)
 
     def sync_used(self) -> None:
         """Copy each queue's used position into its state (for a snapshot; drain first)."""
@@ -88,6 +94,8 @@ class BlkPath:
 
     def stats(self) -> dict[str, int]:
         """What C did: requests, bytes, errors, interrupts, requests in flight."""
+        if self._blk is None:
+            return {}
         lib.hvf_blk_stats(self._blk, self._stats)
         s = self._stats
         return {"reads": s.reads, "writes": s.writes, "bytes_read": s.bytes_read,
