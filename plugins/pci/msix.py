@@ -12,6 +12,7 @@ masked sets the pending bit, and unmasking delivers it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -56,12 +57,16 @@ class MsixCapability:
     """MSI-X for one PCI function: ``count`` vectors, table and PBA in BAR ``bar``."""
 
     def __init__(self, device: PciDevice, interrupts: InterruptController, count: int,
-                 *, bar: int, table_offset: int, pba_offset: int) -> None:
+                 *, bar: int, table_offset: int, pba_offset: int,
+                 on_control: Callable[[], None] | None = None) -> None:
+        """``on_control`` runs after each driver write of message control (MSI-X on or
+        off, the function mask), for a device whose back end signals vectors itself."""
         if not 1 <= count <= MAX_VECTORS:
             raise DeviceError(f"{device.name}: {count} MSI-X vectors (1-{MAX_VECTORS})")
         if table_offset % 8 or pba_offset % 8:
             raise DeviceError(f"{device.name}: MSI-X table and PBA must be 8-byte aligned")
         self.device = device
+        self._on_control = on_control
         self.count = count
         self.table_size = count * ENTRY_SIZE
         self.pba_size = (count + 63) // 64 * 8
@@ -88,6 +93,8 @@ class MsixCapability:
     def _control_written(self, offset: int, size: int) -> None:
         for i in range(self.count):
             self._apply(i)
+        if self._on_control is not None:
+            self._on_control()
 
     # ---- the table and the PBA (BAR accesses) ----
 

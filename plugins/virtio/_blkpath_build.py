@@ -52,6 +52,7 @@ void hvf_blk_clear_queues(struct hvf_blk *blk);
 void hvf_blk_set_written(struct hvf_blk *blk, uint8_t *written, size_t pages);
 int hvf_blk_serve(struct hvf_blk *blk, unsigned index, int irqfd, uint16_t *next_avail);
 void hvf_blk_push(struct hvf_blk *blk, unsigned index, uint16_t head, uint32_t written);
+void hvf_blk_set_irqfd(struct hvf_blk *blk, unsigned index, int irqfd);
 uint16_t hvf_blk_next_used(struct hvf_blk *blk, unsigned index);
 void hvf_blk_drain(struct hvf_blk *blk);
 void hvf_blk_stats(struct hvf_blk *blk, struct hvf_blk_stats *out);
@@ -426,6 +427,15 @@ void hvf_blk_push(struct hvf_blk *blk, unsigned index, uint16_t head, uint32_t w
         fd = complete(blk, q, head, written, 0);
     pthread_mutex_unlock(&blk->lock);
     signal_fd(fd);
+}
+
+void hvf_blk_set_irqfd(struct hvf_blk *blk, unsigned index, int irqfd)
+{
+    if (index >= HVF_BLK_MAX_QUEUES)
+        return;
+    pthread_mutex_lock(&blk->lock);
+    blk->queues[index].irqfd = irqfd;
+    pthread_mutex_unlock(&blk->lock);
 }
 
 void hvf_blk_stats(struct hvf_blk *blk, struct hvf_blk_stats *out)

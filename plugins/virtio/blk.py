@@ -176,9 +176,7 @@ class VirtioBlk(VirtioPciDevice):
 
     def queue_notified(self, index: int, queue: SplitQueue) -> None:
         path = self.path
-        irqfd = self.queue_irqfd(index)
-        if irqfd is None:
-            irqfd = self._intx_event
+        irqfd = self._irqfd(index)
         indirect = bool(self.negotiated & F_RING_INDIRECT_DESC)
         while True:
             queue.disable_notifications()
@@ -329,6 +327,17 @@ class VirtioBlk(VirtioPciDevice):
         return {**super().stats(), "in_flight": self.in_flight, "refused": self.refused,
                 "c_path_interrupts": fast.get("interrupts", 0),
                 **{f"block_{k}": v for k, v in block.items()}}
+
+    def interrupt_routes_changed(self) -> None:
+        if self.path is not None:
+            for index in range(len(self.queues)):
+                self.path.set_irqfd(index, self._irqfd(index))
+
+    def _irqfd(self, index: int) -> int:
+        """Where the C path signals queue ``index``: its MSI-X irqfd, the INTx eventfd
+        the I/O thread watches, or -1 (a queue without a vector)."""
+        irqfd = self.queue_irqfd(index)
+        return self._intx_event if irqfd is None else irqfd
 
     def device_reset(self) -> None:
         if self.path is not None:

@@ -72,6 +72,12 @@ class BlkPath:
         if self._blk is not None and self._queues.get(index) is queue:
             lib.hvf_blk_push(self._blk, index, head, written)
 
+    def set_irqfd(self, index: int, irqfd: int) -> None:
+        """Signal queue ``index``'s completions through ``irqfd`` from now on (the
+        driver moved its interrupt while requests may be in flight)."""
+        if self._blk is not None and index in self._queues:
+            lib.hvf_blk_set_irqfd(self._blk, index, irqfd)
+
     def forget_queues(self) -> None:
         """A reset, or a driver that broke the rules: completions of requests taken
         before it are dropped, and each queue's state keeps the used position C had

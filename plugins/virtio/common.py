@@ -215,6 +215,7 @@ class CommonConfig:
         queue = state.queues[q]
         if name == "queue_msix_vector":
             state.queues_msix[q] = self._vector(value)
+            device.interrupt_routes_changed()
         elif name == "queue_enable":
             if value == 1 and not queue.ready:
                 queue.ready = True

@@ -107,7 +107,8 @@ class VirtioPciDevice(PciDevice):
     def attach(self, ctx: DeviceContext) -> None:
         self.ctx = ctx
         self.msix = MsixCapability(self, ctx.interrupts, len(self.queues) + 1, bar=VIRTIO_BAR,
-                                   table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET)
+                                   table_offset=MSIX_TABLE_OFFSET, pba_offset=MSIX_PBA_OFFSET,
+                                   on_control=self.interrupt_routes_changed)
         self.doorbells = [ctx.ioevent(2) for _ in self.queues]
         self.watch_doorbells()
 
@@ -239,6 +240,10 @@ class VirtioPciDevice(PciDevice):
         if vector == NO_VECTOR or vector >= self.msix.count:
             return -1
         return self.msix.vectors[vector].fd
+
+    def interrupt_routes_changed(self) -> None:
+        """The driver turned MSI-X on or off or gave a queue another vector (lock
+        held): a back end that signals :meth:`queue_irqfd` itself looks again."""
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         if self.msix.enabled:

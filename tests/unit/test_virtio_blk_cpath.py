@@ -27,7 +27,7 @@ from hvf.plugins.virtio.spec import (
     FEATURES_OK,
     NO_VECTOR,
 )
-from hvf.testing.virtio import STATUS, Driver, VirtqDriver
+from hvf.testing.virtio import Q_MSIX, Q_SELECT, STATUS, Driver, VirtqDriver
 
 BDF = (0, 5, 0)
 SECTORS = 128
@@ -253,3 +253,17 @@ def test_a_read_marks_the_pages_it_wrote_for_a_migration() -> None:
         pages = {i for i, marked in enumerate(memory.written) if marked}
         assert {data >> 12, status >> 12} <= pages
         assert len(pages) <= 4  # those and the used ring's
+
+
+def test_a_new_vector_takes_effect_for_chains_already_in_c() -> None:
+    """The driver moves queue 0 to vector 0 after C took its chains: what C returns
+    from then on signals vector 0, not the old one."""
+    with disk() as (d, _):
+        d.queue.add([header(blk.T_IN, 0)], [512, 1])
+        assert len(d.run()) == 1 and d.interrupts() == 1
+        d.driver.write(Q_SELECT, 2, 0)
+        d.driver.write(Q_MSIX, 2, 0)
+        assert d.device.path is not None
+        d.device.path.push(0, d.device.queues[0], 0, 0)  # as a Python-path completion
+        assert d.interrupts() == 0
+        assert os.eventfd_read(d.device.msix.vectors[0].fd) == 1
