@@ -39,7 +39,6 @@ struct hvf_blk;
 struct hvf_blk_stats {
     uint64_t reads, writes, bytes_read, bytes_written, io_errors;
     uint64_t interrupts, in_flight;
-    int last_errno;
 };
 
 struct hvf_blk *hvf_blk_new(const struct hvf_vq_ram *ram, int fd, uint64_t sectors,
@@ -81,7 +80,6 @@ SOURCE = r"""
 struct hvf_blk_stats {
     uint64_t reads, writes, bytes_read, bytes_written, io_errors;
     uint64_t interrupts, in_flight;
-    int last_errno;
 };
 
 struct queue {
@@ -110,9 +108,7 @@ struct job {
 struct hvf_blk {
     pthread_mutex_t lock;
     pthread_cond_t work, idle, timer;
-    const struct hvf_vq_ram *ram;
-    uint8_t *written;                 /* the RAM file's written-page marks, or NULL */
-    size_t written_pages;
+    struct hvf_vq_ram ram;            /* a copy; its written-page marks set under lock */
     int fd, readonly;
     uint64_t sectors;
     uint32_t dio_memory, dio_offset;  /* 0: buffered I/O */
@@ -128,14 +124,6 @@ struct hvf_blk {
 };
 
 void hvf_blk_free(struct hvf_blk *blk);
-
-static void mark_written(struct hvf_blk *blk, const uint8_t *p, size_t len)
-{
-    struct hvf_vq_ram ram = *blk->ram;
-    ram.written = blk->written;
-    ram.written_pages = blk->written_pages;
-    note_written(&ram, p, len);
-}
 
 /* 16-bit free-running indices: does moving from old to new pass event? */
 static int need_event(uint16_t event, uint16_t new, uint16_t old)
@@ -272,7 +260,7 @@ static void *worker(void *arg)
             blk->tail = NULL;
         if (!job->write) {   /* a read's buffers count as written from now on */
             for (int i = 0; i < job->iovcnt; i++)
-                mark_written(blk, job->iov[i].iov_base, job->iov[i].iov_len);
+                note_written(&blk->ram, job->iov[i].iov_base, job->iov[i].iov_len);
         }
         pthread_mutex_unlock(&blk->lock);
 
@@ -284,7 +272,6 @@ static void *worker(void *arg)
         int fd = -1;
         if (error) {
             blk->stats.io_errors++;
-            blk->stats.last_errno = error;
         } else if (job->write) {
             blk->stats.writes++;
             blk->stats.bytes_written += job->length;
@@ -292,7 +279,7 @@ static void *worker(void *arg)
             blk->stats.reads++;
             blk->stats.bytes_read += job->length;
         }
-        mark_written(blk, job->status, 1);
+        note_written(&blk->ram, job->status, 1);
         if (q->active && q->generation == job->generation) {
             q->in_flight--;
             fd = complete(blk, q, job->head,
@@ -324,7 +311,7 @@ struct hvf_blk *hvf_blk_new(const struct hvf_vq_ram *ram, int fd, uint64_t secto
     pthread_condattr_setclock(&clock, CLOCK_MONOTONIC);
     pthread_cond_init(&blk->timer, &clock);
     pthread_condattr_destroy(&clock);
-    blk->ram = ram;
+    blk->ram = *ram;
     blk->fd = fd;
     blk->sectors = sectors;
     blk->readonly = readonly;
@@ -405,8 +392,8 @@ void hvf_blk_clear_queues(struct hvf_blk *blk)
 void hvf_blk_set_written(struct hvf_blk *blk, uint8_t *written, size_t pages)
 {
     pthread_mutex_lock(&blk->lock);
-    blk->written = written;
-    blk->written_pages = written ? pages : 0;
+    blk->ram.written = written;
+    blk->ram.written_pages = written ? pages : 0;
     pthread_mutex_unlock(&blk->lock);
 }
 
@@ -421,9 +408,11 @@ uint16_t hvf_blk_next_used(struct hvf_blk *blk, unsigned index)
 void hvf_blk_push(struct hvf_blk *blk, unsigned index, uint16_t head, uint32_t written)
 {
     int fd = -1;
+    if (index >= HVF_BLK_MAX_QUEUES)
+        return;
     pthread_mutex_lock(&blk->lock);
-    struct queue *q = &blk->queues[index < HVF_BLK_MAX_QUEUES ? index : 0];
-    if (index < HVF_BLK_MAX_QUEUES && q->active && head < q->ring.size)
+    struct queue *q = &blk->queues[index];
+    if (q->active && head < q->ring.size)
         fd = complete(blk, q, head, written, 0);
     pthread_mutex_unlock(&blk->lock);
     signal_fd(fd);
@@ -512,7 +501,7 @@ int hvf_blk_serve(struct hvf_blk *blk, unsigned index, int irqfd, uint16_t *next
             break;
         }
         uint16_t head = avail_head(&ring, ring.next_avail);
-        if (walk(blk->ram, &ring, head, &c) != WALK_OK || !c.nreadable ||
+        if (walk(&blk->ram, &ring, head, &c) != WALK_OK || !c.nreadable ||
             c.iov[0].iov_len < HEADER) {
             status = HVF_BLK_SLOW;
             break;

@@ -141,7 +141,7 @@ class VirtioBlk(VirtioPciDevice):
         super().attach(ctx)
         if self.image.aio == "io_uring":
             return
-        self.path = BlkPath(ctx.memory, self.image)
+        self.path = BlkPath(ctx.memory, self.image, self.capacity)
         self._intx_event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         ctx.loop.add_reader(self._intx_event, self._intx_signalled)
 
@@ -153,7 +153,7 @@ class VirtioBlk(VirtioPciDevice):
         except BlockingIOError:
             return
         with self.lock:
-            if self.queue_irqfd(0) is None:
+            if not self.msix.enabled:  # else stale: the driver has turned MSI-X on
                 self._interrupt(NO_VECTOR, ISR_QUEUE)
 
     # ---- configuration ----
@@ -190,23 +190,28 @@ class VirtioBlk(VirtioPciDevice):
             if not queue.enable_notifications():
                 return
 
-    def _return(self, queue: SplitQueue, chain: Chain, written: int) -> bool:
-        """Hand a served chain back (lock held); False if its queue is gone (a reset)."""
+    def _return(self, queue: SplitQueue, chain: Chain, written: int, *,
+                interrupt: bool = True) -> None:
+        """Hand a served chain back (lock held), unless its queue is gone (a reset).
+        Without the C path, ``interrupt=False`` leaves the interrupt to the caller,
+        once for its batch; the C path decides as for its own chains."""
+        if self.path is None and not interrupt:
+            queue.push(chain, written)
+            return
         index = next((i for i, q in enumerate(self.queues) if q is queue), None)
         if index is None:
-            return False
+            return
         if self.path is not None:
             self.path.push(index, queue, chain.head, written)
         else:
             queue.push(chain, written)
             self.interrupt_queue(index)
-        return True
 
     def _start(self, queue: SplitQueue, chain: Chain) -> bool:
         """Serve ``chain``; True if it was completed at once (refused)."""
         if not chain.writable_length:
             self.refused += 1
-            self._return_refused(queue, chain, 0)  # nowhere to put a status
+            self._return(queue, chain, 0, interrupt=False)  # nowhere to put a status
             return True
         writable = [view for view in chain.writable if len(view)]
         data_in, status_part = _split(writable, chain.writable_length - 1)
@@ -216,16 +221,8 @@ class VirtioBlk(VirtioPciDevice):
             return False
         self.refused += 1
         request.status_byte[0] = status
-        self._return_refused(queue, chain, request.written)
+        self._return(queue, chain, request.written, interrupt=False)
         return True
-
-    def _return_refused(self, queue: SplitQueue, chain: Chain, written: int) -> None:
-        """Return a chain completed at once; without the C path the caller interrupts
-        once for its batch."""
-        if self.path is None:
-            queue.push(chain, written)
-        else:
-            self._return(queue, chain, written)
 
     def _submit(self, request: _Request, chain: Chain, data_in: list[memoryview]) -> int | None:
         """Hand the request to the back end (None), or the status refusing it."""

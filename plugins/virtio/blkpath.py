@@ -31,17 +31,18 @@ if TYPE_CHECKING:
 #: keep more direct-I/O requests in flight.
 THREADS = 8
 MAX_QUEUES = lib.HVF_BLK_MAX_QUEUES
-SECTOR = 512
 
 
 class BlkPath:
     """The C data path of one virtio-blk disk on one guest's RAM."""
 
-    def __init__(self, memory: GuestMemory, image: Image, *, threads: int = THREADS) -> None:
+    def __init__(self, memory: GuestMemory, image: Image, sectors: int, *,
+                 threads: int = THREADS) -> None:
+        """Serve ``image`` (``sectors`` of 512 bytes) for the guest in ``memory``."""
         self._memory = memory
         self._records = RingRecords(ffi, memory)
         dio = image.dio
-        blk = lib.hvf_blk_new(self._records.ram, image.fd, image.size // SECTOR,
+        blk = lib.hvf_blk_new(self._records.ram, image.fd, sectors,
                               image.readonly, dio.memory if dio else 0,
                               dio.offset if dio else 0, threads)
         if blk == ffi.NULL:
