@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Device and vCPU state in a STATE message: the snapshot's chunks, in the state file's
-self-describing encoding (:func:`hvf.plugins.snapshot.statefile.encode_fields`).
+self-describing encoding (:mod:`hvf.fields`).
 
 A STATE payload is::
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
-from typing import Any
 
 from hvf.errors import MigrationError, SnapshotError
+from hvf.fields import decode_fields, encode_fields
 from hvf.snapshot_api import Chunk
 
 INDEX_LENGTH = struct.Struct("<I")
@@ -27,16 +27,9 @@ MAX_CHUNKS = 65536
 MAX_NAME = 256
 
 
-def _codec() -> Any:
-    from hvf.plugins.snapshot import statefile
-
-    return statefile
-
-
 def encode_state(chunks: Iterable[Chunk]) -> list[bytes]:
     """The parts of a STATE payload."""
-    codec = _codec()
-    payloads = [(chunk, codec.encode_fields(chunk.fields, where=f"chunk '{chunk.name}'"))
+    payloads = [(chunk, encode_fields(chunk.fields, where=f"chunk '{chunk.name}'"))
                 for chunk in chunks]
     index = json.dumps({"chunks": [
         {"name": c.name, "owner": c.owner, "version": c.version, "length": len(data)}
@@ -62,7 +55,6 @@ def decode_state(payload: bytes) -> list[Chunk]:
     if not isinstance(entries, list) or len(entries) > MAX_CHUNKS:
         raise MigrationError(f"the STATE message's index is not a list of at most "
                              f"{MAX_CHUNKS} chunks")
-    codec = _codec()
     chunks: list[Chunk] = []
     names: set[str] = set()
     offset = start
@@ -82,7 +74,7 @@ def decode_state(payload: bytes) -> list[Chunk]:
         if offset + length > len(payload):
             raise MigrationError(f"STATE chunk '{name}' runs past the end of the message")
         try:
-            fields = codec.decode_fields(payload[offset:offset + length],
+            fields = decode_fields(payload[offset:offset + length],
                                          where=f"chunk '{name}'")
         except SnapshotError as e:
             raise MigrationError(f"STATE: {e}") from None

@@ -17,15 +17,8 @@ The manifest holds ``format_version``, ``created`` (ISO 8601, UTC), ``hvf_versio
 chunk with its ``name``, ``owner``, ``version``, absolute ``offset`` and ``length`` in
 the file and the ``sha256`` of its payload.
 
-A chunk payload is its fields as JSON in a tagged form that round-trips every plain
-value exactly, so any tool can print any chunk without knowing the device:
-
-* ``None``, ``bool``, ``str``, lists and finite floats are plain JSON;
-* ints with ``|v| < 2**53`` are JSON numbers (exact in every JSON reader); larger ones
-  are ``{"$int": "-0x1f..."}`` (hex: exact, and free of CPython's digit limit);
-* ``bytes`` are ``{"$bytes": "<base64>"}``; NaN and infinities ``{"$float": "nan"}``;
-* a dict key beginning with ``$`` is written with one more ``$`` in front, so tags
-  and keys cannot be confused.
+A chunk payload is its fields in the tagged JSON of :mod:`hvf.fields`, so any tool can
+print any chunk without knowing the device.
 
 The file is treated as hostile: every length is checked against the file before use,
 the whole file is capped at :data:`MAX_FILE_SIZE`, and every problem is reported as a
@@ -38,12 +31,9 @@ the new one; a leftover temporary file never has the target's name.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -57,6 +47,7 @@ from typing import Any
 import attrs
 from hvf import __version__ as HVF_VERSION
 from hvf.errors import SnapshotError
+from hvf.fields import Malformed, decode_fields, encode_fields, from_json, loads, to_json
 from hvf.snapshot_api import Chunk
 
 MAGIC = b"HVFSTATE"
@@ -75,14 +66,8 @@ DIGEST_SIZE = 32
 #: A state file larger than this is refused before anything is read (device state is
 #: kilobytes; guest RAM lives in its own file).
 MAX_FILE_SIZE = 256 * 1024 * 1024
-#: Deepest nesting of lists and dicts in a chunk's fields.
-MAX_DEPTH = 64
 
-_SAFE_INT = 1 << 53
-_TAGS = ("$int", "$bytes", "$float")
-_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_FLOAT_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 @attrs.frozen
@@ -102,137 +87,6 @@ class StateFile:
     @property
     def hvf_version(self) -> str:
         return str(self.manifest.get("hvf_version", ""))
-
-
-# --- the tagged value encoding ------------------------------------------------------
-
-
-class _Malformed(Exception):
-    """Internal: a value that is not plain, or a payload that is not well formed."""
-
-
-def _to_json(value: Any, where: str, depth: int) -> Any:
-    if depth > MAX_DEPTH:
-        raise _Malformed(f"{where}: nested more than {MAX_DEPTH} levels deep")
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)  # a StrEnum is saved as its value
-    if isinstance(value, int):
-        value = int(value)  # an IntEnum is saved as its value
-        return value if -_SAFE_INT < value < _SAFE_INT else {"$int": hex(value)}
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return float(value)
-        return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-    if isinstance(value, bytes):
-        return {"$bytes": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, list):
-        return [_to_json(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise _Malformed(f"{where}: dict key {k!r} is not a str")
-            out["$" + k if k.startswith("$") else str(k)] = _to_json(v, f"{where}.{k}", depth + 1)
-        return out
-    hint = " (use a list)" if isinstance(value, tuple) else (
-        " (use bytes)" if isinstance(value, (bytearray, memoryview)) else "")
-    raise _Malformed(f"{where}: {type(value).__name__} is not a plain value{hint}")
-
-
-def _from_json(value: Any, where: str, depth: int) -> Any:
-    if depth > MAX_DEPTH:
-        raise _Malformed(f"{where}: nested more than {MAX_DEPTH} levels deep")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list):
-        return [_from_json(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if not isinstance(value, dict):  # pragma: no cover - json.loads yields nothing else
-        raise _Malformed(f"{where}: unexpected {type(value).__name__}")
-    if len(value) == 1:
-        ((tag, body),) = value.items()
-        if tag in _TAGS:
-            return _untag(tag, body, where)
-    out = {}
-    for k, v in value.items():
-        if k.startswith("$$"):
-            key = k[1:]
-        elif k.startswith("$"):
-            raise _Malformed(f"{where}: unknown tag or unescaped key {k!r}")
-        else:
-            key = k
-        out[key] = _from_json(v, f"{where}.{key}", depth + 1)
-    return out
-
-
-def _untag(tag: str, body: Any, where: str) -> Any:
-    if not isinstance(body, str):
-        raise _Malformed(f"{where}: {tag} needs a string, not {type(body).__name__}")
-    if tag == "$bytes":
-        try:
-            return base64.b64decode(body.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError):
-            raise _Malformed(f"{where}: bad base64 in $bytes") from None
-    if tag == "$int":
-        if not _HEX_INT.fullmatch(body):
-            raise _Malformed(f"{where}: bad $int {body[:40]!r}")
-        return int(body, 16)
-    if body not in _FLOAT_NAMES:
-        raise _Malformed(f"{where}: bad $float {body[:40]!r}")
-    return _FLOAT_NAMES[body]
-
-
-def _no_constants(name: str) -> Any:
-    raise _Malformed(f"non-standard JSON constant {name}")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Malformed(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _loads(data: bytes) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"), parse_constant=_no_constants,
-                          object_pairs_hook=_unique_keys)
-    except _Malformed:
-        raise
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-        raise _Malformed(f"not valid JSON ({str(e)[:120]})") from None
-
-
-def encode_fields(fields: Mapping[str, Any], *, where: str = "fields") -> bytes:
-    """A chunk's fields as tagged JSON; :class:`SnapshotError` for a value not plain."""
-    if not isinstance(fields, Mapping):
-        raise SnapshotError(f"{where}: fields must be a dict, not {type(fields).__name__}")
-    try:
-        tree = _to_json(dict(fields), where, 0)
-        return json.dumps(tree, ensure_ascii=True, allow_nan=False,
-                          separators=(",", ":")).encode("ascii")
-    except _Malformed as e:
-        raise SnapshotError(f"cannot save {e}") from None
-    except (ValueError, RecursionError) as e:  # pragma: no cover - guarded above
-        raise SnapshotError(f"cannot save {where}: {e}") from None
-
-
-def decode_fields(data: bytes, *, where: str = "fields") -> dict[str, Any]:
-    """The inverse of :func:`encode_fields`; :class:`SnapshotError` if malformed."""
-    try:
-        tree = _loads(data)
-    except _Malformed as e:
-        raise SnapshotError(f"malformed {where}: {e}") from None
-    try:
-        if not isinstance(tree, dict):
-            raise _Malformed(f"{where}: expected a JSON object, not {type(tree).__name__}")
-        fields: dict[str, Any] = _from_json(tree, where, 0)
-    except _Malformed as e:
-        raise SnapshotError(f"malformed {e}") from None
-    return fields
 
 
 # --- atomic files -------------------------------------------------------------------
@@ -286,8 +140,8 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _manifest_value(value: Any, where: str) -> Any:
     try:
-        return _to_json(value, where, 0)
-    except _Malformed as e:
+        return to_json(value, where)
+    except Malformed as e:
         raise SnapshotError(f"cannot save {e}") from None
 
 
@@ -393,41 +247,41 @@ def parse_state(data: bytes, source: str = "<state>") -> StateFile:
     if hashlib.sha256(data[:mend]).digest() != data[mend:mend + DIGEST_SIZE]:
         raise SnapshotError(f"{source}: manifest checksum mismatch (the file is corrupt)")
     try:
-        manifest = _loads(data[HEADER_SIZE:mend])
+        manifest = loads(data[HEADER_SIZE:mend])
         return _parse_manifest(manifest, data, mend + DIGEST_SIZE, version, source)
-    except _Malformed as e:
+    except Malformed as e:
         raise SnapshotError(f"{source}: malformed manifest: {e}") from None
 
 
 def _need(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if key not in doc:
-        raise _Malformed(f"{where}: missing '{key}'")
+        raise Malformed(f"{where}: missing '{key}'")
     value = doc[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _Malformed(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+        raise Malformed(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
     return value
 
 
 def _parse_manifest(doc: Any, data: bytes, data_start: int, version: int,
                     source: str) -> StateFile:
     if not isinstance(doc, dict):
-        raise _Malformed("not a JSON object")
+        raise Malformed("not a JSON object")
     fv = _need(doc, "format_version", int, "manifest")
     if fv != version:
-        raise _Malformed(f"format_version {fv} disagrees with the header's {version}")
+        raise Malformed(f"format_version {fv} disagrees with the header's {version}")
     _need(doc, "created", str, "manifest")
     _need(doc, "hvf_version", str, "manifest")
-    machine = _from_json(_need(doc, "machine", dict, "manifest"), "machine", 0)
-    ram = _from_json(_need(doc, "ram", dict, "manifest"), "ram", 0)
+    machine = from_json(_need(doc, "machine", dict, "manifest"), "machine")
+    ram = from_json(_need(doc, "ram", dict, "manifest"), "ram")
     if "layers" in ram and version < LAYERED_VERSION:
-        raise _Malformed(f"format version {version} has no RAM layers, but 'ram' lists some")
+        raise Malformed(f"format version {version} has no RAM layers, but 'ram' lists some")
     entries = _need(doc, "chunks", list, "manifest")
     chunks: list[Chunk] = []
     names: set[str] = set()
     end = data_start
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise _Malformed(f"chunk index entry {i} is not an object")
+            raise Malformed(f"chunk index entry {i} is not an object")
         name = _need(entry, "name", str, f"chunk index entry {i}")
         where = f"chunk '{name}'"
         owner = _need(entry, "owner", str, where)
@@ -436,14 +290,14 @@ def _parse_manifest(doc: Any, data: bytes, data_start: int, version: int,
         length = _need(entry, "length", int, where)
         digest = _need(entry, "sha256", str, where)
         if name in names:
-            raise _Malformed(f"two chunks named '{name}'")
+            raise Malformed(f"two chunks named '{name}'")
         names.add(name)
         if cver < 1:
-            raise _Malformed(f"{where}: version {cver} is not >= 1")
+            raise Malformed(f"{where}: version {cver} is not >= 1")
         if not _SHA256_HEX.fullmatch(digest):
-            raise _Malformed(f"{where}: sha256 is not 64 hex digits")
+            raise Malformed(f"{where}: sha256 is not 64 hex digits")
         if offset < data_start or length < 0:
-            raise _Malformed(f"{where}: bad offset {offset} or length {length}")
+            raise Malformed(f"{where}: bad offset {offset} or length {length}")
         if offset + length > len(data):
             raise SnapshotError(f"{source}: truncated in chunk '{name}' (it needs bytes "
                                 f"{offset}..{offset + length}; the file has {len(data)})")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hvf.cli import parse_args
+from hvf.fields import decode_fields, encode_fields
 from hvf.memory import GuestMemory, MiB
 from hvf.pluginmanager import Plugins
 from hvf.plugins import lpc, pci, uart, virtio
@@ -30,7 +31,6 @@ from hvf.plugins.lpc import fwcfg
 from hvf.plugins.lpc.rtc import TIME_REGISTERS
 from hvf.plugins.pci import PciDevice, pci_bus
 from hvf.plugins.pci.msi import MsiCapability
-from hvf.plugins.snapshot.statefile import decode_fields, encode_fields
 from hvf.testing.fakes import FakeVm, conf1, ecam_addr
 from hvf.testing.fuzz import (
     Access,

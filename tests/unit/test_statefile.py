@@ -17,15 +17,14 @@ from typing import Any
 
 import pytest
 from hvf.errors import SnapshotError
+from hvf.fields import decode_fields, encode_fields
 from hvf.plugins.snapshot import statefile
 from hvf.plugins.snapshot.statefile import (
     DIGEST_SIZE,
     HEADER_SIZE,
     MAGIC,
     StateFile,
-    decode_fields,
     describe,
-    encode_fields,
     parse_state,
     read_state,
     write_state,
