@@ -31,9 +31,10 @@ from conftest import BASE_ARGS, PVM, popen_hvf, raw_pty, stop, wait_for_text
 
 pytestmark = pytest.mark.kvm
 
-#: Guest → host bulk size. 1 MiB of ``mode=rep`` output costs ~28 µs a byte on kvm_pvm
-#: (one exit per byte), so ~30 s per transfer there.
-TX_BYTES = 1 << 20
+#: Guest → host bulk size: 256 KiB, four times a pty's or a pipe's buffer, so the reader
+#: falls behind and hvf's buffering is exercised. ``mode=rep`` output costs ~30 µs a byte
+#: on kvm_pvm (the guest's emulated fill loop and an exit a byte), ~8 s a transfer there.
+TX_BYTES = 256 << 10
 #: Host → guest bulk size.
 RX_BYTES = 64 << 10
 #: Output for the stalled-reader tests: more than hvf's 256 KiB buffer plus what the
