@@ -39,6 +39,7 @@ GUESTS: tuple[str, ...] = (
     "counter",
     "counter_smp",
     "counter_rep",
+    "counter_dirty",
     "mmioexec",
     "power",
     "virtio_rng",
@@ -61,7 +62,8 @@ _EXTRA_SOURCES: dict[str, tuple[str, ...]] = {
     for name in ("serial_echo", "serial_loopback", "serial_tx", "serial_rx")
 }
 _EXTRA_SOURCES.update(
-    {name: ("counter_lib.S",) for name in ("counter", "counter_smp", "counter_rep")}
+    {name: ("counter_lib.S",)
+     for name in ("counter", "counter_smp", "counter_rep", "counter_dirty")}
 )
 
 

@@ -22,99 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hvf.testing.guests import build_guest
 
-from conftest import TESTS, run_hvf
+from conftest import run_hvf
 from test_snapshot import Hvf, check_counter, counter_args, lines_in, read, wait_until
 
 pytestmark = pytest.mark.kvm
 
-#: A counter that also dirties guest pages as fast as it can: one page of `pages=`
-#: (default 1024, from 32 MiB up) after another, `delay=` PAUSEs between two; it
-#: prints `count N` every `every=` PIT ticks, as `counter` does.
-DIRTY_GUEST = r"""
-	.include "guest.inc"
-	.equ	DIRTY_BASE, 0x2000000
-
-	.text
-	.globl	main
-main:
-	call	ctr_setup
-	movl	$key_pages, %esi
-	movl	$1024, %eax
-	call	cmdline_num
-	movl	%eax, dirty_pages
-	movl	$key_delay, %esi
-	xorl	%eax, %eax
-	call	cmdline_num
-	movl	%eax, dirty_delay
-	call	ctr_timer_setup
-	movl	$start_msg, %esi
-	call	ctr_puts
-	sti
-	xorl	%edi, %edi
-loop:
-	cli
-	movl	ctr_ticks, %eax
-	subl	ctr_last_tick, %eax
-	cmpl	ctr_every, %eax
-	jae	print
-	sti
-	movl	%edi, %eax
-	shll	$12, %eax
-	incl	DIRTY_BASE(%eax)
-	incl	%edi
-	cmpl	dirty_pages, %edi
-	jb	1f
-	xorl	%edi, %edi
-1:	movl	dirty_delay, %ecx
-	jecxz	loop
-2:	pause
-	loop	2b
-	jmp	loop
-print:
-	movl	ctr_ticks, %eax
-	movl	%eax, ctr_last_tick
-	sti
-	incl	count
-	movl	$count_msg, %esi
-	call	ctr_puts
-	movl	count, %eax
-	call	ctr_putdec
-	movb	$'\n', %al
-	call	ctr_putc
-	jmp	loop
-
-	.section .rodata
-start_msg:
-	.asciz	"counter start\n"
-count_msg:
-	.asciz	"count "
-key_pages:
-	.asciz	"pages="
-key_delay:
-	.asciz	"delay="
-
-	.data
-	.balign	4
-count:
-	.long	0
-dirty_pages:
-	.long	0
-dirty_delay:
-	.long	0
-
-	.include "counter_lib.S"
-"""
-
 
 @pytest.fixture(scope="module")
-def dirty_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("dirty_src")
-    (src / "counter_dirty.S").write_text(DIRTY_GUEST)
-    shutil.copy(TESTS / "guests" / "counter_lib.S", src)
-    return build_guest(src / "counter_dirty.S", tmp_path_factory.mktemp("dirty_guest"),
-                       depends=[src / "counter_lib.S"])
+def dirty_guest(guests: dict[str, Path]) -> Path:
+    """tests/guests/counter_dirty.S: a counter that dirties guest pages as fast as it
+    can (`pages=`, `delay=`)."""
+    return guests["counter_dirty"]
 
 
 # ---- processes ----
