@@ -285,12 +285,13 @@ static void *worker(void *arg)
             fd = complete(blk, q, job->head,
                           error ? 1 : (uint32_t)(job->write ? 1 : job->length + 1), 1);
         }
-        if (--blk->stats.in_flight == 0)
-            pthread_cond_broadcast(&blk->idle);
         pthread_mutex_unlock(&blk->lock);
         signal_fd(fd);
         free(job);
         pthread_mutex_lock(&blk->lock);
+        /* Done only once its interrupt is signalled: a drain then sees that too. */
+        if (--blk->stats.in_flight == 0)
+            pthread_cond_broadcast(&blk->idle);
     }
     pthread_mutex_unlock(&blk->lock);
     return NULL;
