@@ -1,14 +1,16 @@
 # SPDX-License-Identifier: BSD-2-Clause
 """Live migration: ``hvf ctl migrate URI`` moves a running VM to ``hvf --incoming URI``.
 
-The stream, version 1 (:data:`hvf.migration.handshake.PROTOCOL`)
+The stream, version 2 (:data:`hvf.migration.handshake.PROTOCOL`)
 --------------------------------------------------------------------
 
 Frames (:mod:`.stream`): ``b"HVFM"``, u16 type, u16 flags (0), u32 payload length, u32
-CRC-32 of the header's first 12 bytes and the payload, then the payload. The
-conversation, source (S) and destination (D)::
+checksum of the header's first 12 bytes and the payload, then the payload. The checksum
+is CRC-32C, except in HELLO, READY and REFUSE, which keep version 1's CRC-32 so that
+two versions can tell each other apart. The conversation, source (S) and destination
+(D)::
 
-    S → D  HELLO    JSON: hvf's version, protocol 1, the state format, the page size,
+    S → D  HELLO    JSON: hvf's version, protocol 2, the state format, the page size,
                     the RAM mode, the machine (RAM size, CPUs, configuration) and each
                     vCPU's CPUID (:mod:`.handshake`); with --local, guest RAM's
                     descriptor rides along (SCM_RIGHTS)

@@ -185,14 +185,15 @@ class Receiver:
             raise MigrationError(f"a PAGES message of {length} bytes has no run table")
         running = channel.crc_start(Kind.PAGES, length)
         head = bytearray(4)
-        running = channel.receive_into(memoryview(head), running)
+        running = channel.receive_into(memoryview(head), Kind.PAGES, running)
         count = decode_count(bytes(head), length)
         table = bytearray(table_size(count) - 4)
-        running = channel.receive_into(memoryview(table), running)
+        running = channel.receive_into(memoryview(table), Kind.PAGES, running)
         runs = decode_table(bytes(table), count, length, vm.memory.size)
         view = vm.memory.view
         for start, pages in runs:
-            running = channel.receive_into(view[start * PAGE:(start + pages) * PAGE], running)
+            running = channel.receive_into(view[start * PAGE:(start + pages) * PAGE],
+                                            Kind.PAGES, running)
         channel.check_crc(Kind.PAGES, length, b"", crc, running)
 
     def _rest(self, kind: Kind, length: int, crc: int) -> bytes:
@@ -200,7 +201,7 @@ class Receiver:
         running = self.channel.crc_start(kind, length)
         while len(payload) < length:
             piece = bytearray(min(1 << 20, length - len(payload)))
-            running = self.channel.receive_into(memoryview(piece), running)
+            running = self.channel.receive_into(memoryview(piece), kind, running)
             payload += piece
         self.channel.check_crc(kind, length, b"", crc, running)
         return bytes(payload)

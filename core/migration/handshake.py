@@ -44,7 +44,8 @@ from hvf.preflight import MAX_VCPUS
 if TYPE_CHECKING:
     from hvf.vm import Machine
 
-PROTOCOL = 1
+#: 2: frames after the handshake carry CRC-32C instead of CRC-32 (:mod:`.stream`).
+PROTOCOL = 2
 #: Versions of the chunk encoding (:mod:`hvf.plugins.snapshot.statefile`) understood.
 STATE_FORMATS = (1,)
 RAM_MODES = ("copy", "shared", "private")

@@ -9,9 +9,13 @@ A frame is a 16-byte header and a payload::
     4       2     u16 message type (:class:`Kind`)
     6       2     u16 flags, 0
     8       4     u32 payload length L
-    12      4     u32 CRC-32 of bytes 0..12 and of the payload
+    12      4     u32 checksum of bytes 0..12 and of the payload
     16      L     payload
 
+The checksum is CRC-32C (Castagnoli: :func:`crc32c`, the CPU's ``crc32`` instruction)
+except in the messages two versions of hvf exchange to learn whether they can talk,
+HELLO, READY and REFUSE, which keep zlib's CRC-32 (protocol 1's only checksum), so
+that a peer of another protocol version is told so rather than of a corrupt message.
 All integers are little-endian. A receiver refuses a frame whose magic, flags, type or
 length is wrong before reading its payload (each kind has its own limit, none above
 :data:`MAX_PAYLOAD`), reads the payload in pieces as it arrives (it never allocates
@@ -27,10 +31,12 @@ import re
 import socket
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
+from hvf._pages import ffi as _ffi
+from hvf._pages import lib as _lib
 from hvf.errors import MigrationError, UsageError
 
 MAGIC = b"HVFM"
@@ -44,6 +50,15 @@ MAX_FDS = 1
 _PIECE = 1 << 20
 
 _TCP = re.compile(r"tcp:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})")
+
+
+def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """The CRC-32C of ``data`` continuing from ``value``, as :func:`zlib.crc32` continues."""
+    view = memoryview(data)
+    return int(_lib.hvf_crc32c(value, _ffi.from_buffer(view), view.nbytes))
+
+
+Checksum = Callable[[bytes | bytearray | memoryview, int], int]
 
 
 class ConnectionLost(MigrationError):
@@ -61,6 +76,15 @@ class Kind(enum.IntEnum):
     LOADED = 6
     GO = 7
     RUNNING = 8
+
+
+#: The messages that keep protocol 1's CRC-32 (see the module docstring).
+_CRC32_KINDS = frozenset({Kind.HELLO, Kind.READY, Kind.REFUSE})
+
+
+def checksum(kind: Kind) -> Checksum:
+    """The checksum of ``kind``'s frames (a function folding bytes into a value)."""
+    return zlib.crc32 if kind in _CRC32_KINDS else crc32c
 
 
 @attrs.frozen
@@ -171,9 +195,10 @@ class Channel:
             raise MigrationError(f"cannot send a {kind.name} message of {length} bytes "
                                  f"(at most {MAX_PAYLOAD})")
         head = HEADER.pack(MAGIC, kind, 0, length, 0)[:12]
-        crc = zlib.crc32(head)
+        fold = checksum(kind)
+        crc = fold(head, 0)
         for part in parts:
-            crc = zlib.crc32(part, crc)
+            crc = fold(part, crc)
         buffers = [head + struct.pack("<I", crc), *parts]
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds \
             else []
@@ -243,24 +268,26 @@ class Channel:
 
     def check_crc(self, kind: Kind, length: int, payload: bytes | bytearray | memoryview,
                   crc: int, running: int | None = None) -> None:
-        """Refuse a payload whose CRC-32 (with ``running``, already folded over it)
+        """Refuse a payload whose checksum (``running``, when already folded over it)
         disagrees with the header's."""
-        head = HEADER.pack(MAGIC, kind, 0, length, 0)[:12]
-        value = zlib.crc32(payload, zlib.crc32(head)) if running is None else running
+        value = checksum(kind)(payload, self.crc_start(kind, length)) if running is None \
+            else running
         if value != crc:
+            name = "CRC-32" if checksum(kind) is zlib.crc32 else "CRC-32C"
             raise MigrationError(f"{self.peer} sent a corrupt {kind.name} message "
-                                 f"(CRC-32 {value:#010x}, the header says {crc:#010x})")
+                                 f"({name} {value:#010x}, the header says {crc:#010x})")
 
     def crc_start(self, kind: Kind, length: int) -> int:
-        return zlib.crc32(HEADER.pack(MAGIC, kind, 0, length, 0)[:12])
+        """The checksum of ``kind``'s header (a receiver folds the payload on)."""
+        return checksum(kind)(HEADER.pack(MAGIC, kind, 0, length, 0)[:12], 0)
 
-    def receive_into(self, view: memoryview, crc: int) -> int:
-        """Fill ``view`` from the stream; returns the CRC-32 folded over it."""
+    def receive_into(self, view: memoryview, kind: Kind, crc: int) -> int:
+        """Fill ``view`` from the stream; returns ``kind``'s checksum folded over it."""
         done = 0
         while done < len(view):
             n = self._recv_into(view[done:])
             done += n
-        return zlib.crc32(view, crc)
+        return checksum(kind)(view, crc)
 
     def _recv_head(self) -> tuple[bytes, tuple[int, ...]]:
         space = socket.CMSG_SPACE(MAX_FDS * 4)

@@ -11,12 +11,11 @@ import json
 import socket
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hvf.migration.stream import HEADER, MAGIC, Kind
+from hvf.migration.stream import HEADER, MAGIC, Kind, checksum
 
 from conftest import run_hvf
 from test_migration import Proc, ctl, finished, listening, start_migration
@@ -31,7 +30,8 @@ Tamper = Callable[[int, bytes], bytes | None]
 
 def encode(kind: int, payload: bytes) -> bytes:
     head = HEADER.pack(MAGIC, kind, 0, len(payload), 0)[:12]
-    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+    fold = checksum(Kind(kind))
+    return head + struct.pack("<I", fold(payload, fold(head, 0))) + payload
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -33,7 +33,9 @@ from hvf.migration.pages import (
     mark_runs,
     union,
 )
-from hvf.migration.stream import HEADER, MAGIC, Channel, Kind, parse_uri
+from hvf._pages import ffi as pages_ffi
+from hvf._pages import lib as pages_lib
+from hvf.migration.stream import HEADER, MAGIC, Channel, Kind, checksum, crc32c, parse_uri
 from hvf.snapshot_api import Chunk
 
 PAGE = 4096
@@ -51,8 +53,47 @@ def pair() -> Iterator[tuple[Channel, Channel]]:
 def frame(kind: int, payload: bytes, *, magic: bytes = MAGIC, flags: int = 0,
           crc: int | None = None) -> bytes:
     head = HEADER.pack(magic, kind, flags, len(payload), 0)[:12]
-    value = zlib.crc32(payload, zlib.crc32(head)) if crc is None else crc
+    fold = checksum(Kind(kind)) if kind in {k.value for k in Kind} else crc32c
+    value = fold(payload, fold(head, 0)) if crc is None else crc
     return head + struct.pack("<I", value) + payload
+
+
+# ---- checksums ----
+
+
+def crc32c_reference(data: bytes, value: int = 0) -> int:
+    """CRC-32C bit by bit (reflected polynomial 0x82F63B78)."""
+    c = value ^ 0xFFFF_FFFF
+    for byte in data:
+        c ^= byte
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F6_3B78 if c & 1 else c >> 1
+    return c ^ 0xFFFF_FFFF
+
+
+def test_crc32c_check_value() -> None:
+    assert crc32c(b"123456789") == 0xE306_9283  # the catalogue's check value
+    assert crc32c(b"") == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.binary(max_size=200), st.integers(0, 7))
+def test_crc32c_continues_and_matches_the_table_and_the_reference(
+        a: bytes, b: bytes, skew: int) -> None:
+    data = bytes(skew) + a + b
+    view = memoryview(data)[skew:]  # every alignment of the word loop
+    whole = crc32c(view)
+    assert whole == crc32c(b, crc32c(a)) == crc32c_reference(a + b)
+    assert pages_lib.hvf_crc32c_table(0, pages_ffi.from_buffer(view), len(view)) == whole
+
+
+def test_frames_after_the_handshake_use_crc32c() -> None:
+    """HELLO, READY and REFUSE keep protocol 1's CRC-32, so another version is told it
+    speaks another protocol; the rest use CRC-32C."""
+    assert {k for k in Kind if checksum(k) is zlib.crc32} == {Kind.HELLO, Kind.READY,
+                                                             Kind.REFUSE}
+    assert all(checksum(k) is crc32c for k in Kind if k not in (Kind.HELLO, Kind.READY,
+                                                                Kind.REFUSE))
 
 
 # ---- addresses ----
@@ -299,7 +340,7 @@ def test_any_state_bytes_decode_or_are_refused(data: bytes) -> None:
 
 def hello(**changes: object) -> dict[str, object]:
     doc: dict[str, object] = {
-        "hvf_version": "0.1.0", "protocol": 1, "state_format": 1, "page_size": PAGE,
+        "hvf_version": "0.1.0", "protocol": 2, "state_format": 1, "page_size": PAGE,
         "ram": "copy",
         "machine": {"memory_size": 256 << 20, "cpus": 2, "config": {"name": "vm", "cpus": "2"}},
         "cpu": {"model": "host", "features": "", "cpuid": [[0, 0, 0, 0xD, 1, 2, 3]],
@@ -318,7 +359,7 @@ def test_a_good_hello_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"protocol": 2}, "speaks migration protocol 2; this hvf .* speaks 1"),
+    ({"protocol": 1}, "speaks migration protocol 1; this hvf .* speaks 2"),
     ({"state_format": 9}, "encodes device state in format 9"),
     ({"page_size": 65536}, "page size is 65536"),
     ({"ram": "stolen"}, "ram is 'stolen'"),
