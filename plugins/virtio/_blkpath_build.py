@@ -115,6 +115,7 @@ struct hvf_blk {
     struct queue queues[HVF_BLK_MAX_QUEUES];
     struct job *head, *tail;
     int stop;
+    unsigned signalling;             /* the timer's interrupts taken, not yet signalled */
     unsigned nthreads;
     pthread_t *threads;
     pthread_t timer_thread;
@@ -198,9 +199,12 @@ static void *timer(void *arg)
                 continue;
             if (q->deadline <= now) {
                 int fd = notify(blk, q);
+                blk->signalling++;
                 pthread_mutex_unlock(&blk->lock);
                 signal_fd(fd);
                 pthread_mutex_lock(&blk->lock);
+                if (--blk->signalling == 0 && !blk->stats.in_flight)
+                    pthread_cond_broadcast(&blk->idle);
                 now = now_ns();
             } else if (!next || q->deadline < next) {
                 next = q->deadline;
@@ -290,7 +294,7 @@ static void *worker(void *arg)
         free(job);
         pthread_mutex_lock(&blk->lock);
         /* Done only once its interrupt is signalled: a drain then sees that too. */
-        if (--blk->stats.in_flight == 0)
+        if (--blk->stats.in_flight == 0 && !blk->signalling)
             pthread_cond_broadcast(&blk->idle);
     }
     pthread_mutex_unlock(&blk->lock);
@@ -340,7 +344,7 @@ struct hvf_blk *hvf_blk_new(const struct hvf_vq_ram *ram, int fd, uint64_t secto
 void hvf_blk_drain(struct hvf_blk *blk)
 {
     pthread_mutex_lock(&blk->lock);
-    while (blk->stats.in_flight)
+    while (blk->stats.in_flight || blk->signalling)
         pthread_cond_wait(&blk->idle, &blk->lock);
     pthread_mutex_unlock(&blk->lock);
 }
