@@ -22,7 +22,8 @@ Figures per run:
   the destination: how long the guest stood still as it sees it, at most one line
   interval (a tick, ~10 ms) more. The VMM's own figure beside it (hvf: from the pause
   to the destination's confirmation; QEMU: ``downtime``, source-side).
-* **bytes** sent and **rounds** of pre-copy, as each VMM reports them.
+* **bytes** sent and **rounds**, each VMM's own count (hvf's includes the stop-and-copy
+  round; QEMU's is ``dirty-sync-count``, its dirty-bitmap syncs).
 
 Every run is checked: the source's output followed by the destination's must be one
 sequence ``count 1, count 2, ...``, nothing skipped or repeated.
@@ -101,8 +102,9 @@ class Child:
     def _read_out(self) -> None:
         assert self.proc.stdout is not None
         while chunk := os.read(self.proc.stdout.fileno(), 65536):
+            now = time.monotonic()  # before the lock: a waiter may hold it
             with self.changed:
-                self.chunks.append((time.monotonic(), chunk))
+                self.chunks.append((now, chunk))
                 self.changed.notify_all()
 
     def _read_err(self) -> None:
@@ -155,7 +157,11 @@ class JsonSocket:
                 time.sleep(0.02)
         self.reader = self.sock.makefile("rb")
         self.qmp = qmp
-        self.reader.readline()  # the greeting
+        self.sock.settimeout(START_TIMEOUT)
+        try:
+            self.reader.readline()  # the greeting
+        except OSError as e:
+            raise owner.fail(f"no greeting on {path} ({e})") from None
         if qmp:
             self.call("qmp_capabilities")
 
@@ -165,18 +171,23 @@ class JsonSocket:
         request: dict[str, Any] = {key: command, "id": 1}
         if args:
             request["arguments" if self.qmp else "args"] = args
-        self.sock.settimeout(timeout)
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            line = self.reader.readline()
-            if not line:
-                raise BenchError(f"{command}: the VMM closed its control socket")
-            reply = json.loads(line)
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise BenchError(f"{command}: {reply['error']}")
-            return reply.get("return")
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            while True:
+                line = self.reader.readline()
+                if not line:
+                    raise BenchError(f"{command}: the VMM closed its control socket")
+                reply = json.loads(line)
+                if "event" in reply:
+                    continue
+                if "error" in reply:
+                    raise BenchError(f"{command}: {reply['error']}")
+                return reply.get("return")
+        except OSError as e:  # a timeout among them
+            raise BenchError(f"{command}: the control socket failed: {e}") from None
+        except ValueError as e:
+            raise BenchError(f"{command}: the VMM's reply is not JSON: {e}") from None
 
     def close(self) -> None:
         self.reader.close()
@@ -216,7 +227,7 @@ def hvf_pair(work: pathlib.Path, kernel: pathlib.Path, append: str, memory_mib: 
                                    timeout=MIGRATE_TIMEOUT)
         finally:
             control.close()
-        if figures.get("state") != "migrated":
+        if not isinstance(figures, dict) or figures.get("state") != "migrated":
             raise src.fail(f"the migration ended as {figures}")
         return finish(src, dst, sent, {
             "vmm_total_ms": figures["total_ms"], "vmm_downtime_ms": figures["downtime_ms"],
@@ -450,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                       "rounds": options.rounds, "warmup": options.warmup,
                       "host": qemu_host_info(qemu)}
             rounds = bench(options, qemu, kernels, work, log)
-    except BenchError as e:
+    except (BenchError, OSError) as e:
         log.error(e)
         return 2
     summary = summarise(rounds)
