@@ -85,25 +85,35 @@ def build_guest(name: str, out_dir: pathlib.Path) -> pathlib.Path:
         raise BenchError(f"building the {name} guest: {e}") from None
 
 
-def find_qemu(name: str, install: bool, log: Log) -> str:
-    """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
+def find_tool(name: str, package: str, install: bool, log: Log) -> str:
+    """The program ``name``; installs Debian's ``package`` when it is missing, as root
+    and when allowed (``install``)."""
     found = shutil.which(name)
     if found:
         return found
-    how = "install it with `apt-get install -y qemu-system-x86` (as root) or pass --qemu PATH"
+    how = f"install it with `apt-get install -y {package}` (as root)"
     if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
         raise BenchError(f"{name} not found; {how}")
-    log.note(f"{name} not found, installing qemu-system-x86 with apt-get")
+    log.note(f"{name} not found, installing {package} with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install_cmd = ["apt-get", "install", "-y", "--no-install-recommends", "qemu-system-x86"]
+    install_cmd = ["apt-get", "install", "-y", "--no-install-recommends", package]
     for cmd in (install_cmd, ["apt-get", "update"], install_cmd):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env, capture_output=True,
+                              text=True)
         if cmd is install_cmd and done.returncode == 0:
             break
     found = shutil.which(name)
     if not found:
-        raise BenchError(f"installing qemu-system-x86 failed; {how}\n{done.stderr[-2000:]}")
+        raise BenchError(f"installing {package} failed; {how}\n{done.stderr[-2000:]}")
     return found
+
+
+def find_qemu(name: str, install: bool, log: Log) -> str:
+    """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
+    try:
+        return find_tool(name, "qemu-system-x86", install, log)
+    except BenchError as e:
+        raise BenchError(f"{e}, or pass --qemu PATH") from None
 
 
 # ---- running ----

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from common import (
     add_verdict_options,
     choose_qemu_accel,
     find_qemu,
+    find_tool,
     judge,
     medians,
     qemu_host_info,
@@ -269,9 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("no device's test guest has a bench mode")
         require_kvm()
         require_hvf()
-        fio = shutil.which(args.fio)
-        if fio is None:
-            raise BenchError(f"{args.fio} not found (apt-get install fio, or scripts/setup)")
+        fio = find_tool(args.fio, "fio", not args.no_install, log)
         qemu = find_qemu(args.qemu, not args.no_install, log)
         with tempfile.TemporaryDirectory(prefix="hvf-disk-bench-", dir=args.dir) as tmp:
             work = pathlib.Path(tmp)
