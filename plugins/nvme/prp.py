@@ -65,6 +65,13 @@ def prp_views(dma: GuestDma, prp1: int, prp2: int, length: int) -> list[memoryvi
             pages = [prp2]
         else:
             pages = _list_pages(dma, prp2, (rest + _OFFSET) // PAGE)
+        start = pages[0]
+        if not start & _OFFSET and pages == list(range(start, start + len(pages) * PAGE, PAGE)):
+            # One run of pages (a large buffer, the common case): one view with the
+            # first page when they touch, checked at once.
+            if prp1 + first == start:
+                return [dma.view(prp1, first + rest)]
+            return [dma.view(prp1, first), dma.view(start, rest)]
         segments = [[prp1, first]]
         for page in pages:
             if page & _OFFSET:

@@ -264,6 +264,36 @@ def _reference(memory: bytes, prp1: int, prp2: int, length: int) -> bytes | None
                                   st.integers(0, 2**64 - 1)), max_size=600))
 def test_prp_lists_match_a_reference(prp1: int, prp2: int, length: int,
                                      entries: list[int]) -> None:
+    _check_prps(prp1, prp2, length, entries)
+
+
+@st.composite
+def _page_runs(draw: st.DrawFn) -> tuple[int, int, int, list[int]]:
+    """PRPs naming one run of pages (what a large buffer gives: the one-view path),
+    the first page touching the run or not, the run maybe leaving guest RAM or broken
+    by a last entry of any value."""
+    start = draw(st.integers(0, PRP_RAM // 4096 + 2))
+    pages = draw(st.integers(1, 520))
+    entries = [(start + i) * 4096 for i in range(pages)]
+    if draw(st.booleans()):
+        entries[draw(st.integers(0, pages - 1))] = draw(st.integers(0, 2**64 - 1))
+    offset = draw(st.integers(0, 1023)) * 4
+    touching = draw(st.booleans())
+    prp1 = ((start - 1) * 4096 if touching and start else draw(
+        st.integers(0, PRP_RAM // 4096)) * 4096) + offset
+    length = draw(st.integers(4096 - offset + 1, 4096 - offset + pages * 4096))
+    prp2 = draw(st.one_of(st.integers(0, PRP_RAM // 8 - 1).map(lambda e: e * 8),
+                          st.integers(0, PRP_RAM // 4096 - 1).map(lambda p: p * 4096)))
+    return prp1, prp2, length, entries
+
+
+@settings(max_examples=300, deadline=None)
+@given(_page_runs())
+def test_prp_runs_of_pages_match_a_reference(prps: tuple[int, int, int, list[int]]) -> None:
+    _check_prps(*prps)
+
+
+def _check_prps(prp1: int, prp2: int, length: int, entries: list[int]) -> None:
     raw = bytearray(PRP_CONTENT)
     table = struct.pack(f"<{len(entries)}Q", *entries)
     if prp2 + len(table) <= PRP_RAM:
