@@ -15,6 +15,8 @@ itself ends when the transfer has its pages.
 from __future__ import annotations
 
 import struct
+from functools import reduce
+from operator import or_, sub
 
 from hvf.dma import GuestDma
 from hvf.errors import GuestMemoryError
@@ -65,24 +67,35 @@ def prp_views(dma: GuestDma, prp1: int, prp2: int, length: int) -> list[memoryvi
             pages = [prp2]
         else:
             pages = _list_pages(dma, prp2, (rest + _OFFSET) // PAGE)
-        start = pages[0]
-        if not start & _OFFSET and pages == list(range(start, start + len(pages) * PAGE, PAGE)):
-            # One run of pages (a large buffer, the common case): one view with the
-            # first page when they touch, checked at once.
-            if prp1 + first == start:
-                return [dma.view(prp1, first + rest)]
-            return [dma.view(prp1, first), dma.view(start, rest)]
-        segments = [[prp1, first]]
-        for page in pages:
-            if page & _OFFSET:
-                raise PrpError(INVALID_PRP_OFFSET)
-            size = min(PAGE, rest)
-            rest -= size
-            last = segments[-1]
-            if last[0] + last[1] == page:
-                last[1] += size
-            else:
-                segments.append([page, size])
-        return [dma.view(gpa, size) for gpa, size in segments]
+        return [dma.view(gpa, size) for gpa, size in _segments(prp1, first, pages, rest)]
     except GuestMemoryError:
         raise PrpError(DATA_TRANSFER_ERROR) from None
+
+
+def _segments(prp1: int, first: int, pages: list[int], rest: int) -> list[tuple[int, int]]:
+    """The (address, length) runs of PRP1's ``first`` bytes and then ``rest`` bytes in
+    ``pages``, pages that follow each other in guest-physical memory joined."""
+    start = pages[0]
+    count = len(pages)
+    if pages == list(range(start, start + count * PAGE, PAGE)):
+        if start & _OFFSET:
+            raise PrpError(INVALID_PRP_OFFSET)
+        cuts = [count]  # one run: a large buffer, the common case
+    else:
+        if reduce(or_, pages) & _OFFSET:
+            raise PrpError(INVALID_PRP_OFFSET)
+        steps = map(sub, pages[1:], pages)
+        cuts = [i for i, step in enumerate(steps, 1) if step != PAGE]
+        cuts.append(count)
+    segments = []
+    begin = 0
+    for cut in cuts:
+        segments.append((pages[begin], (cut - begin) * PAGE))
+        begin = cut
+    address, length = segments[-1]  # the last page holds what is left
+    segments[-1] = (address, length - (count * PAGE - rest))
+    if prp1 + first == start:
+        segments[0] = (prp1, first + segments[0][1])
+    else:
+        segments.insert(0, (prp1, first))
+    return segments
