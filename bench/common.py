@@ -85,13 +85,13 @@ def build_guest(name: str, out_dir: pathlib.Path) -> pathlib.Path:
         raise BenchError(f"building the {name} guest: {e}") from None
 
 
-def find_tool(name: str, package: str, install: bool, log: Log) -> str:
+def find_tool(name: str, package: str, install: bool, log: Log, other: str = "") -> str:
     """The program ``name``; installs Debian's ``package`` when it is missing, as root
-    and when allowed (``install``)."""
+    and when allowed (``install``). ``other`` ends the advice when it cannot."""
     found = shutil.which(name)
     if found:
         return found
-    how = f"install it with `apt-get install -y {package}` (as root)"
+    how = f"install it with `apt-get install -y {package}` (as root){other}"
     if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
         raise BenchError(f"{name} not found; {how}")
     log.note(f"{name} not found, installing {package} with apt-get")
@@ -110,10 +110,7 @@ def find_tool(name: str, package: str, install: bool, log: Log) -> str:
 
 def find_qemu(name: str, install: bool, log: Log) -> str:
     """The QEMU binary; installs Debian's qemu-system-x86 when missing, root and allowed."""
-    try:
-        return find_tool(name, "qemu-system-x86", install, log)
-    except BenchError as e:
-        raise BenchError(f"{e}, or pass --qemu PATH") from None
+    return find_tool(name, "qemu-system-x86", install, log, " or pass --qemu PATH")
 
 
 # ---- running ----
