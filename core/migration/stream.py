@@ -270,10 +270,10 @@ class Channel:
                   crc: int, running: int | None = None) -> None:
         """Refuse a payload whose checksum (``running``, when already folded over it)
         disagrees with the header's."""
-        value = checksum(kind)(payload, self.crc_start(kind, length)) if running is None \
-            else running
+        fold = checksum(kind)
+        value = fold(payload, self.crc_start(kind, length)) if running is None else running
         if value != crc:
-            name = "CRC-32" if checksum(kind) is zlib.crc32 else "CRC-32C"
+            name = "CRC-32" if fold is zlib.crc32 else "CRC-32C"
             raise MigrationError(f"{self.peer} sent a corrupt {kind.name} message "
                                  f"({name} {value:#010x}, the header says {crc:#010x})")
 
